@@ -1,0 +1,108 @@
+"""Settings, read once from the environment.
+
+Every setting has a documented default (see the table in README.md). A bad
+value stops the program at start with a message that says how to fix it.
+"""
+import os
+from dataclasses import dataclass, replace
+
+FSYNC_POLICIES = ("never", "batch", "always")
+
+
+class ConfigurationError(Exception):
+    """A setting has a value the program cannot run with."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "."
+    queue_url: str = ""          # empty: <data_dir>/event_queue.jsonl
+    database_url: str = ""       # empty: <data_dir>/analytics.db
+    host: str = "127.0.0.1"
+    port: int = 5000
+    max_body_bytes: int = 64 * 1024
+    max_batch_events: int = 1000
+    max_batch_bytes: int = 1024 * 1024
+    fsync: str = "never"
+    fsync_interval: float = 0.2
+    segment_bytes: int = 64 * 1024 * 1024
+    processor_batch_size: int = 10_000
+    poll_interval: float = 0.05
+    log_file: str = ""           # empty: <data_dir>/processor.log
+
+    @property
+    def queue_path(self):
+        return self.queue_url or os.path.join(self.data_dir, "event_queue.jsonl")
+
+    @property
+    def database_path(self):
+        return self.database_url or os.path.join(self.data_dir, "analytics.db")
+
+    @property
+    def dead_letter_path(self):
+        return os.path.join(self.data_dir, "dead_letter.jsonl")
+
+    @property
+    def processor_log_path(self):
+        return self.log_file or os.path.join(self.data_dir, "processor.log")
+
+    def with_overrides(self, **overrides):
+        return replace(self, **overrides)
+
+
+# environment variable -> (field, parser)
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _fsync_policy(text):
+    if text not in FSYNC_POLICIES:
+        raise ValueError("must be one of " + ", ".join(FSYNC_POLICIES))
+    return text
+
+
+ENVIRONMENT = {
+    "DATA_DIR": ("data_dir", str),
+    "QUEUE_URL": ("queue_url", str),
+    "DATABASE_URL": ("database_url", str),
+    "HOST": ("host", str),
+    "PORT": ("port", _positive_int),
+    "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+    "MAX_BATCH_EVENTS": ("max_batch_events", _positive_int),
+    "MAX_BATCH_BODY_BYTES": ("max_batch_bytes", _positive_int),
+    "FSYNC": ("fsync", _fsync_policy),
+    "FSYNC_INTERVAL": ("fsync_interval", _positive_float),
+    "QUEUE_SEGMENT_BYTES": ("segment_bytes", _positive_int),
+    "PROCESSOR_BATCH_SIZE": ("processor_batch_size", _positive_int),
+    "PROCESSOR_POLL_INTERVAL": ("poll_interval", _positive_float),
+    "PROCESSOR_LOG_FILE": ("log_file", str),
+}
+
+
+def load_config(environ=None, **overrides):
+    """Build a Config from environment variables, then apply overrides."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for name, (attribute, parse) in ENVIRONMENT.items():
+        text = environ.get(name)
+        if text is None or text == "":
+            continue
+        try:
+            values[attribute] = parse(text)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{name}={text!r} is not valid: {error}. "
+                f"Unset it to use the default or see the settings table in README.md."
+            ) from None
+    values.update(overrides)
+    return Config(**values)

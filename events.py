@@ -1,0 +1,123 @@
+"""What a valid event is: parsing, validation and normalisation.
+
+The API validates every event before it is queued, and the processor checks
+every queued line again before it is stored, so both import these rules.
+"""
+from datetime import datetime, timedelta, timezone
+
+import orjson
+
+REQUIRED_FIELDS = ("site_id", "event_type")
+OPTIONAL_FIELDS = ("path", "user_id", "timestamp")
+MAX_LENGTHS = {"site_id": 256, "event_type": 256, "user_id": 256, "path": 2048}
+OLDEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=timezone.utc)
+FUTURE_TOLERANCE = timedelta(days=1)
+
+
+class InvalidEvent(ValueError):
+    """The message names the problem and is safe to show to the client."""
+
+
+def parse_json(body):
+    """Parse a request body as JSON whatever its Content-Type says.
+
+    orjson rejects invalid UTF-8, lone surrogates, NaN and nesting deeper
+    than 1,024 levels, so none of those can reach the queue.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidEvent("Invalid JSON") from None
+
+
+def format_timestamp(moment):
+    """ISO 8601 in UTC with a Z, fixed width, so text order is time order."""
+    utc = moment.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(value, now):
+    if not isinstance(value, str):
+        raise InvalidEvent("Invalid field type: timestamp must be a string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEvent("Invalid timestamp: expected ISO 8601, "
+                           "for example 2025-01-31T12:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    if moment < OLDEST_TIMESTAMP:
+        raise InvalidEvent("Invalid timestamp: before 2000-01-01")
+    if moment > now + FUTURE_TOLERANCE:
+        raise InvalidEvent("Invalid timestamp: more than one day in the future")
+    return format_timestamp(moment)
+
+
+def _check_string(name, value, required):
+    if not isinstance(value, str):
+        raise InvalidEvent(f"Invalid field type: {name} must be a string")
+    if required and not value.strip():
+        raise InvalidEvent(f"Invalid field: {name} must not be empty")
+    if len(value) > MAX_LENGTHS[name]:
+        raise InvalidEvent(f"Field too long: {name} exceeds {MAX_LENGTHS[name]} characters")
+    if "\x00" in value:
+        raise InvalidEvent(f"Invalid field: {name} contains a NUL character")
+
+
+def validate_event(data, now=None):
+    """Return the normalised event dict, or raise InvalidEvent naming the problem.
+
+    Unknown fields are dropped. Empty optional strings mean "not given".
+    A missing timestamp is the time of receipt.
+    """
+    if not isinstance(data, dict):
+        raise InvalidEvent("Invalid event: expected a JSON object")
+    now = now or datetime.now(timezone.utc)
+    for name in REQUIRED_FIELDS:
+        if data.get(name) is None:
+            raise InvalidEvent(f"Missing required field: {name}")
+        _check_string(name, data[name], required=True)
+    event = {"site_id": data["site_id"], "event_type": data["event_type"],
+             "path": None, "user_id": None}
+    for name in ("path", "user_id"):
+        value = data.get(name)
+        if value is not None:
+            _check_string(name, value, required=False)
+            event[name] = value or None
+    timestamp = data.get("timestamp")
+    if timestamp is None or timestamp == "":
+        event["timestamp"] = format_timestamp(now)
+    else:
+        event["timestamp"] = parse_timestamp(timestamp, now)
+    return event
+
+
+def encode_event(event):
+    """One queue line, newline included."""
+    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def row_from_line(line):
+    """A queued line as an events row, or InvalidEvent with the reason.
+
+    Lines were validated before they were queued, so this only guards the
+    store against lines that are not ours (a torn write, a stray edit).
+    """
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        raise InvalidEvent(f"not JSON: {error}") from None
+    if type(data) is not dict:
+        raise InvalidEvent("not a JSON object")
+    try:
+        row = (data["site_id"], data["event_type"], data["path"], data["user_id"], data["timestamp"])
+    except KeyError as error:
+        raise InvalidEvent(f"missing field {error.args[0]}") from None
+    site_id, event_type, path, user_id, timestamp = row
+    if not (type(site_id) is str and site_id and type(event_type) is str and event_type):
+        raise InvalidEvent("site_id and event_type must be non-empty strings")
+    if not ((path is None or type(path) is str) and (user_id is None or type(user_id) is str)):
+        raise InvalidEvent("path and user_id must be strings or null")
+    if not (type(timestamp) is str and len(timestamp) == 24 and timestamp[-1] == "Z"):
+        raise InvalidEvent("timestamp is not in stored form")
+    return row

@@ -1,0 +1,343 @@
+"""The queue between the API and the processor.
+
+The embedded default is a JSON-lines file. Writers (API workers, any number
+of processes and threads) append whole lines under an exclusive lock; one
+processor reads them. A queue is chosen by URL in config; every queue offers
+the same two roles:
+
+    writer side:   queue.append(lines)      durable in the queue on return
+                   queue.size()             acknowledged but not yet stored
+                   queue.check_writable()   raises QueueUnavailable if not
+    consumer side: consumer = queue.consumer(checkpoint)
+                   batch = consumer.read(max_items)
+                   ... store batch.items together with batch.checkpoint ...
+                   consumer.acknowledge(batch)
+"""
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+_COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
+_READ_CHUNK = 1024 * 1024
+
+
+class QueueUnavailable(Exception):
+    """The queue cannot take events now; the client should retry."""
+
+
+class QueueBusy(Exception):
+    """Another processor is already consuming this queue."""
+
+
+@dataclass
+class Batch:
+    items: list          # raw lines (bytes), newline stripped
+    checkpoint: str      # where the next read starts, stored with the items
+
+
+def open_queue(config):
+    return FileQueue(config.queue_path, fsync=config.fsync,
+                     fsync_interval=config.fsync_interval,
+                     segment_bytes=config.segment_bytes)
+
+
+class FileQueue:
+    """A JSON-lines queue file with segments that are reclaimed once stored.
+
+    Files beside the queue path P:
+      P            the active segment, where writers append
+      P.<seq>      a sealed segment the consumer is finishing (at most one)
+      P.lock       the writers' lock; the consumer takes it only to rotate
+      P.state      two counters (appended, consumed) for an O(1) queue size
+      P.consumer   held by the one processor that consumes the queue
+    """
+
+    def __init__(self, path, fsync="never", fsync_interval=0.2,
+                 segment_bytes=64 * 1024 * 1024):
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.segment_bytes = segment_bytes
+        self._thread_lock = threading.Lock()  # flock does not separate threads
+        self._fd = None
+        self._lock_fd = None
+        self._state = None
+        self._last_sync = 0.0
+        self._pid = None
+
+    # -- writer side -------------------------------------------------------
+
+    def append(self, lines):
+        """Append encoded lines (each ending in a newline) as one write."""
+        data = b"".join(lines)
+        with self._thread_lock:
+            try:
+                self._ensure_open()
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                try:
+                    self._reopen_if_rotated()
+                    self._terminate_torn_line()
+                    _write_all(self._fd, data)
+                    self._add_appended(len(lines))
+                finally:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                self._sync_by_policy()
+            except OSError as error:
+                self._close_files()
+                raise QueueUnavailable(f"cannot write to the queue: {error.strerror or error}") from error
+
+    def size(self):
+        """Events acknowledged and not yet stored; two integers, no scan."""
+        with self._thread_lock:
+            try:
+                self._ensure_open()
+            except OSError as error:
+                raise QueueUnavailable(f"cannot open the queue: {error.strerror or error}") from error
+            appended, consumed = _COUNTERS.unpack_from(self._state, 0)
+        return max(0, appended - consumed)
+
+    def check_writable(self):
+        """Raise QueueUnavailable unless an append could succeed now."""
+        with self._thread_lock:
+            try:
+                self._ensure_open()
+                self._reopen_if_rotated()
+                if os.fstat(self._fd).st_nlink == 0:
+                    raise QueueUnavailable("the queue file was removed")
+                stats = os.statvfs(os.path.dirname(self.path))
+            except OSError as error:
+                self._close_files()
+                raise QueueUnavailable(f"cannot open the queue: {error.strerror or error}") from error
+        if stats.f_bavail * stats.f_frsize < 1024 * 1024:
+            raise QueueUnavailable("less than 1 MiB of disk space left for the queue")
+
+    def close(self):
+        with self._thread_lock:
+            self._close_files()
+
+    def _ensure_open(self):
+        # gunicorn forks workers after the app is built: descriptors are per process.
+        if self._pid != os.getpid():
+            self._fd = self._lock_fd = self._state = None
+            self._pid = os.getpid()
+        if self._fd is None:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._state = _map_counters(self.path + ".state")
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _close_files(self):
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self._state is not None:
+            self._state.close()
+        self._fd = self._lock_fd = self._state = None
+
+    def _reopen_if_rotated(self):
+        """Under the lock: follow a rotation (or a removed file) to the new active segment."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(self._fd).st_ino:
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _terminate_torn_line(self):
+        """Under the lock: if a writer died mid-line, end that fragment first.
+
+        The fragment then becomes a line of its own (a dead letter) instead of
+        swallowing the start of the next, valid event.
+        """
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            _write_all(self._fd, b"\n")
+
+    def _add_appended(self, count):
+        appended, consumed = _COUNTERS.unpack_from(self._state, 0)
+        _COUNTERS.pack_into(self._state, 0, appended + count, consumed)
+
+    def _sync_by_policy(self):
+        if self.fsync == "always":
+            os.fdatasync(self._fd)
+        elif self.fsync == "batch":
+            now = time.monotonic()
+            if now - self._last_sync >= self.fsync_interval:
+                os.fdatasync(self._fd)
+                self._last_sync = now
+
+    # -- consumer side -----------------------------------------------------
+
+    def consumer(self, checkpoint=None):
+        return FileQueueConsumer(self, checkpoint)
+
+
+class FileQueueConsumer:
+    """Reads complete lines from a checkpoint; the only reader of its queue.
+
+    A checkpoint is "segment:offset:consumed": the segment number, the byte
+    offset of the next unread line in it, and how many lines were consumed in
+    all. The store keeps it in the same transaction as the rows, so after a
+    crash reading resumes exactly after the last stored event.
+    """
+
+    def __init__(self, queue, checkpoint):
+        self.queue = queue
+        self._guard = os.open(queue.path + ".consumer", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._guard)
+            raise QueueBusy(f"another processor is already consuming {queue.path}; "
+                            f"only one processor may consume a file queue") from None
+        queue._ensure_open()
+        self.segment, self.offset, self.consumed = parse_checkpoint(checkpoint)
+        self._remove_sealed_before(self.segment)
+        self._sync_counters()
+
+    def read(self, max_items):
+        """Up to max_items complete lines from the current position.
+
+        A last line without its newline (a write still under way, or a torn
+        one) is left for later: it is never half-read.
+        """
+        items = []
+        segment, offset = self.segment, self.offset
+        while len(items) < max_items:
+            path = self._segment_path(segment)
+            chunk = _read_chunk(path, offset)
+            end = chunk.rfind(b"\n") + 1
+            if end == 0:
+                if path == self.queue.path:
+                    break
+                segment, offset = segment + 1, 0    # the sealed segment is finished
+                continue
+            lines = chunk[:end - 1].split(b"\n")
+            wanted = max_items - len(items)
+            if len(lines) > wanted:
+                lines = lines[:wanted]
+                end = sum(map(len, lines)) + len(lines)
+            items.extend(lines)
+            offset += end
+        checkpoint = format_checkpoint(segment, offset, self.consumed + len(items))
+        return Batch(items, checkpoint)
+
+    def acknowledge(self, batch):
+        """Called after the batch and its checkpoint are committed to the store."""
+        segment, offset, consumed = parse_checkpoint(batch.checkpoint)
+        self.segment, self.offset, self.consumed = segment, offset, consumed
+        self._set_consumed(consumed)
+        self._remove_sealed_before(segment)
+        if offset >= self.queue.segment_bytes:
+            self._rotate_if_drained()
+
+    def close(self):
+        os.close(self._guard)
+
+    def _segment_path(self, segment):
+        sealed = f"{self.queue.path}.{segment}"
+        return sealed if os.path.exists(sealed) else self.queue.path
+
+    def _rotate_if_drained(self):
+        """Seal the active segment once everything in it is stored.
+
+        Under the writers' lock: rename it aside and start an empty one.
+        Writers see the new inode on their next append and reopen.
+        """
+        queue = self.queue
+        fcntl.flock(queue._lock_fd, fcntl.LOCK_EX)
+        try:
+            if os.path.getsize(queue.path) != self.offset:
+                return      # writers appended since our read: rotate next time
+            os.rename(queue.path, f"{queue.path}.{self.segment}")
+            os.close(os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644))
+        finally:
+            fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
+        # nothing is left unread in the sealed file: start the next one now
+        self.segment, self.offset = self.segment + 1, 0
+
+    def _remove_sealed_before(self, segment):
+        directory, base = os.path.split(self.queue.path)
+        pattern = re.compile(re.escape(base) + r"\.(\d+)$")
+        for name in os.listdir(directory):
+            match = pattern.match(name)
+            if match and int(match.group(1)) < segment:
+                os.remove(os.path.join(directory, name))
+
+    def _sync_counters(self):
+        """Recount the backlog from our position, once at start.
+
+        The appended counter may be behind if a writer died between its write
+        and its count, or the state file was lost; counting the unread lines
+        (the queue is bounded, this runs once) makes queue_size exact again.
+        """
+        queue = self.queue
+        fcntl.flock(queue._lock_fd, fcntl.LOCK_EX)
+        try:
+            backlog = _count_lines(self._segment_path(self.segment), self.offset)
+            if self._segment_path(self.segment) != queue.path:
+                backlog += _count_lines(queue.path, 0)
+            _COUNTERS.pack_into(queue._state, 0, self.consumed + backlog, self.consumed)
+        finally:
+            fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
+
+    def _set_consumed(self, consumed):
+        appended, _ = _COUNTERS.unpack_from(self.queue._state, 0)
+        _COUNTERS.pack_into(self.queue._state, 0, appended, consumed)
+
+
+def parse_checkpoint(checkpoint):
+    if not checkpoint:
+        return 0, 0, 0
+    segment, offset, consumed = (int(part) for part in checkpoint.split(":"))
+    return segment, offset, consumed
+
+
+def format_checkpoint(segment, offset, consumed):
+    return f"{segment}:{offset}:{consumed}"
+
+
+def _read_chunk(path, offset):
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read(_READ_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+def _count_lines(path, offset):
+    count = 0
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            while block := file.read(_READ_CHUNK):
+                count += block.count(b"\n")
+    except FileNotFoundError:
+        pass
+    return count
+
+
+def _map_counters(path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < _COUNTERS.size:
+            os.ftruncate(fd, _COUNTERS.size)
+        return mmap.mmap(fd, _COUNTERS.size)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
