@@ -1,0 +1,222 @@
+"""The HTTP contract of POST /event, POST /events, GET /stats and GET /health."""
+import os
+import shutil
+
+import pytest
+
+EVENT = {"site_id": "site1", "event_type": "page_view", "path": "/home", "user_id": "u1"}
+
+
+def stats(client, **params):
+    response = client.get("/stats", query_string=params)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_valid_event_is_acknowledged_with_the_original_body(client):
+    response = client.post("/event", json=EVENT)
+    assert response.status_code == 200
+    assert response.get_json() == {"message": "Event received"}
+    assert response.mimetype == "application/json"
+
+
+def test_acknowledged_event_is_in_the_queue_before_the_answer(client, config):
+    client.post("/event", json=EVENT)
+    with open(config.queue_path, "rb") as queue_file:
+        assert queue_file.read().count(b"\n") == 1
+
+
+@pytest.mark.parametrize("field", ["site_id", "event_type"])
+def test_missing_required_field_is_rejected_with_400(client, field):
+    event = {k: v for k, v in EVENT.items() if k != field}
+    response = client.post("/event", json=event)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": f"Missing required field: {field}"}
+
+
+def test_body_that_is_not_json_is_rejected(client):
+    response = client.post("/event", data="not json", content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid JSON"}
+
+
+def test_text_plain_body_is_parsed_as_json_like_send_beacon(client):
+    response = client.post("/event", data='{"site_id":"s","event_type":"page_view"}',
+                           content_type="text/plain;charset=UTF-8")
+    assert response.status_code == 200
+
+
+def test_unknown_fields_are_ignored(client, config, drain):
+    assert client.post("/event", json={**EVENT, "colour": "blue"}).status_code == 200
+    with open(config.queue_path, "rb") as queue_file:
+        assert b"colour" not in queue_file.read()
+
+
+def test_body_over_the_limit_gets_413_json(client, config):
+    big = {**EVENT, "padding": "x" * config.max_body_bytes}
+    response = client.post("/event", json=big)
+    assert response.status_code == 413
+    assert "error" in response.get_json()
+
+
+def test_timestamp_with_offset_is_stored_in_utc_with_z(client, drain, config):
+    client.post("/event", json={**EVENT, "timestamp": "2025-03-01T01:30:00+02:00"})
+    drain()
+    assert stats(client, site_id="site1", date="2025-02-28")["total_views"] == 1
+    with open(config.queue_path, "rb") as queue_file:
+        assert b'"timestamp":"2025-02-28T23:30:00.000Z"' in queue_file.read()
+
+
+def test_missing_timestamp_means_time_of_receipt(client, drain):
+    from datetime import datetime, timezone
+    client.post("/event", json=EVENT)
+    drain()
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert stats(client, site_id="site1", date=today)["total_views"] == 1
+
+
+# -- batches ---------------------------------------------------------------
+
+def test_batch_as_json_array_is_accepted_whole(client, drain):
+    events = [{**EVENT, "path": f"/p{i}"} for i in range(5)]
+    response = client.post("/events", json=events)
+    assert response.status_code == 200
+    assert response.get_json() == {"message": "Events received", "count": 5}
+    drain()
+    assert stats(client, site_id="site1")["total_views"] == 5
+
+
+def test_batch_as_ndjson_is_accepted(client, drain):
+    body = "\n".join(['{"site_id":"s","event_type":"page_view","path":"/a"}'] * 3) + "\n"
+    response = client.post("/events", data=body, content_type="application/x-ndjson")
+    assert response.get_json() == {"message": "Events received", "count": 3}
+
+
+def test_one_invalid_event_rejects_the_whole_batch_and_names_it(client, config):
+    events = [EVENT, EVENT, {"site_id": "site1"}, EVENT]
+    response = client.post("/events", json=events)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Missing required field: event_type", "index": 2}
+    assert not os.path.exists(config.queue_path) or os.path.getsize(config.queue_path) == 0
+
+
+def test_invalid_ndjson_line_is_named_by_index(client):
+    body = '{"site_id":"s","event_type":"v"}\n{oops\n'
+    response = client.post("/events", data=body, content_type="application/x-ndjson")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid JSON", "index": 1}
+
+
+def test_batch_over_the_event_limit_is_rejected(client, config):
+    response = client.post("/events", json=[EVENT] * (config.max_batch_events + 1))
+    assert response.status_code == 400
+    assert "at most 1000" in response.get_json()["error"]
+
+
+def test_batch_that_is_not_an_array_is_rejected(client):
+    response = client.post("/events", json=EVENT)
+    assert response.status_code == 400
+    assert "array" in response.get_json()["error"]
+
+
+def test_batch_is_one_locked_append(client, config):
+    client.post("/events", json=[EVENT] * 3)
+    from shared_queue import open_queue
+    assert open_queue(config).size() == 3
+
+
+# -- stats -----------------------------------------------------------------
+
+def test_stats_contract(client, drain):
+    for path, user in [("/a", "u1"), ("/a", "u2"), ("/b", "u1"), ("/c", None)]:
+        client.post("/event", json={"site_id": "s", "event_type": "page_view",
+                                    "path": path, "user_id": user})
+    client.post("/event", json={"site_id": "s", "event_type": "click", "path": "/a", "user_id": "u3"})
+    client.post("/event", json={"site_id": "other", "event_type": "page_view", "path": "/a"})
+    drain()
+    assert stats(client, site_id="s") == {
+        "site_id": "s", "date": None, "total_views": 4, "unique_users": 3,
+        "top_paths": [{"path": "/a", "views": 2}, {"path": "/b", "views": 1},
+                      {"path": "/c", "views": 1}],
+    }
+
+
+def test_top_paths_ties_are_ordered_by_path_and_limited(client, drain):
+    for path in ["/z", "/y", "/x", "/x"]:
+        client.post("/event", json={"site_id": "s", "event_type": "page_view", "path": path})
+    drain()
+    assert stats(client, site_id="s", limit=2)["top_paths"] == [
+        {"path": "/x", "views": 2}, {"path": "/y", "views": 1}]
+
+
+def test_date_restricts_every_figure_to_that_utc_day(client, drain):
+    client.post("/event", json={**EVENT, "timestamp": "2025-01-01T23:59:59Z"})
+    client.post("/event", json={**EVENT, "user_id": "u2", "timestamp": "2025-01-02T00:00:00Z"})
+    drain()
+    body = stats(client, site_id="site1", date="2025-01-02")
+    assert (body["date"], body["total_views"], body["unique_users"]) == ("2025-01-02", 1, 1)
+
+
+def test_unknown_site_gives_zeros(client):
+    assert stats(client, site_id="nobody") == {
+        "site_id": "nobody", "date": None, "total_views": 0, "unique_users": 0, "top_paths": []}
+
+
+def test_stats_without_site_id_is_rejected(client):
+    response = client.get("/stats")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Missing required parameter: site_id"}
+
+
+@pytest.mark.parametrize("day", ["2025-02-30", "2025-1-01", "yesterday", "20250101", "2025-01-01T00:00"])
+def test_invalid_date_is_rejected(client, day):
+    response = client.get("/stats", query_string={"site_id": "s", "date": day})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid date format. Expected YYYY-MM-DD"}
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "1.5"])
+def test_invalid_limit_is_rejected(client, limit):
+    response = client.get("/stats", query_string={"site_id": "s", "limit": limit})
+    assert response.status_code == 400
+    assert "limit" in response.get_json()["error"]
+
+
+# -- health ----------------------------------------------------------------
+
+def test_health_reports_exact_queue_size(client, drain):
+    client.post("/events", json=[EVENT] * 7)
+    assert client.get("/health").get_json() == {
+        "status": "healthy", "service": "ingestion_api", "queue_size": 7}
+    drain()
+    assert client.get("/health").get_json()["queue_size"] == 0
+
+
+def test_health_is_503_when_the_queue_cannot_be_written(client, config):
+    shutil.rmtree(config.data_dir)
+    response = client.get("/health")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unhealthy" and body["reason"]
+
+
+def test_event_is_503_not_acknowledged_when_the_queue_cannot_be_written(client, config):
+    shutil.rmtree(config.data_dir)
+    response = client.post("/event", json=EVENT)
+    assert response.status_code == 503
+    assert "error" in response.get_json()
+
+
+def test_unknown_route_and_method_are_json_errors(client):
+    assert client.get("/nope").status_code == 404
+    assert "error" in client.get("/nope").get_json()
+    response = client.get("/event")
+    assert response.status_code == 405 and "error" in response.get_json()
+
+
+def test_fifty_thousand_levels_of_nesting_is_a_400_not_a_recursion_error(config):
+    from ingestion_api import create_app
+    client = create_app(config.with_overrides(max_body_bytes=1024 * 1024)).test_client()
+    response = client.post("/event", data=b"[" * 50_000 + b"]" * 50_000)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid JSON"}
