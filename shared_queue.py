@@ -201,6 +201,8 @@ class FileQueueConsumer:
         queue._ensure_open()
         self.segment, self.offset, self.consumed = parse_checkpoint(checkpoint)
         self._remove_sealed_before(self.segment)
+        # the active segment is numbered one past the last sealed one
+        self._active_segment = max(self._sealed_segments() + [self.segment - 1]) + 1
         self._sync_counters()
 
     def read(self, max_items):
@@ -236,8 +238,7 @@ class FileQueueConsumer:
         self.segment, self.offset, self.consumed = segment, offset, consumed
         self._set_consumed(consumed)
         self._remove_sealed_before(segment)
-        if offset >= self.queue.segment_bytes:
-            self._rotate_if_drained()
+        self._rotate_if_full()
 
     def close(self):
         os.close(self._guard)
@@ -246,31 +247,38 @@ class FileQueueConsumer:
         sealed = f"{self.queue.path}.{segment}"
         return sealed if os.path.exists(sealed) else self.queue.path
 
-    def _rotate_if_drained(self):
-        """Seal the active segment once everything in it is stored.
+    def _rotate_if_full(self):
+        """Seal the active segment once it holds segment_bytes, read or not.
 
-        Under the writers' lock: rename it aside and start an empty one.
-        Writers see the new inode on their next append and reopen.
+        Under the writers' lock it is renamed to P.<its number> and an empty
+        active segment takes its place; writers see the new inode on their
+        next append and reopen. Reading goes on in the sealed file, whose
+        name the checkpoints already use.
         """
         queue = self.queue
+        try:
+            if os.path.getsize(queue.path) < queue.segment_bytes:
+                return
+        except FileNotFoundError:
+            return
         fcntl.flock(queue._lock_fd, fcntl.LOCK_EX)
         try:
-            if os.path.getsize(queue.path) != self.offset:
-                return      # writers appended since our read: rotate next time
-            os.rename(queue.path, f"{queue.path}.{self.segment}")
+            os.rename(queue.path, f"{queue.path}.{self._active_segment}")
             os.close(os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644))
+            self._active_segment += 1
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
-        # nothing is left unread in the sealed file: start the next one now
-        self.segment, self.offset = self.segment + 1, 0
 
     def _remove_sealed_before(self, segment):
+        for number in self._sealed_segments():
+            if number < segment:
+                os.remove(f"{self.queue.path}.{number}")
+
+    def _sealed_segments(self):
         directory, base = os.path.split(self.queue.path)
         pattern = re.compile(re.escape(base) + r"\.(\d+)$")
-        for name in os.listdir(directory):
-            match = pattern.match(name)
-            if match and int(match.group(1)) < segment:
-                os.remove(os.path.join(directory, name))
+        return sorted(int(match.group(1)) for match in map(pattern.match, os.listdir(directory))
+                      if match)
 
     def _sync_counters(self):
         """Recount the backlog from our position, once at start.
@@ -282,9 +290,10 @@ class FileQueueConsumer:
         queue = self.queue
         fcntl.flock(queue._lock_fd, fcntl.LOCK_EX)
         try:
-            backlog = _count_lines(self._segment_path(self.segment), self.offset)
-            if self._segment_path(self.segment) != queue.path:
-                backlog += _count_lines(queue.path, 0)
+            backlog = 0
+            for number in range(self.segment, self._active_segment + 1):
+                offset = self.offset if number == self.segment else 0
+                backlog += _count_lines(self._segment_path(number), offset)
             _COUNTERS.pack_into(queue._state, 0, self.consumed + backlog, self.consumed)
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)

@@ -1,0 +1,179 @@
+"""The file queue: whole lines under concurrency, torn tails, rotation, one consumer."""
+import multiprocessing
+import os
+
+import pytest
+
+from shared_queue import FileQueue, QueueBusy
+
+
+def line(i):
+    return b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * (i % 50))
+
+
+def write_lines(path, writer, count, per_append):
+    queue = FileQueue(path)
+    for start in range(0, count, per_append):
+        queue.append([line(writer * 1_000_000 + i)
+                      for i in range(start, min(start + per_append, count))])
+
+
+def read_all(consumer, max_items=1000):
+    lines = []
+    while True:
+        batch = consumer.read(max_items)
+        if not batch.items:
+            return lines
+        lines.extend(batch.items)
+        consumer.acknowledge(batch)
+
+
+@pytest.fixture
+def queue_path(tmp_path):
+    return str(tmp_path / "event_queue.jsonl")
+
+
+def test_concurrent_writer_processes_never_interleave_or_lose_lines(queue_path):
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=write_lines, args=(queue_path, w, 2000, 1 + w * 3))
+               for w in range(6)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(60)
+        assert process.exitcode == 0
+    lines = read_all(FileQueue(queue_path).consumer())
+    expected = {line(w * 1_000_000 + i)[:-1] for w in range(6) for i in range(2000)}
+    assert len(lines) == len(expected) == 12_000
+    assert set(lines) == expected
+
+
+def test_threads_of_one_process_do_not_interleave(queue_path):
+    import threading
+    queue = FileQueue(queue_path)
+    threads = [threading.Thread(target=lambda w=w: [queue.append([line(w * 1_000_000 + i)])
+                                                    for i in range(1000)]) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(read_all(queue.consumer()))) == 8000
+
+
+def test_torn_last_line_is_never_half_read(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(1)])
+    with open(queue_path, "ab") as file:
+        file.write(b'{"n":2,"pa')              # a writer died mid-line
+    consumer = queue.consumer()
+    assert consumer.read(10).items == [line(1)[:-1]]
+
+
+def test_line_completed_later_is_read_whole(queue_path):
+    queue = FileQueue(queue_path)
+    with open(queue_path, "ab") as file:
+        file.write(b'{"n":1,')
+    consumer = queue.consumer()
+    assert consumer.read(10).items == []
+    with open(queue_path, "ab") as file:
+        file.write(b'"pad":""}\n')
+    assert consumer.read(10).items == [b'{"n":1,"pad":""}']
+
+
+def test_next_append_after_a_torn_line_stays_whole(queue_path):
+    queue = FileQueue(queue_path)
+    with open(queue_path, "ab") as file:
+        file.write(b'{"torn')
+    queue.append([line(7)])
+    assert queue.consumer().read(10).items == [b'{"torn', line(7)[:-1]]
+
+
+def test_read_respects_max_items_and_resumes_from_checkpoint(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(10)])
+    consumer = queue.consumer()
+    first = consumer.read(4)
+    assert first.items == [line(i)[:-1] for i in range(4)]
+    consumer.close()        # crashed before acknowledging: the store kept no checkpoint
+    again = queue.consumer(None)
+    assert again.read(4).items == first.items
+    again.close()
+    resumed = queue.consumer(first.checkpoint)
+    assert resumed.read(100).items == [line(i)[:-1] for i in range(4, 10)]
+
+
+def test_only_one_consumer_at_a_time(queue_path):
+    queue = FileQueue(queue_path)
+    first = queue.consumer()
+    with pytest.raises(QueueBusy, match="another processor"):
+        FileQueue(queue_path).consumer()
+    first.close()
+    FileQueue(queue_path).consumer().close()
+
+
+def test_size_counts_acknowledged_but_unconsumed_events(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(5)])
+    assert queue.size() == 5
+    consumer = queue.consumer()
+    consumer.acknowledge(consumer.read(3))
+    assert queue.size() == 2
+
+
+def test_size_is_recounted_when_the_state_file_is_lost(queue_path):
+    FileQueue(queue_path).append([line(i) for i in range(5)])
+    os.remove(queue_path + ".state")
+    queue = FileQueue(queue_path)
+    queue.consumer()
+    assert queue.size() == 5
+
+
+def test_consumed_segments_are_reclaimed_while_writers_append(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=2000)
+    consumer = queue.consumer()
+    writer = FileQueue(queue_path, segment_bytes=2000)   # another process's view
+    seen = []
+    for round_number in range(50):
+        writer.append([line(round_number * 100 + i) for i in range(20)])
+        batch = consumer.read(15)
+        seen.extend(batch.items)
+        consumer.acknowledge(batch)
+    seen.extend(read_all(consumer))
+    assert seen == [line(r * 100 + i)[:-1] for r in range(50) for i in range(20)]
+    directory = os.path.dirname(queue_path)
+    queue_bytes = sum(os.path.getsize(os.path.join(directory, name))
+                      for name in os.listdir(directory) if name.startswith("event_queue.jsonl"))
+    assert queue_bytes < 3 * 2000 + 4096
+    assert int(consumer.read(1).checkpoint.split(":")[0]) > 5    # it did rotate
+
+
+def test_segments_are_sealed_even_when_the_consumer_never_catches_up(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=1000)
+    consumer = queue.consumer()
+    seen = []
+    for round_number in range(40):
+        queue.append([line(round_number * 100 + i) for i in range(10)])
+        batch = consumer.read(8)            # always behind the writers
+        seen.extend(batch.items)
+        consumer.acknowledge(batch)
+    backlog = 40 * 10 - len(seen)
+    assert queue.size() == backlog
+    sealed = [name for name in os.listdir(os.path.dirname(queue_path))
+              if name.split(".")[-1].isdigit()]
+    assert 1 <= len(sealed) <= backlog * 40 // 1000 + 2     # only the unread ones are kept
+    restarted = FileQueue(queue_path, segment_bytes=1000)
+    consumer.close()
+    assert len(read_all(restarted.consumer(batch.checkpoint))) == backlog
+
+
+def test_restart_after_rotation_resumes_in_the_sealed_segment(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=100)
+    queue.append([line(i) for i in range(5)])
+    consumer = queue.consumer()
+    batch = consumer.read(5)
+    consumer.acknowledge(batch)           # rotates: everything in the segment is stored
+    queue.append([line(i) for i in range(5, 8)])
+    consumer.close()
+    # the store still holds the checkpoint into the old, now sealed segment
+    restarted = FileQueue(queue_path, segment_bytes=100).consumer(batch.checkpoint)
+    assert restarted.read(100).items == [line(i)[:-1] for i in range(5, 8)]
