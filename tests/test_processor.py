@@ -1,0 +1,119 @@
+"""The processor, driven one step at a time."""
+import sqlite3
+
+import orjson
+import pytest
+
+from events import encode_event, validate_event
+from processor import Processor
+from shared_queue import open_queue
+from store import MIGRATIONS, open_store
+
+
+def event(i, site="s"):
+    return encode_event(validate_event({"site_id": site, "event_type": "page_view",
+                                        "path": f"/p{i % 3}", "user_id": f"u{i}"}))
+
+
+@pytest.fixture
+def queue(config):
+    return open_queue(config)
+
+
+@pytest.fixture
+def processor(config, queue):
+    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=4))
+    processor.start()
+    yield processor
+    processor.close()
+
+
+def stored_user_ids(config):
+    connection = sqlite3.connect(config.database_path)
+    return [row[0] for row in connection.execute("SELECT user_id FROM events ORDER BY id")]
+
+
+def test_each_step_stores_one_batch_with_its_checkpoint(config, queue, processor):
+    queue.append([event(i) for i in range(10)])
+    assert processor.step() == 4
+    assert stored_user_ids(config) == ["u0", "u1", "u2", "u3"]
+    assert processor.store.checkpoint("event_queue.jsonl").endswith(":4")
+    assert processor.step() == 4
+    assert processor.step() == 2
+    assert processor.step() == 0
+    assert queue.size() == 0
+
+
+def test_restart_resumes_after_the_last_committed_batch(config, queue, processor):
+    queue.append([event(i) for i in range(10)])
+    processor.step()
+    processor.close()
+    restarted = Processor(open_queue(config), open_store(config), config)
+    restarted.start()
+    restarted.run(once=True)
+    assert stored_user_ids(config) == [f"u{i}" for i in range(10)]
+
+
+def test_a_batch_whose_commit_failed_is_read_again_not_skipped(config, queue, processor):
+    queue.append([event(i) for i in range(6)])
+    original_write = processor.store.write
+
+    def failing_write(rows, name, checkpoint):
+        raise sqlite3.OperationalError("disk I/O error")
+    processor.store.write = failing_write
+    with pytest.raises(sqlite3.OperationalError):
+        processor.step()
+    processor.store.write = original_write
+    processor.run(once=True)
+    assert stored_user_ids(config) == [f"u{i}" for i in range(6)]
+
+
+def test_invalid_lines_go_to_the_dead_letter_file_and_processing_goes_on(config, queue, processor):
+    queue.append([event(1), b"not json\n", b'{"site_id": 5}\n', b"[1]\n",
+                  b'{"site_id":"s","event_type":"v","path":null,"user_id":null,"timestamp":"x"}\n',
+                  event(2)])
+    processor.run(once=True)
+    assert stored_user_ids(config) == ["u1", "u2"]
+    with open(config.dead_letter_path, "rb") as file:
+        letters = [orjson.loads(line) for line in file]
+    assert [letter["line"] for letter in letters] == [
+        "not json", '{"site_id": 5}', "[1]",
+        '{"site_id":"s","event_type":"v","path":null,"user_id":null,"timestamp":"x"}']
+    assert all(letter["reason"] for letter in letters)
+    assert processor.dead == 4
+
+
+def test_a_batch_of_only_bad_lines_still_moves_the_checkpoint(config, queue, processor):
+    queue.append([b"garbage\n"] * 5)
+    assert [processor.step(), processor.step(), processor.step()] == [4, 1, 0]
+    assert queue.size() == 0
+    assert processor.store.checkpoint("event_queue.jsonl").endswith(":5")
+
+
+def test_migrations_create_the_original_events_table(config, processor):
+    connection = sqlite3.connect(config.database_path)
+    columns = [row[1] for row in connection.execute("PRAGMA table_info(events)")]
+    assert columns == ["id", "site_id", "event_type", "path", "user_id", "timestamp"]
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migrating_twice_changes_nothing(config):
+    store = open_store(config)
+    assert store.migrate() == store.migrate() == len(MIGRATIONS)
+
+
+def test_processor_logs_to_its_log_file(config, queue, drain):
+    import logging
+    from processor import setup_logging
+    setup_logging(config)
+    try:
+        queue.append([event(1)])
+        drain()
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        logging.getLogger().handlers.clear()
+    with open(config.processor_log_path) as log_file:
+        text = log_file.read()
+    assert "processor started" in text and "processor stopped stored=1" in text
