@@ -1,0 +1,21 @@
+# make run    set up .venv, then run the API and the processor together (Ctrl-C stops both)
+# make test   set up .venv, then run the whole test suite
+# make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test bench
+
+$(VENV)/installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+run: $(VENV)/installed
+	honcho start
+
+test: $(VENV)/installed
+	python -m pytest
+
+bench: $(VENV)/installed
+	python bench/run.py
