@@ -29,6 +29,9 @@ class Config:
     processor_batch_size: int = 10_000
     poll_interval: float = 0.05
     log_file: str = ""           # empty: <data_dir>/processor.log
+    report_max_days: int = 3660
+    api_keys: tuple = ()
+    cors_origins: tuple = ()
 
     @property
     def queue_path(self):
@@ -65,6 +68,21 @@ def _positive_float(text):
     return value
 
 
+def _word_list(text):
+    return tuple(word for word in text.replace(",", " ").split() if word)
+
+
+def _keys_file(path):
+    try:
+        with open(path) as file:
+            keys = tuple(line.strip() for line in file if line.strip() and not line.startswith("#"))
+    except OSError as error:
+        raise ValueError(f"cannot read it ({error.strerror})") from None
+    if not keys:
+        raise ValueError("it holds no keys (one key per line)")
+    return keys
+
+
 def _fsync_policy(text):
     if text not in FSYNC_POLICIES:
         raise ValueError("must be one of " + ", ".join(FSYNC_POLICIES))
@@ -86,6 +104,10 @@ ENVIRONMENT = {
     "PROCESSOR_BATCH_SIZE": ("processor_batch_size", _positive_int),
     "PROCESSOR_POLL_INTERVAL": ("poll_interval", _positive_float),
     "PROCESSOR_LOG_FILE": ("log_file", str),
+    "REPORT_MAX_DAYS": ("report_max_days", _positive_int),
+    "API_KEYS": ("api_keys", _word_list),
+    "API_KEYS_FILE": ("api_keys", _keys_file),
+    "CORS_ORIGINS": ("cors_origins", _word_list),
 }
 
 
@@ -98,7 +120,9 @@ def load_config(environ=None, **overrides):
         if text is None or text == "":
             continue
         try:
-            values[attribute] = parse(text)
+            value = parse(text)
+            # API_KEYS and API_KEYS_FILE add up
+            values[attribute] = values.get(attribute, ()) + value if attribute == "api_keys" else value
         except ValueError as error:
             raise ConfigurationError(
                 f"{name}={text!r} is not valid: {error}. "

@@ -1,20 +1,45 @@
-"""Where events are kept: schema, batch writes and the queries behind /stats.
+"""Where events are kept: schema, migrations and batch writes.
 
 The embedded default is SQLite (analytics.db). A store is chosen by URL in
 config; every store offers the same verbs:
 
     store.migrate()                       bring the schema up to date
-    store.write(rows, queue, checkpoint)  rows and queue position, one transaction
+    store.write(rows, queue, checkpoint)  rows, their rollups and the queue
+                                          position, in one transaction
     store.checkpoint(queue)               the position stored with the last write
-    store.stats(site_id, date, limit)     the /stats report
+    store.reports(connection)             the report queries (reports.py)
+    store.rebuild_rollups(progress)       recompute every rollup from the events
 """
+import logging
 import sqlite3
 from contextlib import contextmanager
-from datetime import datetime, time, timedelta, timezone
 
-from events import format_timestamp
+import rollups
+from reports import RawReports, RollupReports
 
-# Each entry moves the schema from version i to i + 1; never edit a released one.
+log = logging.getLogger("store")
+REBUILD_CHUNK = 100_000
+
+
+def _rollups_from_existing_events(connection):
+    for statement in filter(str.strip, rollups.SCHEMA.split(";")):
+        connection.execute(statement)
+    _refold(connection, progress=None)
+
+
+def _refold(connection, progress):
+    rollups.clear(connection)
+    low, high = connection.execute(
+        "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
+    for start in range(low, high, REBUILD_CHUNK):
+        end = min(start + REBUILD_CHUNK, high)
+        rollups.fold(connection, start, end)
+        if progress:
+            progress(end - low, high - low)
+
+
+# Each entry moves the schema from version i to i + 1: SQL, or a function of
+# the connection. Never edit a released one.
 MIGRATIONS = [
     """
     CREATE TABLE IF NOT EXISTS events (
@@ -31,6 +56,7 @@ MIGRATIONS = [
         checkpoint TEXT NOT NULL
     );
     """,
+    _rollups_from_existing_events,
 ]
 
 EVENT_COLUMNS = ("site_id", "event_type", "path", "user_id", "timestamp")
@@ -41,16 +67,11 @@ def open_store(config):
     return SQLiteStore(config.database_path, durable=config.fsync == "always")
 
 
-def day_range(day):
-    """The [start, end) timestamps of one UTC date, in stored form."""
-    start = datetime.combine(day, time(), tzinfo=timezone.utc)
-    return format_timestamp(start), format_timestamp(start + timedelta(days=1))
-
-
 class SQLiteStore:
-    def __init__(self, path, durable=False):
+    def __init__(self, path, durable=False, rollups=True):
         self.path = path
         self.durable = durable
+        self.rollups = rollups      # off only to measure what rollups cost
         self._connection = None
 
     def connect(self, readonly=False):
@@ -61,6 +82,7 @@ class SQLiteStore:
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            connection.execute("PRAGMA cache_size=-65536")      # 64 MiB: rollup upserts touch many pages
         connection.execute("PRAGMA busy_timeout=5000")
         return connection
 
@@ -90,9 +112,13 @@ class SQLiteStore:
     def migrate(self):
         with self.atomic() as connection:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    connection.execute(statement)
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                log.info("migrating %s to schema version %d", self.path, number)
+                if callable(migration):
+                    migration(connection)
+                else:
+                    for statement in filter(str.strip, migration.split(";")):
+                        connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {number}")
         return len(MIGRATIONS)
 
@@ -102,7 +128,10 @@ class SQLiteStore:
     def write(self, rows, queue, checkpoint):
         """Insert rows and record the queue position they came from, atomically."""
         with self.atomic() as connection:
+            last_id = connection.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             connection.executemany(INSERT_EVENT, rows)
+            if self.rollups and rows:
+                rollups.fold(connection, last_id, last_id + len(rows))
             connection.execute(
                 "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (?, ?) "
                 "ON CONFLICT (queue) DO UPDATE SET checkpoint = excluded.checkpoint",
@@ -116,21 +145,10 @@ class SQLiteStore:
     def count_events(self):
         return self.connection.execute("SELECT count(*) FROM events").fetchone()[0]
 
-    def stats(self, connection, site_id, day=None, limit=10):
-        """The /stats report for one site, all time or one UTC day."""
-        where, params = "site_id = ?", [site_id]
-        if day is not None:
-            where += " AND timestamp >= ? AND timestamp < ?"
-            params += day_range(day)
-        views = connection.execute(
-            f"SELECT count(*) FROM events WHERE {where} AND event_type = 'page_view'",
-            params).fetchone()[0]
-        users = connection.execute(
-            f"SELECT count(DISTINCT user_id) FROM events WHERE {where}", params).fetchone()[0]
-        top_paths = connection.execute(
-            f"SELECT path, count(*) AS views FROM events "
-            f"WHERE {where} AND event_type = 'page_view' AND path IS NOT NULL "
-            f"GROUP BY path ORDER BY views DESC, path ASC LIMIT ?",
-            params + [limit]).fetchall()
-        return {"total_views": views, "unique_users": users,
-                "top_paths": [{"path": path, "views": count} for path, count in top_paths]}
+    def reports(self, connection, raw=False):
+        return (RawReports if raw else RollupReports)(connection)
+
+    def rebuild_rollups(self, progress=None):
+        """Recompute every rollup from the events table, in one transaction."""
+        with self.atomic() as connection:
+            _refold(connection, progress)

@@ -1,0 +1,103 @@
+"""Query-string parameters of the report endpoints, checked one by one.
+
+Each method returns a clean value or raises InvalidParameter with a message
+that names the parameter.
+"""
+from datetime import date, datetime, timedelta, timezone
+
+from reports import Period
+from rollups import PROPERTIES
+
+MAX_LIMIT = 1000
+MAX_HOURLY_DAYS = 31
+INTERVALS = ("day", "hour")
+
+
+class InvalidParameter(ValueError):
+    pass
+
+
+def _date(text, name):
+    try:
+        if len(text) != 10:
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        if name == "date":
+            raise InvalidParameter("Invalid date format. Expected YYYY-MM-DD") from None
+        raise InvalidParameter(f"Invalid {name}: expected a date as YYYY-MM-DD") from None
+
+
+class QueryParams:
+    def __init__(self, args, config):
+        self.args = args
+        self.max_days = config.report_max_days
+
+    def site_id(self):
+        site_id = self.args.get("site_id")
+        if not site_id:
+            raise InvalidParameter("Missing required parameter: site_id")
+        return site_id
+
+    def limit(self):
+        text = self.args.get("limit")
+        if text is None:
+            return 10
+        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            raise InvalidParameter(f"Invalid limit: expected a whole number from 1 to {MAX_LIMIT}")
+        return int(text)
+
+    def period(self):
+        """date, or from and to (inclusive UTC days), or neither for all time."""
+        day, start, end = (self.args.get(name) for name in ("date", "from", "to"))
+        if day is not None:
+            if start is not None or end is not None:
+                raise InvalidParameter("Invalid date: give either date or from and to, not both")
+            day = _date(day, "date")
+            return Period(day, day)
+        if start is None and end is None:
+            return Period()
+        for name, value in (("from", start), ("to", end)):
+            if value is None:
+                raise InvalidParameter(f"Missing required parameter: {name} (from and to go together)")
+        return self._checked(_date(start, "from"), _date(end, "to"), self.max_days)
+
+    def series_period(self, interval):
+        """Like period(), but never all time: by default the last 30 days, or today by the hour."""
+        period = self.period()
+        if period.all_time:
+            today = datetime.now(timezone.utc).date()
+            days = 30 if interval == "day" else 1
+            period = Period(today - timedelta(days=days - 1), today)
+        if interval == "hour":
+            self._checked(period.start, period.end, MAX_HOURLY_DAYS, "with interval=hour")
+        return period
+
+    def interval(self):
+        interval = self.args.get("interval", "day")
+        if interval not in INTERVALS:
+            raise InvalidParameter("Invalid interval: expected day or hour")
+        return interval
+
+    def property(self):
+        prop = self.args.get("property")
+        if not prop:
+            raise InvalidParameter("Missing required parameter: property")
+        if prop not in PROPERTIES:
+            raise InvalidParameter(f"Invalid property: expected one of {', '.join(PROPERTIES)}")
+        return prop
+
+    @staticmethod
+    def period_fields(period):
+        return {"from": period.start and period.start.isoformat(),
+                "to": period.end and period.end.isoformat()}
+
+    @staticmethod
+    def _checked(start, end, max_days, context=""):
+        if start > end:
+            raise InvalidParameter("Invalid to: it is before from")
+        days = (end - start).days + 1
+        if days > max_days:
+            raise InvalidParameter(f"Invalid to: the range from..to is {days} days, "
+                                   f"at most {max_days} {context}".rstrip())
+        return Period(start, end)

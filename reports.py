@@ -1,0 +1,187 @@
+"""The questions the API answers, asked of the rollups.
+
+Every report has a twin over the raw events table (RawReports): the tests
+check that both give the same answers, and the benchmark measures both.
+Dates are inclusive UTC days; a report over all time has start = end = None.
+"""
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+
+from rollups import PROPERTIES
+
+
+@dataclass(frozen=True)
+class Period:
+    start: date = None
+    end: date = None
+
+    @property
+    def all_time(self):
+        return self.start is None
+
+    def hour_bounds(self):
+        return {"first_hour": f"{self.start.isoformat()}T00", "last_hour": f"{self.end.isoformat()}T23"}
+
+    def day_bounds(self):
+        return {"first_day": self.start.isoformat(), "last_day": self.end.isoformat()}
+
+    def timestamp_bounds(self):
+        after = self.end + timedelta(days=1)
+        return {"first_ts": f"{self.start.isoformat()}T00:00:00.000Z",
+                "after_ts": f"{after.isoformat()}T00:00:00.000Z"}
+
+
+def buckets(period, interval):
+    """Every bucket key of the period, in order: days 'YYYY-MM-DD' or hours 'YYYY-MM-DDTHH'."""
+    start = datetime.combine(period.start, datetime.min.time(), tzinfo=timezone.utc)
+    step = timedelta(days=1) if interval == "day" else timedelta(hours=1)
+    count = ((period.end - period.start).days + 1) * (1 if interval == "day" else 24)
+    width = 10 if interval == "day" else 13
+    return [(start + step * i).strftime("%Y-%m-%dT%H")[:width] for i in range(count)]
+
+
+def bucket_label(key):
+    return key if len(key) == 10 else f"{key}:00:00Z"
+
+
+def _rows(connection, sql, params):
+    return connection.execute(sql, params).fetchall()
+
+
+def _one(connection, sql, params):
+    row = connection.execute(sql, params).fetchone()
+    return row[0] if row and row[0] is not None else 0
+
+
+def _ranking(views_only):
+    """top_paths: page views only, ties by path; breakdowns: by views, then events, then value."""
+    if views_only:
+        return "WHERE views > 0 AND value != '' ORDER BY views DESC, value LIMIT :limit"
+    return "ORDER BY views DESC, events DESC, value LIMIT :limit"
+
+
+def _value(text):
+    return text if text != "" else None
+
+
+class _Reports:
+    """The report shapes; subclasses say where the numbers come from."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def stats(self, site_id, period, limit=10):
+        views, users = self.totals(site_id, period)
+        top = self.top_values(site_id, "path", period, limit, views_only=True)
+        return {"total_views": views, "unique_users": users,
+                "top_paths": [{"path": value, "views": views} for value, views, _ in top]}
+
+    def timeseries(self, site_id, period, interval):
+        counts = dict(self.bucket_views(site_id, period, interval))
+        users = dict(self.bucket_users(site_id, period, interval))
+        return [{"date": bucket_label(key), "views": counts.get(key, 0),
+                 "unique_users": users.get(key, 0)} for key in buckets(period, interval)]
+
+    def breakdown(self, site_id, prop, period, limit=10):
+        top = self.top_values(site_id, prop, period, limit)
+        users = self.value_users(site_id, prop, period, [value for value, _, _ in top])
+        return [{"value": _value(value), "views": views, "events": events,
+                 "unique_users": users.get(value, 0)} for value, views, events in top]
+
+
+class RollupReports(_Reports):
+    def totals(self, site_id, period):
+        if period.all_time:
+            row = self.connection.execute(
+                "SELECT views, users FROM site_totals WHERE site_id = :site",
+                {"site": site_id}).fetchone()
+            return tuple(row) if row else (0, 0)
+        params = {"site": site_id, **period.hour_bounds()}
+        views = _one(self.connection, "SELECT sum(views) FROM hourly_totals WHERE site_id = :site "
+                     "AND hour BETWEEN :first_hour AND :last_hour", params)
+        users = _one(self.connection, "SELECT count(DISTINCT user_id) FROM hourly_users "
+                     "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour", params)
+        return views, users
+
+    def top_values(self, site_id, prop, period, limit, views_only=False):
+        params = {"site": site_id, "property": prop, "limit": limit}
+        if period.all_time:
+            sql = ("SELECT value, views, events FROM total_values "
+                   "WHERE site_id = :site AND property = :property")
+        else:
+            params.update(period.day_bounds())
+            sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM daily_values "
+                   "WHERE site_id = :site AND property = :property "
+                   "AND day BETWEEN :first_day AND :last_day GROUP BY value")
+        return _rows(self.connection, f"SELECT * FROM ({sql}) {_ranking(views_only)}", params)
+
+    def value_users(self, site_id, prop, period, values):
+        if not values:
+            return {}
+        params = {"site": site_id, "property": prop}
+        params.update({f"v{i}": value for i, value in enumerate(values)})
+        days = "" if period.all_time else "AND day BETWEEN :first_day AND :last_day"
+        if not period.all_time:
+            params.update(period.day_bounds())
+        placeholders = ", ".join(f":v{i}" for i in range(len(values)))
+        return dict(_rows(self.connection,
+                          "SELECT value, count(DISTINCT user_id) FROM daily_value_users "
+                          f"WHERE site_id = :site AND property = :property "
+                          f"AND value IN ({placeholders}) {days} GROUP BY value", params))
+
+    def bucket_views(self, site_id, period, interval):
+        width = 10 if interval == "day" else 13
+        return _rows(self.connection,
+                     f"SELECT substr(hour, 1, {width}), sum(views) FROM hourly_totals "
+                     "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour GROUP BY 1",
+                     {"site": site_id, **period.hour_bounds()})
+
+    def bucket_users(self, site_id, period, interval):
+        width = 10 if interval == "day" else 13
+        return _rows(self.connection,
+                     f"SELECT substr(hour, 1, {width}), count(DISTINCT user_id) FROM hourly_users "
+                     "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour GROUP BY 1",
+                     {"site": site_id, **period.hour_bounds()})
+
+
+class RawReports(_Reports):
+    """The same reports by plain SQL over the events table."""
+
+    def _where(self, site_id, period):
+        if period.all_time:
+            return "site_id = :site", {"site": site_id}
+        return ("site_id = :site AND timestamp >= :first_ts AND timestamp < :after_ts",
+                {"site": site_id, **period.timestamp_bounds()})
+
+    def totals(self, site_id, period):
+        where, params = self._where(site_id, period)
+        row = self.connection.execute(
+            f"SELECT sum(event_type = 'page_view'), count(DISTINCT user_id) FROM events WHERE {where}",
+            params).fetchone()
+        return (row[0] or 0, row[1] or 0)
+
+    def top_values(self, site_id, prop, period, limit, views_only=False):
+        where, params = self._where(site_id, period)
+        return _rows(self.connection,
+                     f"SELECT * FROM (SELECT {PROPERTIES[prop]} AS value, "
+                     f"sum(event_type = 'page_view') AS views, count(*) AS events FROM events "
+                     f"WHERE {where} GROUP BY 1) {_ranking(views_only)}",
+                     {**params, "limit": limit})
+
+    def value_users(self, site_id, prop, period, values):
+        where, params = self._where(site_id, period)
+        rows = _rows(self.connection, f"SELECT {PROPERTIES[prop]}, count(DISTINCT user_id) "
+                     f"FROM events WHERE {where} GROUP BY 1", params)
+        return {value: users for value, users in rows if value in values}
+
+    def bucket_views(self, site_id, period, interval):
+        where, params = self._where(site_id, period)
+        width = 10 if interval == "day" else 13
+        return _rows(self.connection, f"SELECT substr(timestamp, 1, {width}), "
+                     f"sum(event_type = 'page_view') FROM events WHERE {where} GROUP BY 1", params)
+
+    def bucket_users(self, site_id, period, interval):
+        where, params = self._where(site_id, period)
+        width = 10 if interval == "day" else 13
+        return _rows(self.connection, f"SELECT substr(timestamp, 1, {width}), "
+                     f"count(DISTINCT user_id) FROM events WHERE {where} GROUP BY 1", params)
