@@ -1,0 +1,153 @@
+"""The reporting endpoints: parameters, shapes, API keys and CORS."""
+import logging
+
+import pytest
+
+from ingestion_api import create_app
+
+EVENTS = [
+    {"site_id": "s", "event_type": "page_view", "path": "/a", "user_id": "u1", "timestamp": "2025-05-01T10:15:00Z"},
+    {"site_id": "s", "event_type": "page_view", "path": "/a", "user_id": "u2", "timestamp": "2025-05-01T11:00:00Z"},
+    {"site_id": "s", "event_type": "page_view", "path": "/b", "user_id": "u1", "timestamp": "2025-05-03T09:00:00Z"},
+    {"site_id": "s", "event_type": "signup", "path": "/b", "user_id": "u3", "timestamp": "2025-05-03T09:30:00Z"},
+]
+
+
+@pytest.fixture
+def loaded(client, drain):
+    assert client.post("/events", json=EVENTS).status_code == 200
+    drain()
+    return client
+
+
+def get(client, url, status=200, **params):
+    response = client.get(url, query_string=params)
+    assert response.status_code == status, response.get_json()
+    return response.get_json()
+
+
+def test_stats_over_a_range(loaded):
+    body = get(loaded, "/stats", site_id="s", **{"from": "2025-05-01", "to": "2025-05-02"})
+    assert body == {"site_id": "s", "date": None, "total_views": 2, "unique_users": 2,
+                    "top_paths": [{"path": "/a", "views": 2}]}
+
+
+def test_date_is_shorthand_for_a_one_day_range(loaded):
+    one_day = get(loaded, "/stats", site_id="s", date="2025-05-03")
+    ranged = get(loaded, "/stats", site_id="s", **{"from": "2025-05-03", "to": "2025-05-03"})
+    assert one_day["unique_users"] == ranged["unique_users"] == 2
+    assert one_day["top_paths"] == ranged["top_paths"] == [{"path": "/b", "views": 1}]
+
+
+def test_timeseries_by_day_has_empty_days_as_zeros(loaded):
+    body = get(loaded, "/stats/timeseries", site_id="s", interval="day",
+               **{"from": "2025-05-01", "to": "2025-05-03"})
+    assert body == {"site_id": "s", "interval": "day", "from": "2025-05-01", "to": "2025-05-03",
+                    "points": [{"date": "2025-05-01", "views": 2, "unique_users": 2},
+                               {"date": "2025-05-02", "views": 0, "unique_users": 0},
+                               {"date": "2025-05-03", "views": 1, "unique_users": 2}]}
+
+
+def test_timeseries_by_hour(loaded):
+    points = get(loaded, "/stats/timeseries", site_id="s", interval="hour",
+                 date="2025-05-01")["points"]
+    assert len(points) == 24
+    assert points[10] == {"date": "2025-05-01T10:00:00Z", "views": 1, "unique_users": 1}
+    assert points[11] == {"date": "2025-05-01T11:00:00Z", "views": 1, "unique_users": 1}
+
+
+def test_breakdown_by_path(loaded):
+    body = get(loaded, "/stats/breakdown", site_id="s", property="path")
+    assert body == {"site_id": "s", "property": "path", "from": None, "to": None, "results": [
+        {"value": "/a", "views": 2, "events": 2, "unique_users": 2},
+        {"value": "/b", "views": 1, "events": 2, "unique_users": 2}]}
+
+
+def test_breakdown_by_event_type_with_a_limit(loaded):
+    body = get(loaded, "/stats/breakdown", site_id="s", property="event_type", limit=1)
+    assert body["results"] == [{"value": "page_view", "views": 3, "events": 3, "unique_users": 2}]
+
+
+@pytest.mark.parametrize("url,params,named", [
+    ("/stats", {"site_id": "s", "from": "2025-05-01"}, "to"),
+    ("/stats", {"site_id": "s", "to": "2025-05-01"}, "from"),
+    ("/stats", {"site_id": "s", "from": "2025-05-xx", "to": "2025-05-01"}, "from"),
+    ("/stats", {"site_id": "s", "from": "2025-05-01", "to": "2025-13-01"}, "to"),
+    ("/stats", {"site_id": "s", "from": "2025-05-02", "to": "2025-05-01"}, "before from"),
+    ("/stats", {"site_id": "s", "from": "2000-01-01", "to": "2025-05-01"}, "at most 3660"),
+    ("/stats", {"site_id": "s", "date": "2025-05-01", "from": "2025-05-01", "to": "2025-05-01"}, "date"),
+    ("/stats/timeseries", {"from": "2025-05-01", "to": "2025-05-01"}, "site_id"),
+    ("/stats/timeseries", {"site_id": "s", "interval": "week"}, "interval"),
+    ("/stats/timeseries", {"site_id": "s", "interval": "hour", "from": "2025-01-01", "to": "2025-05-01"}, "interval=hour"),
+    ("/stats/breakdown", {"site_id": "s"}, "property"),
+    ("/stats/breakdown", {"site_id": "s", "property": "colour"}, "property"),
+    ("/stats/breakdown", {"site_id": "s", "property": "path", "limit": "0"}, "limit"),
+])
+def test_bad_parameters_are_400s_naming_the_parameter(client, url, params, named):
+    body = get(client, url, status=400, **params)
+    assert named in body["error"]
+
+
+def test_range_limit_is_configurable(config):
+    client = create_app(config.with_overrides(report_max_days=7)).test_client()
+    body = get(client, "/stats", status=400, site_id="s", **{"from": "2025-05-01", "to": "2025-05-08"})
+    assert "at most 7" in body["error"]
+
+
+# -- API keys ----------------------------------------------------------------
+
+@pytest.fixture
+def keyed(config):
+    return create_app(config.with_overrides(api_keys=("first-key", "second-key"))).test_client()
+
+
+@pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
+                                 "/stats/breakdown?site_id=s&property=path"])
+def test_reports_need_a_key_when_keys_are_set(keyed, url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
+                    {"Authorization": "Basic first-key"}):
+        response = keyed.get(url, headers=headers)
+        assert response.status_code == 401
+        assert "API key" in response.get_json()["error"]
+    for key in ("first-key", "second-key"):
+        assert keyed.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_ingestion_and_health_stay_open_with_keys(keyed):
+    assert keyed.post("/event", json={"site_id": "s", "event_type": "v"}).status_code == 200
+    assert keyed.get("/health").status_code == 200
+
+
+def test_keys_can_come_from_a_file(tmp_path):
+    from config import load_config
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# dashboard\nfile-key\n")
+    config = load_config(environ={"DATA_DIR": str(tmp_path), "API_KEYS_FILE": str(keys_file)})
+    client = create_app(config).test_client()
+    assert client.get("/stats?site_id=s").status_code == 401
+    assert client.get("/stats?site_id=s", headers={"Authorization": "Bearer file-key"}).status_code == 200
+
+
+def test_without_keys_a_warning_says_reports_are_public(config, caplog):
+    with caplog.at_level(logging.WARNING, logger="ingestion_api"):
+        create_app(config)
+    assert "reports under /stats are public" in caplog.text
+
+
+# -- CORS --------------------------------------------------------------------
+
+def test_reports_are_readable_from_a_configured_origin(config):
+    client = create_app(config.with_overrides(cors_origins=("https://dash.example",),
+                                              api_keys=("k",))).test_client()
+    preflight = client.open("/stats", method="OPTIONS", headers={
+        "Origin": "https://dash.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "Authorization"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    response = client.get("/stats?site_id=s", headers={"Origin": "https://dash.example",
+                                                        "Authorization": "Bearer k"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    other = client.get("/stats?site_id=s", headers={"Origin": "https://evil.example",
+                                                     "Authorization": "Bearer k"})
+    assert "Access-Control-Allow-Origin" not in other.headers

@@ -1,0 +1,134 @@
+"""Reports from rollups answer exactly what plain SQL over raw events answers."""
+import random
+import sqlite3
+from datetime import date, timedelta
+
+import pytest
+
+from events import encode_event, validate_event
+from reports import Period, RawReports, RollupReports
+from rollups import PROPERTIES
+from shared_queue import open_queue
+from store import MIGRATIONS, SQLiteStore, open_store
+
+FIRST_DAY = date(2025, 3, 1)
+DAYS = 6
+
+
+def generated_events(count, seed=7):
+    rng = random.Random(seed)
+    for _ in range(count):
+        day = FIRST_DAY + timedelta(days=rng.randrange(DAYS))
+        yield {"site_id": rng.choice(["big", "big", "big", "small", "tiny"]),
+               "event_type": rng.choice(["page_view"] * 6 + ["click", "signup"]),
+               "path": rng.choice([None, "/", "/a", "/b", "/c", "/d/e", ""]),
+               "user_id": rng.choice([None] + [f"u{n}" for n in range(40)]),
+               "timestamp": f"{day.isoformat()}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z"}
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    from config import load_config
+    from processor import Processor
+    config = load_config(environ={}, data_dir=str(tmp_path_factory.mktemp("reports")),
+                         processor_batch_size=97)      # many batches, so folds add up
+    open_queue(config).append([encode_event(validate_event(event))
+                               for event in generated_events(3000)])
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    return config.database_path
+
+
+@pytest.fixture(scope="module")
+def both(database):
+    connection = sqlite3.connect(database)
+    return RollupReports(connection), RawReports(connection)
+
+
+PERIODS = [Period(), Period(FIRST_DAY, FIRST_DAY), Period(FIRST_DAY, FIRST_DAY + timedelta(days=2)),
+           Period(FIRST_DAY + timedelta(days=4), FIRST_DAY + timedelta(days=9)),
+           Period(date(2024, 1, 1), date(2024, 1, 3))]
+SITES = ["big", "small", "tiny", "absent"]
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=str)
+@pytest.mark.parametrize("site", SITES)
+def test_stats_from_rollups_equal_stats_from_raw_events(both, site, period):
+    rollup, raw = both
+    assert rollup.stats(site, period, limit=3) == raw.stats(site, period, limit=3)
+    assert rollup.stats(site, period, limit=1000) == raw.stats(site, period, limit=1000)
+
+
+@pytest.mark.parametrize("period", [p for p in PERIODS if not p.all_time], ids=str)
+@pytest.mark.parametrize("interval", ["day", "hour"])
+@pytest.mark.parametrize("site", SITES)
+def test_timeseries_from_rollups_equal_raw(both, site, interval, period):
+    rollup, raw = both
+    assert rollup.timeseries(site, period, interval) == raw.timeseries(site, period, interval)
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=str)
+@pytest.mark.parametrize("prop", list(PROPERTIES))
+@pytest.mark.parametrize("site", SITES)
+def test_breakdown_from_rollups_equal_raw(both, site, prop, period):
+    rollup, raw = both
+    assert rollup.breakdown(site, prop, period, 2) == raw.breakdown(site, prop, period, 2)
+    assert rollup.breakdown(site, prop, period, 50) == raw.breakdown(site, prop, period, 50)
+
+
+def test_unique_users_over_a_range_are_distinct_not_summed(database):
+    connection = sqlite3.connect(database)
+    period = Period(FIRST_DAY, FIRST_DAY + timedelta(days=DAYS - 1))
+    total = RollupReports(connection).stats("big", period)["unique_users"]
+    daily_sum = sum(RollupReports(connection).stats("big", Period(day, day))["unique_users"]
+                    for day in (FIRST_DAY + timedelta(days=n) for n in range(DAYS)))
+    distinct = connection.execute("SELECT count(DISTINCT user_id) FROM events "
+                                  "WHERE site_id = 'big'").fetchone()[0]
+    assert total == distinct == 40
+    assert daily_sum > total
+
+
+def test_timeseries_has_every_bucket_with_zeros(both):
+    rollup, _ = both
+    period = Period(date(2024, 1, 1), date(2024, 1, 2))
+    points = rollup.timeseries("big", period, "hour")
+    assert len(points) == 48
+    assert points[0] == {"date": "2024-01-01T00:00:00Z", "views": 0, "unique_users": 0}
+    assert rollup.timeseries("big", period, "day") == [
+        {"date": "2024-01-01", "views": 0, "unique_users": 0},
+        {"date": "2024-01-02", "views": 0, "unique_users": 0}]
+
+
+def test_rebuild_recomputes_the_same_rollups(database, both):
+    rollup, _ = both
+    before = [rollup.stats("big", p) for p in PERIODS] + [rollup.breakdown("big", "path", p)
+                                                          for p in PERIODS]
+    connection = sqlite3.connect(database)
+    connection.execute("UPDATE site_totals SET views = 0")
+    connection.execute("DELETE FROM daily_values")
+    connection.commit()
+    progress = []
+    SQLiteStore(database).rebuild_rollups(lambda done, total: progress.append((done, total)))
+    after = [rollup.stats("big", p) for p in PERIODS] + [rollup.breakdown("big", "path", p)
+                                                         for p in PERIODS]
+    assert after == before
+    assert progress[-1][0] == progress[-1][1] == 3000
+
+
+def test_migration_upgrades_a_version_one_database_in_place(tmp_path):
+    path = str(tmp_path / "analytics.db")
+    connection = sqlite3.connect(path)
+    connection.executescript(MIGRATIONS[0])
+    connection.execute("PRAGMA user_version = 1")
+    rows = [(e["site_id"], e["event_type"], e["path"] or None, e["user_id"],
+             validate_event(e)["timestamp"]) for e in generated_events(500, seed=3)]
+    connection.executemany("INSERT INTO events (site_id, event_type, path, user_id, timestamp) "
+                           "VALUES (?, ?, ?, ?, ?)", rows)
+    connection.commit()
+    store = SQLiteStore(path)
+    assert store.migrate() == len(MIGRATIONS)
+    for site in SITES:
+        for period in PERIODS:
+            assert (RollupReports(store.connection).stats(site, period)
+                    == RawReports(store.connection).stats(site, period))
