@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
+EVENT_COLUMNS = ("site_id", "event_type", "path", "user_id", "timestamp")   # a stored row
 REQUIRED_FIELDS = ("site_id", "event_type")
 OPTIONAL_FIELDS = ("path", "user_id", "timestamp")
 MAX_LENGTHS = {"site_id": 256, "event_type": 256, "user_id": 256, "path": 2048}

@@ -1,7 +1,10 @@
 """The worker: moves events from the queue into the store, exactly once.
 
-    python processor.py           run until SIGTERM / SIGINT
-    python processor.py --once    drain what is queued now, then exit
+    python processor.py                   run until SIGTERM / SIGINT
+    python processor.py --once            drain what is queued now, then exit
+    python processor.py import FILE       store the events of a JSON-lines file
+    python processor.py export --site S [--from D --to D] [--format csv]
+    python processor.py rebuild-rollups   recompute the rollups from the events
 
 Each step reads a batch of lines, stores the valid ones together with the
 queue position in one transaction, and only then tells the queue. Lines that
@@ -18,10 +21,14 @@ from datetime import datetime, timezone
 
 import orjson
 
+from tqdm import tqdm
+
 from config import ConfigurationError, load_config
 from events import InvalidEvent, row_from_line
+from query_params import InvalidParameter, QueryParams
 from shared_queue import QueueBusy, open_queue
 from store import open_store
+from transfer import export_events, import_file
 
 log = logging.getLogger("processor")
 
@@ -146,17 +153,61 @@ def install_signal_handlers(processor):
     signal.signal(signal.SIGINT, handle)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Move queued events into the store.")
     parser.add_argument("--once", action="store_true",
                         help="drain the queue, then exit (for scripts and tests)")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    importer = commands.add_parser("import", help="store events from a JSON-lines file")
+    importer.add_argument("file")
+    exporter = commands.add_parser("export", help="write a site's events to standard output")
+    exporter.add_argument("--site", required=True)
+    exporter.add_argument("--from", dest="start", metavar="YYYY-MM-DD")
+    exporter.add_argument("--to", dest="end", metavar="YYYY-MM-DD")
+    exporter.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    commands.add_parser("rebuild-rollups", help="recompute every rollup from the events table")
+    return parser
+
+
+def run_command(args, config):
+    store = open_store(config)
+    store.migrate()
+    if args.command == "import":
+        stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty())
+        log.info("import finished file=%s stored=%d rejected=%d", args.file, stored, rejected)
+        return 0 if rejected == 0 else 3
+    if args.command == "export":
+        params = {"from": args.start, "to": args.end}
+        period = QueryParams({k: v for k, v in params.items() if v}, config).period()
+        count = export_events(store.connect(readonly=True), sys.stdout, args.site, period, args.format)
+        log.info("export finished site=%s events=%d", args.site, count)
+        return 0
+    with tqdm(total=None, unit="events", unit_scale=True, desc="rebuild",
+              disable=not sys.stderr.isatty()) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+            if not sys.stderr.isatty():
+                log.info("rebuild progress events=%d of %d", done, total)
+        store.rebuild_rollups(progress)
+    log.info("rollups rebuilt")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         config = load_config()
     except ConfigurationError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     setup_logging(config)
+    if args.command:
+        try:
+            return run_command(args, config)
+        except (InvalidParameter, OSError) as error:
+            log.error("%s failed: %s", args.command, error)
+            return 2
     processor = Processor(open_queue(config), open_store(config), config)
     try:
         processor.start()

@@ -59,7 +59,6 @@ MIGRATIONS = [
     _rollups_from_existing_events,
 ]
 
-EVENT_COLUMNS = ("site_id", "event_type", "path", "user_id", "timestamp")
 INSERT_EVENT = "INSERT INTO events (site_id, event_type, path, user_id, timestamp) VALUES (?, ?, ?, ?, ?)"
 
 

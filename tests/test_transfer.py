@@ -1,0 +1,109 @@
+"""Import and export from the command line."""
+import csv
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+import transfer
+from reports import Period
+from store import open_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def events_file(path, count, bad_every=0):
+    with open(path, "wb") as file:
+        for i in range(count):
+            if bad_every and i % bad_every == 0:
+                file.write(b'{"site_id": 5}\n')
+            else:
+                file.write(orjson.dumps({"site_id": "imp", "event_type": "page_view",
+                                         "path": f"/p{i % 4}", "user_id": f"u{i}",
+                                         "timestamp": f"2025-02-{1 + i % 28:02d}T12:00:00Z"}) + b"\n")
+
+
+def run_processor(config, *args):
+    return subprocess.run([sys.executable, "processor.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "DATA_DIR": config.data_dir})
+
+
+def count_events(config):
+    return sqlite3.connect(config.database_path).execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+def test_import_validates_like_the_api_and_reports_rejections(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 100, bad_every=10)
+    result = run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    assert result.returncode == 3, result.stderr
+    assert "stored=90 rejected=10" in result.stderr
+    assert "line 1 rejected: Invalid field type: site_id must be a string" in result.stderr
+    assert count_events(config) == 90
+
+
+def test_rerunning_an_import_never_counts_twice(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 50)
+    assert run_processor(config, "import", str(tmp_path / "in.jsonl")).returncode == 0
+    assert run_processor(config, "import", str(tmp_path / "in.jsonl")).returncode == 0
+    assert count_events(config) == 50
+
+
+def test_an_interrupted_import_resumes_where_it_stopped(config, tmp_path, monkeypatch):
+    events_file(tmp_path / "in.jsonl", 95)
+    monkeypatch.setattr(transfer, "IMPORT_BATCH", 10)
+    store = open_store(config)
+    store.migrate()
+    real_write, writes = store.write, []
+
+    def write_then_crash(rows, source, checkpoint):
+        if len(writes) == 4:
+            raise KeyboardInterrupt
+        writes.append(len(rows))
+        real_write(rows, source, checkpoint)
+    store.write = write_then_crash
+    with pytest.raises(KeyboardInterrupt):
+        transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False)
+    assert count_events(config) == 40
+    store.write = real_write
+    assert transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False) == (55, 0)
+    users = sqlite3.connect(config.database_path).execute(
+        "SELECT count(DISTINCT user_id), count(*) FROM events").fetchone()
+    assert users == (95, 95)
+    stats = store.reports(store.connection).stats("imp", Period())
+    assert (stats["total_views"], stats["unique_users"]) == (95, 95)
+
+
+def test_export_streams_json_lines_for_a_range(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 56)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    result = run_processor(config, "export", "--site", "imp", "--from", "2025-02-01", "--to", "2025-02-02")
+    assert result.returncode == 0, result.stderr
+    lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 4
+    assert {line["timestamp"][:10] for line in lines} == {"2025-02-01", "2025-02-02"}
+    assert set(lines[0]) == {"site_id", "event_type", "path", "user_id", "timestamp"}
+
+
+def test_export_as_csv_round_trips_every_event(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 30)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    out = io.StringIO()
+    store = open_store(config)
+    assert transfer.export_events(store.connection, out, "imp", Period(), "csv") == 30
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert len(rows) == 30 and rows[0]["site_id"] == "imp"
+
+
+def test_rebuild_rollups_command(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 20)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    sqlite3.connect(config.database_path, isolation_level=None).execute("DELETE FROM site_totals")
+    result = run_processor(config, "rebuild-rollups")
+    assert result.returncode == 0, result.stderr
+    assert "rebuild progress events=20 of 20" in result.stderr
+    store = open_store(config)
+    assert store.reports(store.connection).stats("imp", Period())["total_views"] == 20
