@@ -99,7 +99,12 @@ def encode_event(event):
 
 
 def row_from_line(line):
-    """A queued line as an events row, or InvalidEvent with the reason.
+    """A queued line as an events row of EVENT_COLUMNS (see parse_line)."""
+    return parse_line(line)[0]
+
+
+def parse_line(line):
+    """A queued line as (events row, the parsed dict), or InvalidEvent with the reason.
 
     Lines were validated before they were queued, so this only guards the
     store against lines that are not ours (a torn write, a stray edit).
@@ -121,4 +126,4 @@ def row_from_line(line):
         raise InvalidEvent("path and user_id must be strings or null")
     if not (type(timestamp) is str and len(timestamp) == 24 and timestamp[-1] == "Z"):
         raise InvalidEvent("timestamp is not in stored form")
-    return row
+    return row, data

@@ -6,7 +6,7 @@ that names the parameter.
 from datetime import date, datetime, timedelta, timezone
 
 from reports import Period
-from rollups import PROPERTIES
+from rollups import PROPERTIES, is_property
 
 MAX_LIMIT = 1000
 MAX_HOURLY_DAYS = 31
@@ -83,8 +83,9 @@ class QueryParams:
         prop = self.args.get("property")
         if not prop:
             raise InvalidParameter("Missing required parameter: property")
-        if prop not in PROPERTIES:
-            raise InvalidParameter(f"Invalid property: expected one of {', '.join(PROPERTIES)}")
+        if not is_property(prop):
+            raise InvalidParameter(f"Invalid property: expected one of {', '.join(PROPERTIES)} "
+                                   f"or props.<name> of a custom-event property")
         return prop
 
     @staticmethod

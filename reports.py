@@ -7,7 +7,7 @@ Dates are inclusive UTC days; a report over all time has start = end = None.
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
-from rollups import PROPERTIES
+from rollups import COUNTED, USER, property_expression
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _one(connection, sql, params):
 def _ranking(views_only):
     """top_paths: page views only, ties by path; breakdowns: by views, then events, then value."""
     if views_only:
-        return "WHERE views > 0 AND value != '' ORDER BY views DESC, value LIMIT :limit"
+        return "AND views > 0 AND value != '' ORDER BY views DESC, value LIMIT :limit"
     return "ORDER BY views DESC, events DESC, value LIMIT :limit"
 
 
@@ -113,7 +113,7 @@ class RollupReports(_Reports):
             sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM daily_values "
                    "WHERE site_id = :site AND property = :property "
                    "AND day BETWEEN :first_day AND :last_day GROUP BY value")
-        return _rows(self.connection, f"SELECT * FROM ({sql}) {_ranking(views_only)}", params)
+        return _rows(self.connection, f"SELECT * FROM ({sql}) WHERE 1 {_ranking(views_only)}", params)
 
     def value_users(self, site_id, prop, period, values):
         if not values:
@@ -149,28 +149,28 @@ class RawReports(_Reports):
 
     def _where(self, site_id, period):
         if period.all_time:
-            return "site_id = :site", {"site": site_id}
-        return ("site_id = :site AND timestamp >= :first_ts AND timestamp < :after_ts",
+            return f"site_id = :site AND {COUNTED}", {"site": site_id}
+        return (f"site_id = :site AND {COUNTED} AND timestamp >= :first_ts AND timestamp < :after_ts",
                 {"site": site_id, **period.timestamp_bounds()})
 
     def totals(self, site_id, period):
         where, params = self._where(site_id, period)
         row = self.connection.execute(
-            f"SELECT sum(event_type = 'page_view'), count(DISTINCT user_id) FROM events WHERE {where}",
+            f"SELECT sum(event_type = 'page_view'), count(DISTINCT {USER}) FROM events WHERE {where}",
             params).fetchone()
         return (row[0] or 0, row[1] or 0)
 
     def top_values(self, site_id, prop, period, limit, views_only=False):
         where, params = self._where(site_id, period)
         return _rows(self.connection,
-                     f"SELECT * FROM (SELECT {PROPERTIES[prop]} AS value, "
+                     f"SELECT * FROM (SELECT {property_expression(prop)} AS value, "
                      f"sum(event_type = 'page_view') AS views, count(*) AS events FROM events "
-                     f"WHERE {where} GROUP BY 1) {_ranking(views_only)}",
+                     f"WHERE {where} GROUP BY 1) WHERE value IS NOT NULL {_ranking(views_only)}",
                      {**params, "limit": limit})
 
     def value_users(self, site_id, prop, period, values):
         where, params = self._where(site_id, period)
-        rows = _rows(self.connection, f"SELECT {PROPERTIES[prop]}, count(DISTINCT user_id) "
+        rows = _rows(self.connection, f"SELECT {property_expression(prop)}, count(DISTINCT {USER}) "
                      f"FROM events WHERE {where} GROUP BY 1", params)
         return {value: users for value, users in rows if value in values}
 
@@ -184,4 +184,4 @@ class RawReports(_Reports):
         where, params = self._where(site_id, period)
         width = 10 if interval == "day" else 13
         return _rows(self.connection, f"SELECT substr(timestamp, 1, {width}), "
-                     f"count(DISTINCT user_id) FROM events WHERE {where} GROUP BY 1", params)
+                     f"count(DISTINCT {USER}) FROM events WHERE {where} GROUP BY 1", params)

@@ -7,13 +7,42 @@ per distinct key, not per event); unique users are kept as sets of user ids
 range of days is exact, never a sum of daily counts.
 
 A breakdown property is one entry in PROPERTIES: its name and the SQL
-expression over the events table that gives its value ('' for none).
+expression over the events table that gives its value ('' shows as null;
+events whose value is NULL are left out of that breakdown). Custom-event
+props are properties too, named "props.<key>".
+
+A user is the site's user_id or, for browser traffic without one, the
+cookieless visitor id. Engagement events (time on page, scroll depth) are
+kept in the events table but are not views, events or visits.
 """
+import re
 
 PROPERTIES = {
     "path": "coalesce(path, '')",
     "event_type": "event_type",
+    "source": "coalesce(source, '')",
+    "referrer": "referrer",
+    "utm_source": "utm_source",
+    "utm_medium": "utm_medium",
+    "utm_campaign": "utm_campaign",
+    "browser": "browser",
+    "os": "os",
+    "device": "device",
 }
+PROP_KEY = re.compile(r"[A-Za-z0-9_ .:-]{1,64}")
+USER = "coalesce(user_id, visitor_id)"
+COUNTED = "event_type != 'engagement'"
+
+
+def is_property(name):
+    return name in PROPERTIES or (name.startswith("props.") and bool(PROP_KEY.fullmatch(name[6:])))
+
+
+def property_expression(name):
+    """The SQL value of a property over the events table."""
+    if name in PROPERTIES:
+        return PROPERTIES[name]
+    return f"json_extract(props, '$.\"{name[6:]}\"')"     # PROP_KEY admits no quote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS site_totals (
@@ -52,33 +81,42 @@ TABLES = ("site_totals", "site_users", "hourly_totals", "hourly_users",
           "daily_values", "total_values", "daily_value_users")
 
 VIEW = "(event_type = 'page_view')"
-NEW_EVENTS = "FROM events WHERE id > :low AND id <= :high"
+NEW_EVENTS = f"FROM events AS e WHERE e.id > :low AND e.id <= :high AND {COUNTED}"
 ADD_COUNTS = "ON CONFLICT DO UPDATE SET views = views + excluded.views, events = events + excluded.events"
+
+
+def _value_statements(name_sql, value_sql, source):
+    """Fold one property (or every prop of props) into the value tables."""
+    day = "substr(e.timestamp, 1, 10)"
+    return [
+        f"INSERT INTO daily_values SELECT e.site_id, {name_sql}, {day}, {value_sql}, "
+        f"sum({VIEW}), count(*) {source} GROUP BY 1, 2, 3, 4 {ADD_COUNTS}",
+        f"INSERT INTO total_values SELECT e.site_id, {name_sql}, {value_sql}, sum({VIEW}), count(*) "
+        f"{source} GROUP BY 1, 2, 3 {ADD_COUNTS}",
+        f"INSERT INTO daily_value_users SELECT DISTINCT e.site_id, {name_sql}, {value_sql}, {day}, "
+        f"{USER} {source} AND {USER} IS NOT NULL ON CONFLICT DO NOTHING",
+    ]
 
 
 def _fold_statements():
     statements = [
         f"INSERT INTO hourly_totals SELECT site_id, substr(timestamp, 1, 13), sum({VIEW}), count(*) "
         f"{NEW_EVENTS} GROUP BY 1, 2 {ADD_COUNTS}",
-        f"INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), user_id "
-        f"{NEW_EVENTS} AND user_id IS NOT NULL ON CONFLICT DO NOTHING",
+        f"INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), {USER} "
+        f"{NEW_EVENTS} AND {USER} IS NOT NULL ON CONFLICT DO NOTHING",
     ]
     for name, value in PROPERTIES.items():
-        statements += [
-            f"INSERT INTO daily_values SELECT site_id, '{name}', substr(timestamp, 1, 10), {value}, "
-            f"sum({VIEW}), count(*) {NEW_EVENTS} GROUP BY 1, 3, 4 {ADD_COUNTS}",
-            f"INSERT INTO total_values SELECT site_id, '{name}', {value}, sum({VIEW}), count(*) "
-            f"{NEW_EVENTS} GROUP BY 1, 3 {ADD_COUNTS}",
-            f"INSERT INTO daily_value_users SELECT DISTINCT site_id, '{name}', {value}, "
-            f"substr(timestamp, 1, 10), user_id {NEW_EVENTS} AND user_id IS NOT NULL "
-            f"ON CONFLICT DO NOTHING",
-        ]
+        statements += _value_statements(f"'{name}'", value, f"{NEW_EVENTS} AND {value} IS NOT NULL")
+    # json_each has id and path columns of its own, hence the e. prefixes above
+    props = ("FROM events AS e, json_each(e.props) AS prop WHERE e.id > :low AND e.id <= :high "
+             f"AND e.props IS NOT NULL AND {COUNTED}")
+    statements += _value_statements("'props.' || prop.key", "prop.value", props)
     return statements
 
 
 FOLD_STATEMENTS = _fold_statements()
-NEW_SITE_USERS = (f"INSERT INTO site_users SELECT DISTINCT site_id, user_id {NEW_EVENTS} "
-                  f"AND user_id IS NOT NULL ON CONFLICT DO NOTHING RETURNING site_id")
+NEW_SITE_USERS = (f"INSERT INTO site_users SELECT DISTINCT site_id, {USER} {NEW_EVENTS} "
+                  f"AND {USER} IS NOT NULL ON CONFLICT DO NOTHING RETURNING site_id")
 SITE_TOTALS = (f"INSERT INTO site_totals SELECT site_id, sum({VIEW}), count(*), 0 {NEW_EVENTS} "
                f"GROUP BY 1 {ADD_COUNTS}")
 

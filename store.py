@@ -15,16 +15,12 @@ import sqlite3
 from contextlib import contextmanager
 
 import rollups
+from enrich import ENRICHED_COLUMNS
+from events import EVENT_COLUMNS
 from reports import RawReports, RollupReports
 
 log = logging.getLogger("store")
 REBUILD_CHUNK = 100_000
-
-
-def _rollups_from_existing_events(connection):
-    for statement in filter(str.strip, rollups.SCHEMA.split(";")):
-        connection.execute(statement)
-    _refold(connection, progress=None)
 
 
 def _refold(connection, progress):
@@ -38,8 +34,7 @@ def _refold(connection, progress):
             progress(end - low, high - low)
 
 
-# Each entry moves the schema from version i to i + 1: SQL, or a function of
-# the connection. Never edit a released one.
+# Each entry moves the schema from version i to i + 1. Never edit a released one.
 MIGRATIONS = [
     """
     CREATE TABLE IF NOT EXISTS events (
@@ -56,10 +51,29 @@ MIGRATIONS = [
         checkpoint TEXT NOT NULL
     );
     """,
-    _rollups_from_existing_events,
+    rollups.SCHEMA,
+    """
+    ALTER TABLE events ADD COLUMN visitor_id TEXT;
+    ALTER TABLE events ADD COLUMN referrer TEXT;
+    ALTER TABLE events ADD COLUMN source TEXT;
+    ALTER TABLE events ADD COLUMN utm_source TEXT;
+    ALTER TABLE events ADD COLUMN utm_medium TEXT;
+    ALTER TABLE events ADD COLUMN utm_campaign TEXT;
+    ALTER TABLE events ADD COLUMN utm_term TEXT;
+    ALTER TABLE events ADD COLUMN utm_content TEXT;
+    ALTER TABLE events ADD COLUMN browser TEXT;
+    ALTER TABLE events ADD COLUMN os TEXT;
+    ALTER TABLE events ADD COLUMN device TEXT;
+    ALTER TABLE events ADD COLUMN props TEXT;
+    ALTER TABLE events ADD COLUMN scroll_depth INTEGER;
+    ALTER TABLE events ADD COLUMN engaged_ms INTEGER;
+    CREATE TABLE IF NOT EXISTS salts (day TEXT PRIMARY KEY, salt BLOB NOT NULL);
+    """,
 ]
-
-INSERT_EVENT = "INSERT INTO events (site_id, event_type, path, user_id, timestamp) VALUES (?, ?, ?, ?, ?)"
+ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
+ROW_COLUMNS = EVENT_COLUMNS + ENRICHED_COLUMNS
+INSERT_EVENT = (f"INSERT INTO events ({', '.join(ROW_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(ROW_COLUMNS))})")
 
 
 def open_store(config):
@@ -113,19 +127,19 @@ class SQLiteStore:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 log.info("migrating %s to schema version %d", self.path, number)
-                if callable(migration):
-                    migration(connection)
-                else:
-                    for statement in filter(str.strip, migration.split(";")):
-                        connection.execute(statement)
+                for statement in filter(str.strip, migration.split(";")):
+                    connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {number}")
+            if 0 < version < ROLLUPS_SINCE:
+                log.info("folding the existing events into the new rollups")
+                _refold(connection, progress=None)
         return len(MIGRATIONS)
 
     def schema_version(self):
         return self.connection.execute("PRAGMA user_version").fetchone()[0]
 
     def write(self, rows, queue, checkpoint):
-        """Insert rows and record the queue position they came from, atomically."""
+        """Insert rows (of ROW_COLUMNS) and record the queue position they came from, atomically."""
         with self.atomic() as connection:
             last_id = connection.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             connection.executemany(INSERT_EVENT, rows)
@@ -143,6 +157,19 @@ class SQLiteStore:
 
     def count_events(self):
         return self.connection.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def daily_salt(self, day, candidate, forget_before):
+        """The salt of a UTC day, made from candidate by whoever asks first; older ones are deleted."""
+        connection = self.connect()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("INSERT OR IGNORE INTO salts (day, salt) VALUES (?, ?)", (day, candidate))
+            connection.execute("DELETE FROM salts WHERE day < ?", (forget_before,))
+            salt = connection.execute("SELECT salt FROM salts WHERE day = ?", (day,)).fetchone()[0]
+            connection.execute("COMMIT")
+            return salt
+        finally:
+            connection.close()
 
     def reports(self, connection, raw=False):
         return (RawReports if raw else RollupReports)(connection)

@@ -11,6 +11,7 @@ import os
 import orjson
 from tqdm import tqdm
 
+from enrich import NOTHING
 from events import EVENT_COLUMNS, InvalidEvent, parse_json, validate_event
 
 log = logging.getLogger("transfer")
@@ -45,7 +46,7 @@ def import_file(store, path, show_progress=True):
                     rejected += 1
                     log.warning("import line %d rejected: %s", line_number, error)
                     continue
-                rows.append(tuple(event[column] for column in EVENT_COLUMNS))
+                rows.append(tuple(event[column] for column in EVENT_COLUMNS) + NOTHING)
             if consumed == 0:
                 break
             offset += consumed

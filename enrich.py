@@ -1,0 +1,68 @@
+"""What the processor adds to an event before storing it.
+
+Source and referrer from the Referer URL and UTM tags, browser, operating
+system and device type from the User-Agent (ua-parser's maintained rules,
+cached: real traffic repeats a few thousand User-Agents).
+"""
+from functools import lru_cache
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from ua_parser import parse as parse_user_agent
+
+UTM_TAGS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
+ENRICHED_COLUMNS = ("visitor_id", "referrer", "source") + UTM_TAGS + (
+    "browser", "os", "device", "props", "scroll_depth", "engaged_ms")
+NOTHING = (None,) * len(ENRICHED_COLUMNS)
+TABLET_FAMILIES = ("iPad", "Kindle", "Tablet", "Galaxy Tab", "Nexus 7", "Nexus 9", "Nexus 10")
+MOBILE_SYSTEMS = ("iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "HarmonyOS")
+
+
+@lru_cache(maxsize=10_000)
+def describe_user_agent(user_agent):
+    """(browser, os, device type) of a User-Agent; device type is desktop, mobile or tablet."""
+    if not user_agent:
+        return None, None, None
+    result = parse_user_agent(user_agent)
+    browser = result.user_agent.family if result.user_agent else None
+    system = result.os.family if result.os else None
+    family = result.device.family if result.device else ""
+    if any(name in family for name in TABLET_FAMILIES):
+        device = "tablet"
+    elif system in MOBILE_SYSTEMS or "Mobile" in user_agent:
+        device = "mobile"
+    else:
+        device = "desktop"
+    return browser, system, device
+
+
+def _host(url):
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+    return host[4:] if host.startswith("www.") else host
+
+
+def _utm(query):
+    if not query:
+        return (None,) * len(UTM_TAGS)
+    values = parse_qs(query, max_num_fields=50)
+    return tuple(values[tag][0][:256] if tag in values else None for tag in UTM_TAGS)
+
+
+def enrich(data):
+    """The enriched columns of one queued event (a dict); all None for plain API events."""
+    user_agent = data.get("ua")
+    if user_agent is None and data.get("visitor_id") is None:
+        return NOTHING
+    site = data["site_id"]
+    referrer_host = _host(data.get("referrer") or "")
+    internal = referrer_host == site or referrer_host.endswith("." + site)
+    referrer = data.get("referrer") if referrer_host and not internal else None
+    utm = _utm(data.get("query"))
+    source = utm[0] or (referrer_host if referrer else None)
+    props = data.get("props")
+    return ((data.get("visitor_id"), referrer, source) + utm + describe_user_agent(user_agent)
+            + (orjson.dumps(props).decode() if props else None,
+               data.get("scroll_depth"), data.get("engaged_ms")))
