@@ -3,6 +3,7 @@
 Every setting has a documented default (see the table in README.md). A bad
 value stops the program at start with a message that says how to fix it.
 """
+import ipaddress
 import os
 from dataclasses import dataclass, replace
 
@@ -32,6 +33,7 @@ class Config:
     report_max_days: int = 3660
     api_keys: tuple = ()
     cors_origins: tuple = ()
+    trusted_proxies: tuple = ()
 
     @property
     def queue_path(self):
@@ -83,6 +85,13 @@ def _keys_file(path):
     return keys
 
 
+def _networks(text):
+    try:
+        return tuple(ipaddress.ip_network(word, strict=False) for word in _word_list(text))
+    except ValueError as error:
+        raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8") from None
+
+
 def _fsync_policy(text):
     if text not in FSYNC_POLICIES:
         raise ValueError("must be one of " + ", ".join(FSYNC_POLICIES))
@@ -108,6 +117,7 @@ ENVIRONMENT = {
     "API_KEYS": ("api_keys", _word_list),
     "API_KEYS_FILE": ("api_keys", _keys_file),
     "CORS_ORIGINS": ("cors_origins", _word_list),
+    "TRUSTED_PROXIES": ("trusted_proxies", _networks),
 }
 
 

@@ -6,11 +6,16 @@
     GET  /stats/timeseries    views and users per day or hour
     GET  /stats/breakdown     views, events and users per value of a property
     GET  /health              liveness and queue backlog
+    POST /api/event           the Plausible Events API, for browser trackers
+    GET  /js/script.js        our tracker script
 
 Ingestion only validates and appends to the queue; the processor stores.
 """
+import gzip
+import hashlib
 import hmac
 import logging
+import os
 
 import orjson
 from flask import Flask, Response, g, request
@@ -22,6 +27,7 @@ from events import InvalidEvent, encode_event, parse_json, validate_event
 from query_params import InvalidParameter, QueryParams
 from shared_queue import QueueUnavailable, open_queue
 from store import open_store
+from tracking import InvalidPayload, Visitors, client_ip, is_bot, plausible_events, utc_now
 
 log = logging.getLogger("ingestion_api")
 
@@ -52,23 +58,17 @@ def create_app(config=None):
     store.close()
     app.extensions["analytics"] = {"config": config, "queue": queue, "store": store}
     register_ingestion(app, config, queue)
+    register_tracking(app, config, queue, store)
     register_reports(app, config, store)
     register_errors(app)
     return app
 
 
 def register_ingestion(app, config, queue):
-    def append(lines):
-        try:
-            queue.append(lines)
-        except QueueUnavailable as error:
-            log.error("queue append failed: %s", error)
-            raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
-
     @app.post("/event")
     def post_event():
         event = validate_event(parse_json(request.get_data(cache=False)))
-        append([encode_event(event)])
+        append_or_503(queue, [encode_event(event)])
         return Response(EVENT_RECEIVED, mimetype=JSON)
 
     @app.post("/events")
@@ -86,7 +86,7 @@ def register_ingestion(app, config, queue):
                 lines.append(encode_event(validate_event(item)))
             except InvalidEvent as error:
                 raise ApiError(str(error), index=index) from None
-        append(lines)
+        append_or_503(queue, lines)
         return json_response({"message": "Events received", "count": len(lines)})
 
     @app.get("/health")
@@ -99,6 +99,75 @@ def register_ingestion(app, config, queue):
             body.update(status="unhealthy", reason=str(error))
             return json_response(body, 503)
         return json_response(body)
+
+
+def append_or_503(queue, lines):
+    try:
+        queue.append(lines)
+    except QueueUnavailable as error:
+        log.error("queue append failed: %s", error)
+        raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
+
+
+def register_tracking(app, config, queue, store):
+    visitors = Visitors(store)
+    script = TrackerScript(os.path.join(app.root_path, "static", "script.js"))
+
+    @app.route("/api/event", methods=["POST", "OPTIONS"])
+    def plausible_event():
+        if request.method == "OPTIONS":
+            return plausible_response(b"", 204)
+        user_agent = request.headers.get("User-Agent", "")
+        if is_bot(user_agent):
+            log.info("dropped event reason=bot user_agent=%.120r", user_agent)
+            response = plausible_response(b"ok", 202)
+            response.headers["X-Analytics-Dropped"] = "bot"
+            return response
+        now = utc_now()
+        ip = client_ip(request.remote_addr, request.headers, config.trusted_proxies)
+        try:
+            data = parse_json(request.get_data(cache=False))
+        except InvalidEvent:
+            raise InvalidPayload("payload", "is not valid JSON") from None
+        events = plausible_events(data, now, user_agent,
+                                  lambda site: visitors.visitor_id(site, ip, user_agent, now))
+        append_or_503(queue, [encode_event(event) for event in events])
+        return plausible_response(b"ok", 202)
+
+    @app.get("/js/script.js")
+    def tracker_script():
+        return script.response(request)
+
+
+def plausible_response(body, status):
+    response = Response(body, status=status, mimetype="text/plain")
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    if status == 204:
+        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+    return response
+
+
+class TrackerScript:
+    """static/script.js as served: without comment lines and indentation, gzipped on request."""
+
+    def __init__(self, path):
+        with open(path, encoding="utf-8") as file:
+            lines = [line.strip() for line in file if not line.lstrip().startswith("//")]
+        self.body = "\n".join(line for line in lines if line).encode()
+        self.gzipped = gzip.compress(self.body, 9, mtime=0)
+        self.etag = hashlib.sha256(self.body).hexdigest()[:16]
+
+    def response(self, request):
+        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        response = Response(self.gzipped if gzipped else self.body, mimetype="application/javascript")
+        if gzipped:
+            response.headers["Content-Encoding"] = "gzip"
+        response.headers["Vary"] = "Accept-Encoding"
+        response.headers["Cache-Control"] = "public, max-age=3600"
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.set_etag(self.etag)
+        return response.make_conditional(request)
 
 
 def register_reports(app, config, store):
@@ -168,6 +237,12 @@ def register_errors(app):
     @app.errorhandler(ApiError)
     def handle_api_error(error):
         return json_response(error.body, error.status)
+
+    @app.errorhandler(InvalidPayload)
+    def handle_invalid_payload(error):
+        response = json_response({"errors": error.errors}, 400)
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
 
     @app.errorhandler(InvalidEvent)
     @app.errorhandler(InvalidParameter)

@@ -137,11 +137,6 @@ def plausible_events(data, now, user_agent, visitor):
 
 # -- who is asking -------------------------------------------------------------
 
-def parse_networks(texts):
-    """TRUSTED_PROXIES entries: addresses or CIDR networks."""
-    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
-
-
 def _address(text):
     text = text.strip().strip('"')
     if text.startswith("["):                      # [v6]:port

@@ -1,0 +1,191 @@
+"""Browser traffic: the Plausible Events API, cookieless visitors, enrichment and bots."""
+import gzip
+import os
+import sqlite3
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from store import open_store
+from tracking import Visitors
+
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/156.0.0.0 Safari/537.36")
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
+          "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1")
+PAGE = "http://example.test:8080"
+
+# bodies exactly as the official trackers send them
+PAGEVIEW = '{"n":"pageview","v":36,"u":"%s/","d":"example.test","r":null}' % PAGE
+PAGEVIEW_UTM = ('{"n":"pageview","v":36,"u":"%s/pricing?utm_source=newsletter&utm_medium=spa#plans",'
+                '"d":"example.test","r":"%s/pricing"}' % (PAGE, PAGE))
+ENGAGEMENT = '{"n":"engagement","sd":100,"d":"example.test","u":"%s/blog/post-1","e":478,"v":36}' % PAGE
+CUSTOM = ('{"n":"Signup","v":36,"u":"%s/pricing?utm_source=newsletter&utm_medium=spa#plans",'
+          '"d":"example.test","r":"%s/pricing","p":{"plan":"pro"}}' % (PAGE, PAGE))
+TAGGED = '{"n":"Trial Started","v":36,"u":"%s/pricing","d":"example.test","r":null,"p":{"plan":"pro"},"$":{}}' % PAGE
+REVENUE = ('{"n":"Purchase","v":36,"u":"%s/pricing","d":"example.test","r":null,"p":{"plan":"pro"},'
+           '"i":false,"$":{"amount":"29.00","currency":"EUR"}}' % PAGE)
+LEGACY = '{"n":"pageview","u":"%s/pricing","d":"example.test","r":"%s/","w":1280,"h":0}' % (PAGE, PAGE)
+LEGACY_CUSTOM = ('{"n":"Signup","u":"%s/pricing?utm_source=newsletter&utm_medium=spa#plans","d":"example.test",'
+                 '"r":"%s/pricing","w":1280,"h":0,"p":"{\\"plan\\":\\"pro\\"}"}' % (PAGE, PAGE))
+
+
+def send(client, body, user_agent=CHROME, ip="203.0.113.7", headers=None):
+    return client.post("/api/event", data=body, content_type="text/plain",
+                       headers={"User-Agent": user_agent, **(headers or {})},
+                       environ_base={"REMOTE_ADDR": ip})
+
+
+def rows(config, sql="SELECT site_id, event_type, path, visitor_id FROM events ORDER BY id"):
+    return sqlite3.connect(config.database_path).execute(sql).fetchall()
+
+
+@pytest.mark.parametrize("body", [PAGEVIEW, PAGEVIEW_UTM, ENGAGEMENT, CUSTOM, TAGGED, REVENUE,
+                                  LEGACY, LEGACY_CUSTOM])
+def test_every_tracker_body_is_accepted_like_plausible(client, body):
+    response = send(client, body)
+    assert response.status_code == 202
+    assert response.data == b"ok" and response.mimetype == "text/plain"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_preflight_is_answered_204(client):
+    response = client.open("/api/event", method="OPTIONS", headers={"Origin": PAGE})
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("body,field", [
+    ("not json", "payload"), ("[1]", "payload"),
+    ('{"u":"http://a.test/","d":"a.test"}', "name"),
+    ('{"n":"pageview","d":"a.test"}', "url"),
+    ('{"n":"pageview","u":"http://a.test/"}', "domain"),
+    ('{"n":"pageview","u":"/relative","d":"a.test"}', "url"),
+    ('{"n":"pageview","u":"http://a.test/","d":" , "}', "domain"),
+    ('{"n":"%s","u":"http://a.test/","d":"a.test"}' % ("x" * 121), "name"),
+    ('{"n":"pageview","u":"http://a.test/","d":"a.test","p":[1]}', "props"),
+])
+def test_invalid_events_get_plausibles_error_shape(client, body, field):
+    response = send(client, body)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_mapping_into_our_events(client, drain, config):
+    send(client, '{"n":"pageview","u":"https://www.shop.test/caf%C3%A9/menu?x=1#top",'
+                 '"d":" www.Shop.test ,blog.test","r":null}')
+    send(client, '{"n":"pageview","u":"https://shop.test/app#/settings","d":"shop.test","h":1}')
+    drain()
+    assert [row[:3] for row in rows(config)] == [
+        ("shop.test", "page_view", "/café/menu"), ("blog.test", "page_view", "/café/menu"),
+        ("shop.test", "page_view", "/app#/settings")]
+
+
+def test_engagement_is_kept_but_never_a_view_or_an_event(client, drain, config):
+    send(client, PAGEVIEW)
+    send(client, ENGAGEMENT)
+    drain()
+    assert rows(config, "SELECT scroll_depth, engaged_ms FROM events WHERE event_type = 'engagement'") == [(100, 478)]
+    stats = client.get("/stats?site_id=example.test").get_json()
+    assert stats["total_views"] == 1 and stats["unique_users"] == 1
+    types = client.get("/stats/breakdown?site_id=example.test&property=event_type").get_json()["results"]
+    assert [t["value"] for t in types] == ["page_view"]
+
+
+def test_custom_events_and_their_props_can_be_broken_down(client, drain):
+    for body in (CUSTOM, LEGACY_CUSTOM, TAGGED, PAGEVIEW):
+        send(client, body)
+    drain()
+    plans = client.get("/stats/breakdown?site_id=example.test&property=props.plan").get_json()
+    assert plans["results"] == [{"value": "pro", "views": 0, "events": 3, "unique_users": 1}]
+    names = client.get("/stats/breakdown?site_id=example.test&property=event_type").get_json()["results"]
+    assert {n["value"]: n["events"] for n in names} == {"Signup": 2, "Trial Started": 1, "page_view": 1}
+
+
+def test_one_browser_is_one_visitor_and_the_ip_is_stored_nowhere(client, drain, config):
+    for _ in range(3):
+        send(client, PAGEVIEW, ip="198.51.100.23")
+    send(client, PAGEVIEW, ip="198.51.100.24")
+    send(client, PAGEVIEW, ip="198.51.100.23", user_agent=IPHONE)
+    drain()
+    assert client.get("/stats?site_id=example.test").get_json()["unique_users"] == 3
+    for name in os.listdir(config.data_dir):
+        with open(os.path.join(config.data_dir, name), "rb") as file:
+            assert b"198.51.100.2" not in file.read(), name
+
+
+def test_visitor_ids_change_with_the_daily_salt_and_old_salts_are_deleted(config):
+    store = open_store(config)
+    store.migrate()
+    visitors = Visitors(store)
+    day = datetime(2025, 6, 1, 12, tzinfo=timezone.utc)
+    first = visitors.visitor_id("s", "192.0.2.1", CHROME, day)
+    assert visitors.visitor_id("s", "192.0.2.1", CHROME, day + timedelta(hours=11)) == first
+    assert visitors.visitor_id("t", "192.0.2.1", CHROME, day) != first
+    assert Visitors(store).visitor_id("s", "192.0.2.1", CHROME, day) == first   # shared by processes
+    second = visitors.visitor_id("s", "192.0.2.1", CHROME, day + timedelta(days=1))
+    assert second != first
+    visitors.visitor_id("s", "192.0.2.1", CHROME, day + timedelta(days=2))
+    days = [row[0] for row in store.connection.execute("SELECT day FROM salts ORDER BY day")]
+    assert days == ["2025-06-02", "2025-06-03"]
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
+    from ingestion_api import create_app
+    from config import load_config
+    trusted = load_config(environ={"TRUSTED_PROXIES": "10.0.0.0/8"}).trusted_proxies
+    client = create_app(config.with_overrides(trusted_proxies=trusted)).test_client()
+    # a client forging X-Forwarded-For directly is still one visitor
+    send(client, PAGEVIEW, ip="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"})
+    send(client, PAGEVIEW, ip="203.0.113.9", headers={"X-Forwarded-For": "2.2.2.2"})
+    # behind the trusted proxy, the forwarded address is the visitor
+    send(client, PAGEVIEW, ip="10.1.2.3", headers={"X-Forwarded-For": "9.9.9.9, 198.51.100.1"})
+    send(client, PAGEVIEW, ip="10.1.2.4", headers={"X-Forwarded-For": "198.51.100.1"})
+    send(client, PAGEVIEW, ip="10.1.2.4", headers={"Forwarded": 'for="198.51.100.2:5000"'})
+    drain()
+    visitors = {row[3] for row in rows(config)}
+    assert len(visitors) == 3
+
+
+@pytest.mark.parametrize("user_agent", [
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/156.0.0.0 Safari/537.36",
+    ""])
+def test_bots_are_dropped_visibly(client, config, user_agent):
+    response = send(client, PAGEVIEW, user_agent=user_agent)
+    assert response.status_code == 202
+    assert response.headers["X-Analytics-Dropped"] == "bot"
+    assert client.get("/health").get_json()["queue_size"] == 0
+
+
+def test_sources_utm_tags_and_devices_are_worked_out_by_the_processor(client, drain):
+    send(client, '{"n":"pageview","u":"%s/a","d":"example.test","r":"https://www.news.test/story"}' % PAGE)
+    send(client, PAGEVIEW_UTM, user_agent=IPHONE, ip="192.0.2.50")          # internal referrer, utm wins
+    send(client, '{"n":"pageview","u":"%s/b","d":"example.test","r":"%s/a"}' % (PAGE, PAGE), ip="192.0.2.51")
+    drain()
+
+    def breakdown(prop):
+        body = client.get(f"/stats/breakdown?site_id=example.test&property={prop}").get_json()
+        return {result["value"]: result["views"] for result in body["results"]}
+    assert breakdown("source") == {"news.test": 1, "newsletter": 1, None: 1}
+    assert breakdown("referrer") == {"https://www.news.test/story": 1}
+    assert breakdown("utm_source") == {"newsletter": 1}
+    assert breakdown("utm_medium") == {"spa": 1}
+    assert breakdown("browser") == {"Chrome": 2, "Mobile Safari": 1}
+    assert breakdown("os") == {"Windows": 2, "iOS": 1}
+    assert breakdown("device") == {"desktop": 2, "mobile": 1}
+
+
+def test_tracker_script_is_small_javascript(client):
+    response = client.get("/js/script.js", headers={"Accept-Encoding": "gzip"})
+    assert response.status_code == 200
+    assert response.mimetype == "application/javascript"
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert len(response.data) < 1024
+    source = gzip.decompress(response.data).decode()
+    assert "/api/event" in source and "pushState" in source and "keepalive" in source
+    plain = client.get("/js/script.js")
+    assert plain.data.decode() == source
+    assert client.get("/js/script.js", headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304
