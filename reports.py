@@ -129,19 +129,18 @@ class RollupReports(_Reports):
                           f"WHERE site_id = :site AND property = :property "
                           f"AND value IN ({placeholders}) {days} GROUP BY value", params))
 
-    def bucket_views(self, site_id, period, interval):
+    def _per_bucket(self, aggregate, table, site_id, period, interval):
         width = 10 if interval == "day" else 13
         return _rows(self.connection,
-                     f"SELECT substr(hour, 1, {width}), sum(views) FROM hourly_totals "
+                     f"SELECT substr(hour, 1, {width}), {aggregate} FROM {table} "
                      "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour GROUP BY 1",
                      {"site": site_id, **period.hour_bounds()})
 
+    def bucket_views(self, site_id, period, interval):
+        return self._per_bucket("sum(views)", "hourly_totals", site_id, period, interval)
+
     def bucket_users(self, site_id, period, interval):
-        width = 10 if interval == "day" else 13
-        return _rows(self.connection,
-                     f"SELECT substr(hour, 1, {width}), count(DISTINCT user_id) FROM hourly_users "
-                     "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour GROUP BY 1",
-                     {"site": site_id, **period.hour_bounds()})
+        return self._per_bucket("count(DISTINCT user_id)", "hourly_users", site_id, period, interval)
 
 
 class RawReports(_Reports):
