@@ -71,7 +71,7 @@ class Processor:
             except InvalidEvent as error:
                 rejected.append((line, str(error)))
                 continue
-            rows.append(row + (enrich(data) if self.enrichment else NOTHING))
+            rows.append(row + (data.get("id"),) + (enrich(data) if self.enrichment else NOTHING))
         if rejected:
             self._dead_letter(rejected)
         self.store.write(rows, self.queue_name, batch.checkpoint)

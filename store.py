@@ -69,11 +69,16 @@ MIGRATIONS = [
     ALTER TABLE events ADD COLUMN engaged_ms INTEGER;
     CREATE TABLE IF NOT EXISTS salts (day TEXT PRIMARY KEY, salt BLOB NOT NULL);
     """,
+    """
+    ALTER TABLE events ADD COLUMN event_id TEXT;
+    CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id);
+    """,
 ]
 ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
-ROW_COLUMNS = EVENT_COLUMNS + ENRICHED_COLUMNS
+ROW_COLUMNS = EVENT_COLUMNS + ("event_id",) + ENRICHED_COLUMNS
+# an event delivered twice (a queue redelivers after a crash) is stored once
 INSERT_EVENT = (f"INSERT INTO events ({', '.join(ROW_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(ROW_COLUMNS))})")
+                f"VALUES ({', '.join('?' * len(ROW_COLUMNS))}) ON CONFLICT DO NOTHING")
 
 
 def open_store(config):
@@ -144,11 +149,14 @@ class SQLiteStore:
             last_id = connection.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             connection.executemany(INSERT_EVENT, rows)
             if self.rollups and rows:
-                rollups.fold(connection, last_id, last_id + len(rows))
-            connection.execute(
-                "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (?, ?) "
-                "ON CONFLICT (queue) DO UPDATE SET checkpoint = excluded.checkpoint",
-                (queue, checkpoint))
+                # only rows really inserted got ids above last_id: duplicates count nowhere
+                new_last = connection.execute("SELECT max(id) FROM events").fetchone()[0]
+                rollups.fold(connection, last_id, new_last)
+            if checkpoint is not None:
+                connection.execute(
+                    "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (?, ?) "
+                    "ON CONFLICT (queue) DO UPDATE SET checkpoint = excluded.checkpoint",
+                    (queue, checkpoint))
 
     def checkpoint(self, queue):
         row = self.connection.execute(

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from ua_parser import parse as parse_user_agent
 
-from events import InvalidEvent, format_timestamp
+from events import InvalidEvent, format_timestamp, new_event_id
 from rollups import PROP_KEY
 
 MAX_NAME = 120
@@ -130,7 +130,7 @@ def plausible_events(data, now, user_agent, visitor):
         extra.update(scroll_depth=_number(data.get("sd"), 0, 100),
                      engaged_ms=_number(data.get("e"), 0, 86_400_000))
     timestamp = format_timestamp(now)
-    return [{"site_id": site, "event_type": event_type, "path": path, "user_id": None,
+    return [{"id": new_event_id(), "site_id": site, "event_type": event_type, "path": path, "user_id": None,
              "timestamp": timestamp, "visitor_id": visitor(site), **extra}
             for site in _sites(domain)]
 

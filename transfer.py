@@ -46,7 +46,7 @@ def import_file(store, path, show_progress=True):
                     rejected += 1
                     log.warning("import line %d rejected: %s", line_number, error)
                     continue
-                rows.append(tuple(event[column] for column in EVENT_COLUMNS) + NOTHING)
+                rows.append(tuple(event[column] for column in EVENT_COLUMNS) + (event["id"],) + NOTHING)
             if consumed == 0:
                 break
             offset += consumed

@@ -117,3 +117,14 @@ def test_processor_logs_to_its_log_file(config, queue, drain):
     with open(config.processor_log_path) as log_file:
         text = log_file.read()
     assert "processor started" in text and "processor stopped stored=1" in text
+
+
+def test_an_event_delivered_twice_is_stored_and_counted_once(config, queue, processor):
+    line = event(1)
+    queue.append([line, event(2), line])
+    processor.run(once=True)
+    assert stored_user_ids(config) == ["u1", "u2"]
+    store = open_store(config)
+    from reports import Period
+    stats = store.reports(store.connection).stats("s", Period())
+    assert (stats["total_views"], stats["unique_users"]) == (2, 2)
