@@ -34,6 +34,7 @@ class Config:
     api_keys: tuple = ()
     cors_origins: tuple = ()
     trusted_proxies: tuple = ()
+    claim_idle: float = 30.0
 
     @property
     def queue_path(self):
@@ -118,6 +119,7 @@ ENVIRONMENT = {
     "API_KEYS_FILE": ("api_keys", _keys_file),
     "CORS_ORIGINS": ("cors_origins", _word_list),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "QUEUE_CLAIM_IDLE": ("claim_idle", _positive_float),
 }
 
 

@@ -51,13 +51,9 @@ class Processor:
     def start(self):
         """Migrate the store and claim the queue; raises QueueBusy if taken."""
         self.store.migrate()
-        self._consumer = self.queue.consumer(self.store.checkpoint(self.queue_name))
+        self._consumer = self.queue.consumer(self.store.checkpoint(self.queue.name))
         log.info("processor started queue=%s database=%s backlog=%d",
-                 self.queue.path, self.store.path, self.queue.size())
-
-    @property
-    def queue_name(self):
-        return os.path.basename(self.queue.path)
+                 self.queue.describe(), self.store.describe(), self.queue.size())
 
     def step(self):
         """Store one batch; return how many queued lines it consumed."""
@@ -74,7 +70,7 @@ class Processor:
             rows.append(row + (data.get("id"),) + (enrich(data) if self.enrichment else NOTHING))
         if rejected:
             self._dead_letter(rejected)
-        self.store.write(rows, self.queue_name, batch.checkpoint)
+        self.store.write(rows, self.queue.name, batch.checkpoint)
         self._consumer.acknowledge(batch)
         self.stored += len(rows)
         return len(batch.items)

@@ -1,17 +1,22 @@
 """The queue between the API and the processor.
 
-The embedded default is a JSON-lines file. Writers (API workers, any number
-of processes and threads) append whole lines under an exclusive lock; one
-processor reads them. A queue is chosen by URL in config; every queue offers
-the same two roles:
+The embedded default is a JSON-lines file: writers (API workers, any number
+of processes and threads) append whole lines under an exclusive lock and one
+processor reads them. QUEUE_URL=redis://... chooses a Redis Stream instead,
+read by any number of processors. Every queue offers the same two roles:
 
     writer side:   queue.append(lines)      durable in the queue on return
                    queue.size()             acknowledged but not yet stored
                    queue.check_writable()   raises QueueUnavailable if not
+                   queue.name               names its checkpoint in the store
     consumer side: consumer = queue.consumer(checkpoint)
                    batch = consumer.read(max_items)
                    ... store batch.items together with batch.checkpoint ...
                    consumer.acknowledge(batch)
+
+A queue may deliver an event again after a crash (Redis does, before it is
+acknowledged); the store ignores event ids it already has, so what is stored
+is still exactly once.
 """
 import fcntl
 import mmap
@@ -37,10 +42,14 @@ class QueueBusy(Exception):
 @dataclass
 class Batch:
     items: list          # raw lines (bytes), newline stripped
-    checkpoint: str      # where the next read starts, stored with the items
+    checkpoint: str      # where the next read starts, stored with the items (None: not needed)
+    receipts: list = None    # what the queue needs back to acknowledge the batch
 
 
 def open_queue(config):
+    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+        from redis_queue import RedisQueue
+        return RedisQueue(config.queue_path, claim_idle=config.claim_idle)
     return FileQueue(config.queue_path, fsync=config.fsync,
                      fsync_interval=config.fsync_interval,
                      segment_bytes=config.segment_bytes)
@@ -69,6 +78,13 @@ class FileQueue:
         self._state = None
         self._last_sync = 0.0
         self._pid = None
+
+    @property
+    def name(self):
+        return os.path.basename(self.path)
+
+    def describe(self):
+        return self.path
 
     # -- writer side -------------------------------------------------------
 

@@ -92,6 +92,9 @@ class SQLiteStore:
         self.rollups = rollups      # off only to measure what rollups cost
         self._connection = None
 
+    def describe(self):
+        return self.path
+
     def connect(self, readonly=False):
         if readonly:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,

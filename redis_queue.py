@@ -1,0 +1,147 @@
+"""The queue on a Redis Stream, for several API nodes and several processors.
+
+    QUEUE_URL=redis://host:6379/0               stream "analytics:events"
+    QUEUE_URL=redis://host:6379/0?stream=name   another stream
+
+Ingestion adds a request's events in one MULTI/EXEC round trip. Processors
+read as members of one consumer group, acknowledge entries only after the
+store has committed them, and claim the entries of a processor that died
+once they have been idle for QUEUE_CLAIM_IDLE seconds. Entries every
+processor has acknowledged are trimmed, so memory stays bounded.
+"""
+import os
+import socket
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from shared_queue import Batch, QueueUnavailable
+
+GROUP = "processors"
+FIELD = b"e"
+TRIM_EVERY = 10_000         # acknowledged entries between two trims
+FORGET_CONSUMER_MS = 3_600_000
+
+
+def _split_stream(url):
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    stream = query.pop("stream", "analytics:events")
+    return urlunsplit(parts._replace(query=urlencode(query))), stream
+
+
+class RedisQueue:
+    def __init__(self, url, claim_idle=30.0):
+        self.url, self.stream = _split_stream(url)
+        self.claim_idle_ms = int(claim_idle * 1000)
+        self._client = None
+
+    @property
+    def name(self):
+        return f"redis:{self.stream}"
+
+    def describe(self):
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path} stream={self.stream}"
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
+                                                health_check_interval=30)
+        return self._client
+
+    def append(self, lines):
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            for line in lines:
+                pipe.xadd(self.stream, {FIELD: line.rstrip(b"\n")})
+            pipe.execute()
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot write to Redis: {error}") from error
+
+    def size(self):
+        """Entries not yet delivered plus delivered but not acknowledged: two counters Redis keeps."""
+        try:
+            groups = {g["name"].decode(): g for g in self.client.xinfo_groups(self.stream)}
+        except redis.ResponseError:
+            return 0                                   # no stream yet
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+        group = groups.get(GROUP)
+        if group is None:
+            return self.client.xlen(self.stream)
+        if group.get("lag") is None:                  # Redis cannot tell after some deletions
+            return group["pending"] + len(self.client.xrange(self.stream, min=b"(" + group["last-delivered-id"]))
+        return group["pending"] + group["lag"]
+
+    def check_writable(self):
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def consumer(self, checkpoint=None):
+        """checkpoint is not needed: Redis remembers what each processor has acknowledged."""
+        return RedisConsumer(self)
+
+
+class RedisConsumer:
+    def __init__(self, queue):
+        self.queue = queue
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self._claim_from = "0-0"
+        self._acknowledged = 0
+        try:
+            queue.client.xgroup_create(queue.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def read(self, max_items):
+        """Entries of dead processors first (idle past claim_idle), then new ones."""
+        client, stream = self.queue.client, self.queue.stream
+        self._claim_from, entries, _ = client.xautoclaim(
+            stream, GROUP, self.name, self.queue.claim_idle_ms, self._claim_from, count=max_items)
+        if len(entries) < max_items:
+            for _, new in client.xreadgroup(GROUP, self.name, {stream: ">"},
+                                            count=max_items - len(entries)) or []:
+                entries += new
+        return Batch(items=[fields[FIELD] for _, fields in entries if fields],
+                     checkpoint=None, receipts=[entry_id for entry_id, _ in entries])
+
+    def acknowledge(self, batch):
+        if not batch.receipts:
+            return
+        self.queue.client.xack(self.queue.stream, GROUP, *batch.receipts)
+        self._acknowledged += len(batch.receipts)
+        if self._acknowledged >= TRIM_EVERY:
+            self.trim()
+            self._acknowledged = 0
+
+    def trim(self):
+        """Drop entries every group has acknowledged: those before the oldest pending one
+        (or, with none pending, before the last one delivered)."""
+        client, stream = self.queue.client, self.queue.stream
+        floors = []
+        for group in client.xinfo_groups(stream):
+            pending = client.xpending(stream, group["name"])
+            floors.append(pending["min"] if pending["pending"] else group["last-delivered-id"])
+        if floors:
+            client.xtrim(stream, minid=min(floors, key=_entry_order), approximate=False)
+        for consumer in client.xinfo_consumers(stream, GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > FORGET_CONSUMER_MS:
+                client.xgroup_delconsumer(stream, GROUP, consumer["name"])
+
+    def close(self):
+        self.queue.close()
+
+
+def _entry_order(entry_id):
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
