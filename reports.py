@@ -93,9 +93,9 @@ class RollupReports(_Reports):
     def totals(self, site_id, period):
         if period.all_time:
             row = self.connection.execute(
-                "SELECT views, users FROM site_totals WHERE site_id = :site",
+                "SELECT sum(views), sum(users) FROM site_totals WHERE site_id = :site",
                 {"site": site_id}).fetchone()
-            return tuple(row) if row else (0, 0)
+            return (row[0] or 0, row[1] or 0)
         params = {"site": site_id, **period.hour_bounds()}
         views = _one(self.connection, "SELECT sum(views) FROM hourly_totals WHERE site_id = :site "
                      "AND hour BETWEEN :first_hour AND :last_hour", params)
@@ -106,14 +106,15 @@ class RollupReports(_Reports):
     def top_values(self, site_id, prop, period, limit, views_only=False):
         params = {"site": site_id, "property": prop, "limit": limit}
         if period.all_time:
-            sql = ("SELECT value, views, events FROM total_values "
-                   "WHERE site_id = :site AND property = :property")
+            sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM total_values "
+                   "WHERE site_id = :site AND property = :property GROUP BY value")
         else:
             params.update(period.day_bounds())
             sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM daily_values "
                    "WHERE site_id = :site AND property = :property "
                    "AND day BETWEEN :first_day AND :last_day GROUP BY value")
-        return _rows(self.connection, f"SELECT * FROM ({sql}) WHERE 1 {_ranking(views_only)}", params)
+        return _rows(self.connection, f"SELECT * FROM ({sql}) AS v WHERE TRUE {_ranking(views_only)}",
+                     params)
 
     def value_users(self, site_id, prop, period, values):
         if not values:
@@ -146,6 +147,10 @@ class RollupReports(_Reports):
 class RawReports(_Reports):
     """The same reports by plain SQL over the events table."""
 
+    def __init__(self, connection, json_value="json_extract(props, '$.\"{key}\"')"):
+        super().__init__(connection)
+        self.json_value = json_value        # how this database reads one prop
+
     def _where(self, site_id, period):
         if period.all_time:
             return f"site_id = :site AND {COUNTED}", {"site": site_id}
@@ -155,21 +160,21 @@ class RawReports(_Reports):
     def totals(self, site_id, period):
         where, params = self._where(site_id, period)
         row = self.connection.execute(
-            f"SELECT sum(event_type = 'page_view'), count(DISTINCT {USER}) FROM events WHERE {where}",
+            f"SELECT count(*) FILTER (WHERE event_type = 'page_view'), count(DISTINCT {USER}) FROM events WHERE {where}",
             params).fetchone()
         return (row[0] or 0, row[1] or 0)
 
     def top_values(self, site_id, prop, period, limit, views_only=False):
         where, params = self._where(site_id, period)
         return _rows(self.connection,
-                     f"SELECT * FROM (SELECT {property_expression(prop)} AS value, "
-                     f"sum(event_type = 'page_view') AS views, count(*) AS events FROM events "
-                     f"WHERE {where} GROUP BY 1) WHERE value IS NOT NULL {_ranking(views_only)}",
+                     f"SELECT * FROM (SELECT {property_expression(prop, self.json_value)} AS value, "
+                     f"count(*) FILTER (WHERE event_type = 'page_view') AS views, count(*) AS events FROM events "
+                     f"WHERE {where} GROUP BY 1) AS v WHERE value IS NOT NULL {_ranking(views_only)}",
                      {**params, "limit": limit})
 
     def value_users(self, site_id, prop, period, values):
         where, params = self._where(site_id, period)
-        rows = _rows(self.connection, f"SELECT {property_expression(prop)}, count(DISTINCT {USER}) "
+        rows = _rows(self.connection, f"SELECT {property_expression(prop, self.json_value)}, count(DISTINCT {USER}) "
                      f"FROM events WHERE {where} GROUP BY 1", params)
         return {value: users for value, users in rows if value in values}
 
@@ -177,7 +182,7 @@ class RawReports(_Reports):
         where, params = self._where(site_id, period)
         width = 10 if interval == "day" else 13
         return _rows(self.connection, f"SELECT substr(timestamp, 1, {width}), "
-                     f"sum(event_type = 'page_view') FROM events WHERE {where} GROUP BY 1", params)
+                     f"count(*) FILTER (WHERE event_type = 'page_view') FROM events WHERE {where} GROUP BY 1", params)
 
     def bucket_users(self, site_id, period, interval):
         where, params = self._where(site_id, period)

@@ -16,6 +16,8 @@ cookieless visitor id. Engagement events (time on page, scroll depth) are
 kept in the events table but are not views, events or visits.
 """
 import re
+from dataclasses import dataclass
+from functools import lru_cache
 
 PROPERTIES = {
     "path": "coalesce(path, '')",
@@ -38,11 +40,11 @@ def is_property(name):
     return name in PROPERTIES or (name.startswith("props.") and bool(PROP_KEY.fullmatch(name[6:])))
 
 
-def property_expression(name):
-    """The SQL value of a property over the events table."""
+def property_expression(name, json_value="json_extract(props, '$.\"{key}\"')"):
+    """The SQL value of a property over the events table; json_value reads one prop."""
     if name in PROPERTIES:
         return PROPERTIES[name]
-    return f"json_extract(props, '$.\"{name[6:]}\"')"     # PROP_KEY admits no quote
+    return json_value.format(key=name[6:])      # PROP_KEY admits no quote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS site_totals (
@@ -80,61 +82,95 @@ CREATE TABLE IF NOT EXISTS daily_value_users (
 TABLES = ("site_totals", "site_users", "hourly_totals", "hourly_users",
           "daily_values", "total_values", "daily_value_users")
 
-VIEW = "(event_type = 'page_view')"
-NEW_EVENTS = f"FROM events AS e WHERE e.id > :low AND e.id <= :high AND {COUNTED}"
-ADD_COUNTS = "ON CONFLICT DO UPDATE SET views = views + excluded.views, events = events + excluded.events"
+VIEW = "count(*) FILTER (WHERE event_type = 'page_view')"
+COUNT_TARGETS = {"site_totals": "site_id", "hourly_totals": "site_id, hour",
+                 "daily_values": "site_id, property, day, value",
+                 "total_values": "site_id, property, value"}
 
 
-def _value_statements(name_sql, value_sql, source):
+@dataclass(frozen=True)
+class Dialect:
+    """Where a store's new rows are, and how its counters are keyed.
+
+    new_events: FROM ... WHERE ... over the rows just inserted, aliased e.
+    props_join: the same rows joined with their props as prop(key, value).
+    shard: None, or this processor's shard number: counter rows are then kept
+    per shard (and summed by reports), so that concurrent processors never
+    wait on each other's counter rows.
+    """
+    new_events: str
+    props_join: str
+    shard: int = None
+
+
+SQLITE = Dialect(
+    new_events="FROM events AS e WHERE e.id > :low AND e.id <= :high",
+    # json_each has id and path columns of its own, hence the e. prefixes
+    props_join="FROM events AS e, json_each(e.props) AS prop "
+               "WHERE e.id > :low AND e.id <= :high AND e.props IS NOT NULL")
+
+
+def _counts(table, select, dialect, order="1, 2"):
+    """Upsert counts: views and events added to what the row holds.
+
+    Rows go in key order, so concurrent writers lock rows in the same order.
+    """
+    target = COUNT_TARGETS[table]
+    if dialect.shard is not None:
+        select = select.replace(" FROM ", f", {dialect.shard} FROM ", 1)   # the last column
+        target += ", shard"
+    return (f"INSERT INTO {table} {select} ORDER BY {order} ON CONFLICT ({target}) DO UPDATE SET "
+            f"views = {table}.views + excluded.views, events = {table}.events + excluded.events")
+
+
+def _value_statements(name_sql, value_sql, source, dialect):
     """Fold one property (or every prop of props) into the value tables."""
     day = "substr(e.timestamp, 1, 10)"
     return [
-        f"INSERT INTO daily_values SELECT e.site_id, {name_sql}, {day}, {value_sql}, "
-        f"sum({VIEW}), count(*) {source} GROUP BY 1, 2, 3, 4 {ADD_COUNTS}",
-        f"INSERT INTO total_values SELECT e.site_id, {name_sql}, {value_sql}, sum({VIEW}), count(*) "
-        f"{source} GROUP BY 1, 2, 3 {ADD_COUNTS}",
+        _counts("daily_values", f"SELECT e.site_id, {name_sql}, {day}, {value_sql}, {VIEW}, count(*) "
+                f"{source} GROUP BY 1, 2, 3, 4", dialect),
+        _counts("total_values", f"SELECT e.site_id, {name_sql}, {value_sql}, {VIEW}, count(*) "
+                f"{source} GROUP BY 1, 2, 3", dialect),
         f"INSERT INTO daily_value_users SELECT DISTINCT e.site_id, {name_sql}, {value_sql}, {day}, "
-        f"{USER} {source} AND {USER} IS NOT NULL ON CONFLICT DO NOTHING",
+        f"{USER} {source} AND {USER} IS NOT NULL ORDER BY 1, 2, 3, 4, 5 ON CONFLICT DO NOTHING",
     ]
 
 
-def _fold_statements():
+@lru_cache(maxsize=None)
+def fold_statements(dialect):
+    new = f"{dialect.new_events} AND {COUNTED}"
     statements = [
-        f"INSERT INTO hourly_totals SELECT site_id, substr(timestamp, 1, 13), sum({VIEW}), count(*) "
-        f"{NEW_EVENTS} GROUP BY 1, 2 {ADD_COUNTS}",
+        _counts("hourly_totals", f"SELECT site_id, substr(timestamp, 1, 13), {VIEW}, count(*) "
+                f"{new} GROUP BY 1, 2", dialect),
         f"INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), {USER} "
-        f"{NEW_EVENTS} AND {USER} IS NOT NULL ON CONFLICT DO NOTHING",
+        f"{new} AND {USER} IS NOT NULL ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING",
+        _counts("site_totals", f"SELECT site_id, {VIEW}, count(*), 0 AS users {new} GROUP BY 1",
+                dialect, order="1"),
     ]
     for name, value in PROPERTIES.items():
-        statements += _value_statements(f"'{name}'", value, f"{NEW_EVENTS} AND {value} IS NOT NULL")
-    # json_each has id and path columns of its own, hence the e. prefixes above
-    props = ("FROM events AS e, json_each(e.props) AS prop WHERE e.id > :low AND e.id <= :high "
-             f"AND e.props IS NOT NULL AND {COUNTED}")
-    statements += _value_statements("'props.' || prop.key", "prop.value", props)
+        statements += _value_statements(f"'{name}'", value, f"{new} AND {value} IS NOT NULL", dialect)
+    statements += _value_statements("'props.' || prop.key", "prop.value",
+                                    f"{dialect.props_join} AND {COUNTED}", dialect)
     return statements
 
 
-FOLD_STATEMENTS = _fold_statements()
-NEW_SITE_USERS = (f"INSERT INTO site_users SELECT DISTINCT site_id, {USER} {NEW_EVENTS} "
-                  f"AND {USER} IS NOT NULL ON CONFLICT DO NOTHING RETURNING site_id")
-SITE_TOTALS = (f"INSERT INTO site_totals SELECT site_id, sum({VIEW}), count(*), 0 {NEW_EVENTS} "
-               f"GROUP BY 1 {ADD_COUNTS}")
+def fold(connection, dialect, params):
+    """Add the new rows (as the dialect finds them) to every rollup.
 
-
-def fold(connection, low, high):
-    """Add the events with low < id <= high to every rollup.
-
-    Call inside the transaction that inserted them.
+    Call inside the transaction that inserted them. connection.execute takes
+    SQL with :name parameters.
     """
-    bounds = {"low": low, "high": high}
-    for statement in FOLD_STATEMENTS:
-        connection.execute(statement, bounds)
-    connection.execute(SITE_TOTALS, bounds)
+    for statement in fold_statements(dialect):
+        connection.execute(statement, params)
+    new = f"{dialect.new_events} AND {COUNTED}"
     new_users = {}
-    for (site_id,) in connection.execute(NEW_SITE_USERS, bounds).fetchall():
+    for (site_id,) in connection.execute(
+            f"INSERT INTO site_users SELECT DISTINCT site_id, {USER} {new} AND {USER} IS NOT NULL "
+            f"ORDER BY 1, 2 ON CONFLICT DO NOTHING RETURNING site_id", params).fetchall():
         new_users[site_id] = new_users.get(site_id, 0) + 1
-    connection.executemany("UPDATE site_totals SET users = users + ? WHERE site_id = ?",
-                           [(count, site_id) for site_id, count in new_users.items()])
+    shard = "" if dialect.shard is None else f" AND shard = {dialect.shard}"
+    connection.executemany(f"UPDATE site_totals SET users = users + :count WHERE site_id = :site{shard}",
+                           [{"count": count, "site": site} for site, count in new_users.items()])
 
 
 def clear(connection):

@@ -29,7 +29,7 @@ def _refold(connection, progress):
         "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
     for start in range(low, high, REBUILD_CHUNK):
         end = min(start + REBUILD_CHUNK, high)
-        rollups.fold(connection, start, end)
+        rollups.fold(connection, rollups.SQLITE, {"low": start, "high": end})
         if progress:
             progress(end - low, high - low)
 
@@ -154,7 +154,7 @@ class SQLiteStore:
             if self.rollups and rows:
                 # only rows really inserted got ids above last_id: duplicates count nowhere
                 new_last = connection.execute("SELECT max(id) FROM events").fetchone()[0]
-                rollups.fold(connection, last_id, new_last)
+                rollups.fold(connection, rollups.SQLITE, {"low": last_id, "high": new_last})
             if checkpoint is not None:
                 connection.execute(
                     "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (?, ?) "
