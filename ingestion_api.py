@@ -26,7 +26,7 @@ from config import load_config
 from events import InvalidEvent, encode_event, parse_json, validate_event
 from query_params import InvalidParameter, QueryParams
 from shared_queue import QueueUnavailable, open_queue
-from store import open_store
+from store import StoreUnavailable, open_store
 from tracking import InvalidPayload, Visitors, client_ip, is_bot, plausible_events, utc_now
 
 log = logging.getLogger("ingestion_api")
@@ -237,6 +237,11 @@ def register_errors(app):
     @app.errorhandler(ApiError)
     def handle_api_error(error):
         return json_response(error.body, error.status)
+
+    @app.errorhandler(StoreUnavailable)
+    def handle_store_unavailable(error):
+        log.error("database unavailable: %s", error)
+        return json_response({"error": "Database unavailable; retry later"}, 503)
 
     @app.errorhandler(InvalidPayload)
     def handle_invalid_payload(error):

@@ -31,6 +31,10 @@ class Period:
                 "after_ts": f"{after.isoformat()}T00:00:00.000Z"}
 
 
+# counters may be kept in several rows (per processor shard); a sum of integers stays one
+VIEWS, EVENTS, USERS = (f"CAST(sum({column}) AS BIGINT)" for column in ("views", "events", "users"))
+
+
 def buckets(period, interval):
     """Every bucket key of the period, in order: days 'YYYY-MM-DD' or hours 'YYYY-MM-DDTHH'."""
     start = datetime.combine(period.start, datetime.min.time(), tzinfo=timezone.utc)
@@ -93,11 +97,11 @@ class RollupReports(_Reports):
     def totals(self, site_id, period):
         if period.all_time:
             row = self.connection.execute(
-                "SELECT sum(views), sum(users) FROM site_totals WHERE site_id = :site",
+                f"SELECT {VIEWS}, {USERS} FROM site_totals WHERE site_id = :site",
                 {"site": site_id}).fetchone()
             return (row[0] or 0, row[1] or 0)
         params = {"site": site_id, **period.hour_bounds()}
-        views = _one(self.connection, "SELECT sum(views) FROM hourly_totals WHERE site_id = :site "
+        views = _one(self.connection, f"SELECT {VIEWS} FROM hourly_totals WHERE site_id = :site "
                      "AND hour BETWEEN :first_hour AND :last_hour", params)
         users = _one(self.connection, "SELECT count(DISTINCT user_id) FROM hourly_users "
                      "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour", params)
@@ -106,11 +110,11 @@ class RollupReports(_Reports):
     def top_values(self, site_id, prop, period, limit, views_only=False):
         params = {"site": site_id, "property": prop, "limit": limit}
         if period.all_time:
-            sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM total_values "
+            sql = (f"SELECT value, {VIEWS} AS views, {EVENTS} AS events FROM total_values "
                    "WHERE site_id = :site AND property = :property GROUP BY value")
         else:
             params.update(period.day_bounds())
-            sql = ("SELECT value, sum(views) AS views, sum(events) AS events FROM daily_values "
+            sql = (f"SELECT value, {VIEWS} AS views, {EVENTS} AS events FROM daily_values "
                    "WHERE site_id = :site AND property = :property "
                    "AND day BETWEEN :first_day AND :last_day GROUP BY value")
         return _rows(self.connection, f"SELECT * FROM ({sql}) AS v WHERE TRUE {_ranking(views_only)}",
@@ -138,7 +142,7 @@ class RollupReports(_Reports):
                      {"site": site_id, **period.hour_bounds()})
 
     def bucket_views(self, site_id, period, interval):
-        return self._per_bucket("sum(views)", "hourly_totals", site_id, period, interval)
+        return self._per_bucket(VIEWS, "hourly_totals", site_id, period, interval)
 
     def bucket_users(self, site_id, period, interval):
         return self._per_bucket("count(DISTINCT user_id)", "hourly_users", site_id, period, interval)

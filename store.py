@@ -1,7 +1,7 @@
 """Where events are kept: schema, migrations and batch writes.
 
-The embedded default is SQLite (analytics.db). A store is chosen by URL in
-config; every store offers the same verbs:
+The embedded default is SQLite (analytics.db); DATABASE_URL=postgresql://...
+chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
 
     store.migrate()                       bring the schema up to date
     store.write(rows, queue, checkpoint)  rows, their rollups and the queue
@@ -81,7 +81,14 @@ INSERT_EVENT = (f"INSERT INTO events ({', '.join(ROW_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_COLUMNS))}) ON CONFLICT DO NOTHING")
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached now; callers retry or answer 503."""
+
+
 def open_store(config):
+    if config.database_path.startswith(("postgresql://", "postgres://")):
+        from postgres_store import PostgresStore
+        return PostgresStore(config.database_path)
     return SQLiteStore(config.database_path, durable=config.fsync == "always")
 
 

@@ -1,0 +1,222 @@
+"""The store on PostgreSQL, for several processors and API nodes.
+
+    DATABASE_URL=postgresql://user@host:5432/analytics
+
+The same tables, rollups and report queries as SQLite (store.py, rollups.py,
+reports.py); what differs is said here. Rows arrive by COPY into a staging
+table, then one INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING puts
+the really new ones in a temporary table that the rollups are folded from,
+so an event delivered twice is stored and counted once. Counter rows carry
+the processor's shard number so that processors never wait on each other's
+counters; reports sum over shards.
+"""
+import logging
+import os
+import re
+import threading
+from contextlib import contextmanager
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+import rollups
+from reports import RawReports, RollupReports
+from store import REBUILD_CHUNK, ROW_COLUMNS, StoreUnavailable
+
+log = logging.getLogger("store")
+SHARDS = 16
+JSON_VALUE = "(props::jsonb ->> '{key}')"
+MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
+
+COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
+TEXT = 'TEXT COLLATE "C"'            # byte order, as SQLite compares text
+EVENTS = ",\n    ".join(f"{column} {COLUMN_TYPES.get(column, TEXT)}" for column in ROW_COLUMNS)
+
+# Each entry moves the schema from version i to i + 1. Never edit a released one.
+MIGRATIONS = [
+    f"""
+    CREATE TABLE events (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        {EVENTS}
+    );
+    ALTER TABLE events ALTER COLUMN site_id SET NOT NULL, ALTER COLUMN event_type SET NOT NULL,
+        ALTER COLUMN timestamp SET NOT NULL;
+    CREATE INDEX events_site_time ON events (site_id, timestamp);
+    CREATE UNIQUE INDEX events_event_id ON events (event_id);
+    CREATE TABLE queue_checkpoints (queue {TEXT} PRIMARY KEY, checkpoint TEXT NOT NULL);
+    CREATE TABLE salts (day TEXT PRIMARY KEY, salt BYTEA NOT NULL);
+    CREATE TABLE site_totals (site_id {TEXT} NOT NULL, views BIGINT NOT NULL, events BIGINT NOT NULL,
+        users BIGINT NOT NULL, shard INTEGER NOT NULL, PRIMARY KEY (site_id, shard));
+    CREATE TABLE site_users (site_id {TEXT} NOT NULL, user_id {TEXT} NOT NULL,
+        PRIMARY KEY (site_id, user_id));
+    CREATE TABLE hourly_totals (site_id {TEXT} NOT NULL, hour {TEXT} NOT NULL, views BIGINT NOT NULL,
+        events BIGINT NOT NULL, shard INTEGER NOT NULL, PRIMARY KEY (site_id, hour, shard));
+    CREATE TABLE hourly_users (site_id {TEXT} NOT NULL, hour {TEXT} NOT NULL, user_id {TEXT} NOT NULL,
+        PRIMARY KEY (site_id, hour, user_id));
+    CREATE TABLE daily_values (site_id {TEXT} NOT NULL, property {TEXT} NOT NULL, day {TEXT} NOT NULL,
+        value {TEXT} NOT NULL, views BIGINT NOT NULL, events BIGINT NOT NULL, shard INTEGER NOT NULL,
+        PRIMARY KEY (site_id, property, day, value, shard));
+    CREATE TABLE total_values (site_id {TEXT} NOT NULL, property {TEXT} NOT NULL, value {TEXT} NOT NULL,
+        views BIGINT NOT NULL, events BIGINT NOT NULL, shard INTEGER NOT NULL,
+        PRIMARY KEY (site_id, property, value, shard));
+    CREATE TABLE daily_value_users (site_id {TEXT} NOT NULL, property {TEXT} NOT NULL,
+        value {TEXT} NOT NULL, day {TEXT} NOT NULL, user_id {TEXT} NOT NULL,
+        PRIMARY KEY (site_id, property, value, day, user_id))
+    """,
+]
+
+NEW_ROWS = rollups.Dialect(
+    new_events="FROM new_events AS e WHERE TRUE",
+    props_join="FROM new_events AS e, jsonb_each_text(e.props::jsonb) AS prop(key, value) "
+               "WHERE e.props IS NOT NULL")
+_NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def to_pyformat(sql):
+    """:name parameters (the form every shared query is written in) as psycopg's %(name)s."""
+    return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+class Connection:
+    """A pooled connection that speaks the :name parameter style of the shared queries."""
+
+    def __init__(self, connection, release=None):
+        self.raw = connection
+        self._release = release
+
+    def execute(self, sql, params=None):
+        try:
+            return self.raw.execute(to_pyformat(sql), params or {})
+        except psycopg.OperationalError as error:
+            raise StoreUnavailable(f"PostgreSQL: {error}") from error
+
+    def executemany(self, sql, rows):
+        with self.raw.cursor() as cursor:
+            cursor.executemany(to_pyformat(sql), rows)
+
+    def close(self):
+        if self._release:
+            self._release(self.raw)
+            self._release = None
+
+
+class PostgresStore:
+    def __init__(self, url, shard=None, rollups_on=True):
+        self.url = url
+        self.shard = os.getpid() % SHARDS if shard is None else shard
+        self.rollups = rollups_on
+        self._pool = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def describe(self):
+        return re.sub(r"//[^@/]*@", "//", self.url)       # no password in logs
+
+    @property
+    def pool(self):
+        with self._lock:
+            if self._pid != os.getpid():                   # a forked worker needs its own
+                self._pool = ConnectionPool(self.url, min_size=1, max_size=8, timeout=5,
+                                            open=False, name="analytics")
+                self._pool.open(wait=False)
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextmanager
+    def atomic(self):
+        try:
+            with self.pool.connection() as connection, connection.transaction():
+                yield Connection(connection)
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            raise StoreUnavailable(f"PostgreSQL: {error}") from error
+
+    def connect(self, readonly=False):
+        """A connection for reports; close() gives it back to the pool."""
+        try:
+            raw = self.pool.getconn()
+        except PoolTimeout as error:
+            raise StoreUnavailable(f"PostgreSQL: {error}") from error
+        raw.autocommit = True
+        return Connection(raw, release=self.pool.putconn)
+
+    @property
+    def connection(self):
+        return self.connect()
+
+    def close(self):
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = self._pid = None
+
+    def migrate(self):
+        with self.atomic() as connection:
+            connection.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                log.info("migrating %s to schema version %d", self.describe(), number)
+                for statement in filter(str.strip, migration.split(";")):
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (:v)", {"v": number})
+        return len(MIGRATIONS)
+
+    def write(self, rows, queue, checkpoint):
+        """COPY the rows in, keep the new ones, fold them, record the checkpoint: one transaction."""
+        with self.atomic() as connection:
+            raw = connection.raw
+            columns = ", ".join(ROW_COLUMNS)
+            raw.execute(f"CREATE TEMP TABLE IF NOT EXISTS staging AS SELECT {columns} FROM events "
+                        "WITH NO DATA")
+            raw.execute("CREATE TEMP TABLE IF NOT EXISTS new_events AS SELECT * FROM events WITH NO DATA")
+            raw.execute("TRUNCATE staging, new_events")
+            with raw.cursor().copy(f"COPY staging ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            raw.execute(f"WITH inserted AS (INSERT INTO events ({columns}) SELECT {columns} FROM staging "
+                        "ORDER BY event_id ON CONFLICT (event_id) DO NOTHING RETURNING *) "
+                        "INSERT INTO new_events SELECT * FROM inserted")
+            if self.rollups:
+                rollups.fold(connection, self._dialect(), {})
+            if checkpoint is not None:
+                connection.execute(
+                    "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (:queue, :checkpoint) "
+                    "ON CONFLICT (queue) DO UPDATE SET checkpoint = excluded.checkpoint",
+                    {"queue": queue, "checkpoint": checkpoint})
+
+    def _dialect(self):
+        return rollups.Dialect(NEW_ROWS.new_events, NEW_ROWS.props_join, shard=self.shard)
+
+    def checkpoint(self, queue):
+        with self.atomic() as connection:
+            row = connection.execute("SELECT checkpoint FROM queue_checkpoints WHERE queue = :queue",
+                                     {"queue": queue}).fetchone()
+        return row[0] if row else None
+
+    def daily_salt(self, day, candidate, forget_before):
+        with self.atomic() as connection:
+            connection.execute("INSERT INTO salts (day, salt) VALUES (:day, :salt) ON CONFLICT DO NOTHING",
+                               {"day": day, "salt": candidate})
+            connection.execute("DELETE FROM salts WHERE day < :day", {"day": forget_before})
+            return bytes(connection.execute("SELECT salt FROM salts WHERE day = :day",
+                                            {"day": day}).fetchone()[0])
+
+    def reports(self, connection, raw=False):
+        return RawReports(connection, JSON_VALUE) if raw else RollupReports(connection)
+
+    def rebuild_rollups(self, progress=None):
+        with self.atomic() as connection:
+            connection.raw.execute("LOCK TABLE events IN SHARE MODE")   # no writes while we count
+            rollups.clear(connection)
+            connection.raw.execute("CREATE TEMP TABLE IF NOT EXISTS new_events AS "
+                                   "SELECT * FROM events WITH NO DATA")
+            low, high = connection.execute(
+                "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
+            for start in range(low, high, REBUILD_CHUNK):
+                end = min(start + REBUILD_CHUNK, high)
+                connection.raw.execute("TRUNCATE new_events")
+                connection.execute("INSERT INTO new_events SELECT * FROM events "
+                                   "WHERE id > :low AND id <= :high", {"low": start, "high": end})
+                rollups.fold(connection, self._dialect(), {})
+                if progress:
+                    progress(end - low, high - low)
