@@ -1,0 +1,274 @@
+"""The whole system with real processes: gunicorn workers, the processor, signals and kill -9.
+
+Every check counts events by a unique user_id, read straight from analytics.db:
+an event acknowledged with a 200 must be stored exactly once, whatever was killed.
+"""
+import os
+import random
+import signal
+import time
+
+import orjson
+import pytest
+
+from config import load_config
+from events import encode_event, validate_event
+from processes import (
+    Api, Load, committed_checkpoint, duplicated_user_ids, exit_code, log_tail, queue_counters,
+    queue_files, run_processor_once, start_processor, stop, stored_count, stored_user_ids, wait_for)
+from shared_queue import open_queue, parse_checkpoint
+
+SEGMENT_BYTES = 20_000
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def children():
+    """Processes a test starts; all are killed (whole process groups) when it ends."""
+    started = []
+    yield started
+    for child in reversed(started):
+        stop(child.process if isinstance(child, Api) else child)
+
+
+def assert_exactly_once(data_dir, acknowledged, failed=frozenset()):
+    """Every acknowledged id stored once; nothing stored that was never sent."""
+    assert duplicated_user_ids(data_dir) == [], "events stored more than once"
+    stored = stored_user_ids(data_dir)
+    lost = acknowledged - stored
+    assert not lost, f"{len(lost)} acknowledged events lost, e.g. {sorted(lost)[:5]}"
+    unknown = stored - acknowledged - failed
+    assert not unknown, f"{len(unknown)} stored events were never sent, e.g. {sorted(unknown)[:5]}"
+    return stored
+
+
+def sealed_segments(data_dir):
+    return [name.rsplit(".", 1)[1] for name in queue_files(data_dir) if name != "event_queue.jsonl"]
+
+
+def fill_queue(data_dir, site_id, count, chunk=1000):
+    """Append count valid events straight to the queue, as the API would; returns their ids."""
+    queue = open_queue(load_config(environ={}, data_dir=str(data_dir)))
+    ids = []
+    for start in range(0, count, chunk):
+        batch = [f"{site_id}-{n}" for n in range(start, min(start + chunk, count))]
+        queue.append([encode_event(validate_event(
+            {"site_id": site_id, "event_type": "page_view", "path": "/", "user_id": user_id}))
+            for user_id in batch])
+        ids.extend(batch)
+    queue.close()
+    return set(ids)
+
+
+def test_eight_workers_and_sixteen_clients_store_exactly_the_acknowledged_events(
+        data_dir, children):
+    api = Api(data_dir, workers=8)
+    children.append(api)
+    processor = start_processor(data_dir)
+    children.append(processor)
+
+    load = Load(api.url, "concurrency", threads=16, max_events=1500, max_seconds=90)
+    acknowledged, failed = load.finish(timeout=120)
+    assert not failed, f"{len(failed)} events were refused under plain load"
+    assert len(acknowledged) == 16 * 1500
+
+    wait_for(lambda: stored_count(data_dir) >= len(acknowledged), 60,
+             f"processor did not store {len(acknowledged)} events")
+    wait_for(lambda: api.health()["queue_size"] == 0, 10, "queue_size did not drop to 0")
+
+    assert stop(processor, signal.SIGTERM) == 0
+    run_processor_once(data_dir)      # anything left over would show up as extra rows
+
+    assert stored_count(data_dir) == len(acknowledged)
+    assert_exactly_once(data_dir, acknowledged)
+    assert api.stats("concurrency")["total_views"] == len(acknowledged)
+    dead_letters = data_dir / "dead_letter.jsonl"
+    assert not dead_letters.exists(), \
+        "a queued line was torn or interleaved:\n" + dead_letters.read_text()[:2000]
+    for name in queue_files(data_dir):
+        for line in (data_dir / name).read_bytes().splitlines():
+            assert isinstance(orjson.loads(line), dict)
+
+
+def test_health_queue_size_counts_exactly_the_events_not_yet_stored(data_dir, children):
+    api = Api(data_dir, workers=4)
+    children.append(api)
+    # one event per batch: the counters are updated as often as possible while workers append
+    processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=1)
+    children.append(processor)
+    load = Load(api.url, "backlog", threads=8, max_events=1000, max_seconds=60, max_batch=3)
+    undercounts = []
+    for _ in range(2000):
+        if not load.running():
+            break
+        acknowledged_before = load.acked_so_far
+        queue_size = api.health()["queue_size"]
+        stored_after = stored_count(data_dir)
+        # every event acknowledged before the request and not stored after it was in the queue
+        if queue_size < acknowledged_before - stored_after:
+            undercounts.append((queue_size, acknowledged_before - stored_after))
+    acknowledged, failed = load.finish()
+    assert not failed
+    wait_for(lambda: stored_count(data_dir) == len(acknowledged), 60, "processor fell behind")
+    assert api.health()["queue_size"] == 0
+    appended, consumed = queue_counters(data_dir)
+    assert (appended, consumed) == (len(acknowledged), len(acknowledged)), (
+        f"queue counters appended={appended} consumed={consumed} after {len(acknowledged)} "
+        f"events were acknowledged and stored: updates to the appended count were lost")
+    assert not undercounts, (
+        f"/health reported fewer queued events than were acknowledged and not stored "
+        f"{len(undercounts)} times, e.g. (reported, at least) {undercounts[:5]}")
+
+
+def test_processor_killed_30_times_under_load_stores_every_event_exactly_once(data_dir, children):
+    api = Api(data_dir, workers=4, QUEUE_SEGMENT_BYTES=SEGMENT_BYTES)
+    children.append(api)
+    load = Load(api.url, "crash", threads=4, max_events=50_000, max_seconds=90, max_batch=20)
+    rng = random.Random(7)
+    batch_sizes = [1, 7, 50, 3, 1000, 10_000]
+    segments_seen, previous_segment = set(), None
+    try:
+        for kill in range(30):
+            before = stored_count(data_dir)
+            processor = start_processor(data_dir, QUEUE_SEGMENT_BYTES=SEGMENT_BYTES,
+                                        PROCESSOR_BATCH_SIZE=batch_sizes[kill % len(batch_sizes)])
+            children.append(processor)
+            started = kill % 5 != 4     # otherwise kill it somewhere in its start-up
+            if started:
+                wait_for(lambda: stored_count(data_dir) > before or processor.poll() is not None,
+                         60, f"processor made no progress (kill {kill})")
+            time.sleep(rng.uniform(0, 0.02))    # a random instant, not a wait for work
+            assert processor.poll() is None, \
+                f"processor exited with {processor.returncode}:\n{log_tail(data_dir, 'processor')}"
+            processor.kill()
+            processor.wait(10)
+            segment = parse_checkpoint(committed_checkpoint(data_dir))[0]
+            segments_seen.add(segment)
+            if started and previous_segment is not None:
+                # a processor that got going has removed what was consumed before it started
+                stale = [name for name in sealed_segments(data_dir) if int(name) < previous_segment]
+                assert not stale, f"consumed segments {stale} were not deleted (kill {kill})"
+            previous_segment = segment
+        assert load.running(), "the load ended before the last kill"
+    finally:
+        acknowledged, failed = load.stop()
+
+    run_processor_once(data_dir, QUEUE_SEGMENT_BYTES=SEGMENT_BYTES, PROCESSOR_BATCH_SIZE=200)
+    assert not failed, f"{len(failed)} events were refused while only the processor was killed"
+    assert len(acknowledged) > 5000, "too little load to mean anything"
+    assert_exactly_once(data_dir, acknowledged)
+    assert stored_count(data_dir) == len(acknowledged)
+    assert not (data_dir / "dead_letter.jsonl").exists()
+
+    assert len(segments_seen) > 3, f"segments did not rotate during the crashes: {segments_seen}"
+    last_segment = parse_checkpoint(committed_checkpoint(data_dir))[0]
+    assert all(int(name) >= last_segment for name in sealed_segments(data_dir)), \
+        f"consumed segments left after a full drain: {queue_files(data_dir)}"
+    assert len(sealed_segments(data_dir)) <= 1, f"old segments kept: {queue_files(data_dir)}"
+
+
+def test_api_workers_killed_under_load_lose_no_acknowledged_event(data_dir, children):
+    api = Api(data_dir, workers=4)
+    children.append(api)
+    processor = start_processor(data_dir)
+    children.append(processor)
+    load = Load(api.url, "workerkill", threads=8, max_events=20_000, max_seconds=60, max_batch=5)
+    rng = random.Random(3)
+    try:
+        for kill in range(10):
+            progress = load.acked_so_far
+            wait_for(lambda: load.acked_so_far > progress + 100 or not load.running(), 30,
+                     f"no events acknowledged after kill {kill}")
+            victims = api.worker_pids()
+            assert victims, "gunicorn has no workers"
+            victim = rng.choice(victims)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: victim not in api.worker_pids()
+                     and len(api.worker_pids()) == 4, 30, "gunicorn did not replace the worker")
+        assert load.running(), "the load ended before the last kill"
+    finally:
+        acknowledged, failed = load.stop()
+
+    assert stop(processor, signal.SIGTERM) == 0
+    run_processor_once(data_dir)
+    assert len(acknowledged) > 1000, "too little load to mean anything"
+    assert_exactly_once(data_dir, acknowledged, failed)
+
+
+def test_sigterm_finishes_the_batch_commits_and_exits_0(data_dir, children):
+    queued = fill_queue(data_dir, "graceful", 100_000)
+    processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=500)
+    children.append(processor)
+    wait_for(lambda: stored_count(data_dir) > 0, 30, "processor did not start storing")
+    processor.send_signal(signal.SIGTERM)
+    assert exit_code(processor, 30) == 0
+
+    stored = stored_count(data_dir)
+    assert 0 < stored < len(queued), "the processor should have stopped inside the backlog"
+    assert stored % 500 == 0, "the last batch was not finished"
+    assert parse_checkpoint(committed_checkpoint(data_dir))[2] == stored, \
+        "the committed checkpoint does not match the stored rows"
+    assert "SIGTERM" in (data_dir / "processor.log").read_text()
+
+    run_processor_once(data_dir)
+    assert stored_count(data_dir) == len(queued)
+    assert_exactly_once(data_dir, queued)
+
+
+def test_a_second_signal_exits_at_once_with_a_nonzero_code(data_dir, children):
+    queued = fill_queue(data_dir, "impatient", 100_000)
+    processor = start_processor(data_dir)
+    children.append(processor)
+    wait_for(lambda: stored_count(data_dir) > 0, 30, "processor did not start storing")
+    processor.send_signal(signal.SIGTERM)
+    processor.send_signal(signal.SIGINT)
+    code = exit_code(processor, 10)
+    assert code != 0, "a second signal must not wait for a clean stop"
+    assert "exiting now" in (data_dir / "processor.log").read_text()
+
+    run_processor_once(data_dir)
+    assert stored_count(data_dir) == len(queued)
+    assert_exactly_once(data_dir, queued)
+
+
+def test_a_second_processor_on_the_same_queue_exits_nonzero_and_says_why(data_dir, children):
+    first = start_processor(data_dir)
+    children.append(first)
+    wait_for(lambda: (data_dir / "processor.log").exists()
+             and "processor started" in (data_dir / "processor.log").read_text(),
+             30, "first processor did not start")
+
+    second = start_processor(data_dir, "--once", log_name="second")
+    children.append(second)
+    assert exit_code(second, 30) != 0
+    assert "another processor is already consuming" in log_tail(data_dir, "second")
+    assert "another processor is already consuming" in (data_dir / "processor.log").read_text()
+
+    assert first.poll() is None, "the first processor must keep running"
+    queued = fill_queue(data_dir, "second", 10)
+    wait_for(lambda: stored_count(data_dir) == 10, 30, "the first processor stopped consuming")
+    assert_exactly_once(data_dir, queued)
+
+
+def test_once_drains_the_queue_exits_0_and_logs_to_processor_log(data_dir, children):
+    api = Api(data_dir, workers=2)
+    children.append(api)
+    load = Load(api.url, "once", threads=2, max_events=100, max_seconds=30)
+    acknowledged, failed = load.finish()
+    assert not failed and len(acknowledged) == 200
+    assert api.health()["queue_size"] == 200
+
+    run_processor_once(data_dir)
+
+    assert api.health()["queue_size"] == 0
+    assert api.stats("once")["total_views"] == 200
+    assert_exactly_once(data_dir, acknowledged)
+    log = (data_dir / "processor.log").read_text()
+    assert "processor started" in log
+    assert "processor stopped stored=200" in log
