@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 _COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
+_COUNTER = struct.Struct("<Q")     # each side writes only its own: appended at 0, consumed at 8
 _READ_CHUNK = 1024 * 1024
 
 
@@ -178,8 +179,8 @@ class FileQueue:
             _write_all(self._fd, b"\n")
 
     def _add_appended(self, count):
-        appended, consumed = _COUNTERS.unpack_from(self._state, 0)
-        _COUNTERS.pack_into(self._state, 0, appended + count, consumed)
+        (appended,) = _COUNTER.unpack_from(self._state, 0)
+        _COUNTER.pack_into(self._state, 0, appended + count)
 
     def _sync_by_policy(self):
         if self.fsync == "always":
@@ -315,8 +316,7 @@ class FileQueueConsumer:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
 
     def _set_consumed(self, consumed):
-        appended, _ = _COUNTERS.unpack_from(self.queue._state, 0)
-        _COUNTERS.pack_into(self.queue._state, 0, appended, consumed)
+        _COUNTER.pack_into(self.queue._state, _COUNTER.size, consumed)
 
 
 def parse_checkpoint(checkpoint):
