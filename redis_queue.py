@@ -104,14 +104,22 @@ class RedisConsumer:
                 raise
 
     def read(self, max_items):
-        """Entries of dead processors first (idle past claim_idle), then new ones."""
+        """Our own unacknowledged entries first (a batch that failed to store), then
+        those of dead processors (idle past claim_idle), then new ones."""
         client, stream = self.queue.client, self.queue.stream
-        self._claim_from, entries, _ = client.xautoclaim(
-            stream, GROUP, self.name, self.queue.claim_idle_ms, self._claim_from, count=max_items)
+        entries = []
+        for _, mine in client.xreadgroup(GROUP, self.name, {stream: "0"}, count=max_items) or []:
+            entries += mine
+        if len(entries) < max_items:
+            self._claim_from, claimed, _ = client.xautoclaim(
+                stream, GROUP, self.name, self.queue.claim_idle_ms, self._claim_from,
+                count=max_items - len(entries))
+            entries += claimed
         if len(entries) < max_items:
             for _, new in client.xreadgroup(GROUP, self.name, {stream: ">"},
                                             count=max_items - len(entries)) or []:
                 entries += new
+        entries = list(dict(entries).items())     # an entry of ours may also come back claimed
         return Batch(items=[fields[FIELD] for _, fields in entries if fields],
                      checkpoint=None, receipts=[entry_id for entry_id, _ in entries])
 

@@ -1,4 +1,8 @@
+import uuid
+
+import psycopg
 import pytest
+import redis
 
 from config import load_config
 from ingestion_api import create_app
@@ -6,15 +10,64 @@ from processor import Processor
 from shared_queue import open_queue
 from store import open_store
 
+# The services this machine runs; .ci/run starts them when they are not up.
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+REDIS = "redis://127.0.0.1:6379/0"
+BACKENDS = ("file+sqlite", "file+postgresql", "redis+sqlite", "redis+postgresql")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "embedded: a test of the file queue or SQLite themselves")
+
+
+def pytest_generate_tests(metafunc):
+    """Modules with ALL_BACKENDS = True run every test on every queue and store."""
+    if getattr(metafunc.module, "ALL_BACKENDS", False) and "config" in metafunc.fixturenames:
+        embedded = metafunc.definition.get_closest_marker("embedded")
+        metafunc.parametrize("backend", BACKENDS[:1] if embedded else BACKENDS)
+
 
 @pytest.fixture
-def config(tmp_path):
-    return load_config(environ={}, data_dir=str(tmp_path))
+def backend():
+    return "file+sqlite"
+
+
+@pytest.fixture
+def postgres_database():
+    """A schema of its own in the test database, dropped afterwards; yields its URL."""
+    schema = f"analytics_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES}/test?options=-csearch_path%3D{schema}"
+    with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def redis_stream():
+    """A stream key of its own, deleted afterwards; yields the queue URL."""
+    stream = f"analytics-test:{uuid.uuid4().hex[:12]}"
+    yield f"{REDIS}?stream={stream}"
+    redis.Redis.from_url(REDIS).delete(stream)
+
+
+@pytest.fixture
+def config(tmp_path, backend, request):
+    queue_kind, store_kind = backend.split("+")
+    overrides = {"data_dir": str(tmp_path), "claim_idle": 0.5}
+    if queue_kind == "redis":
+        overrides["queue_url"] = request.getfixturevalue("redis_stream")
+    if store_kind == "postgresql":
+        overrides["database_url"] = request.getfixturevalue("postgres_database")
+    return load_config(environ={}, **overrides)
 
 
 @pytest.fixture
 def app(config):
-    return create_app(config)
+    app = create_app(config)
+    yield app
+    app.extensions["analytics"]["store"].close()
+    app.extensions["analytics"]["queue"].close()
 
 
 @pytest.fixture

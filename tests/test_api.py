@@ -4,6 +4,8 @@ import shutil
 
 import pytest
 
+ALL_BACKENDS = True
+
 EVENT = {"site_id": "site1", "event_type": "page_view", "path": "/home", "user_id": "u1"}
 
 
@@ -20,6 +22,7 @@ def test_valid_event_is_acknowledged_with_the_original_body(client):
     assert response.mimetype == "application/json"
 
 
+@pytest.mark.embedded
 def test_acknowledged_event_is_in_the_queue_before_the_answer(client, config):
     client.post("/event", json=EVENT)
     with open(config.queue_path, "rb") as queue_file:
@@ -46,6 +49,7 @@ def test_text_plain_body_is_parsed_as_json_like_send_beacon(client):
     assert response.status_code == 200
 
 
+@pytest.mark.embedded
 def test_unknown_fields_are_ignored(client, config, drain):
     assert client.post("/event", json={**EVENT, "colour": "blue"}).status_code == 200
     with open(config.queue_path, "rb") as queue_file:
@@ -59,6 +63,7 @@ def test_body_over_the_limit_gets_413_json(client, config):
     assert "error" in response.get_json()
 
 
+@pytest.mark.embedded
 def test_timestamp_with_offset_is_stored_in_utc_with_z(client, drain, config):
     client.post("/event", json={**EVENT, "timestamp": "2025-03-01T01:30:00+02:00"})
     drain()
@@ -92,6 +97,7 @@ def test_batch_as_ndjson_is_accepted(client, drain):
     assert response.get_json() == {"message": "Events received", "count": 3}
 
 
+@pytest.mark.embedded
 def test_one_invalid_event_rejects_the_whole_batch_and_names_it(client, config):
     events = [EVENT, EVENT, {"site_id": "site1"}, EVENT]
     response = client.post("/events", json=events)
@@ -192,6 +198,7 @@ def test_health_reports_exact_queue_size(client, drain):
     assert client.get("/health").get_json()["queue_size"] == 0
 
 
+@pytest.mark.embedded
 def test_health_is_503_when_the_queue_cannot_be_written(client, config):
     shutil.rmtree(config.data_dir)
     response = client.get("/health")
@@ -200,6 +207,7 @@ def test_health_is_503_when_the_queue_cannot_be_written(client, config):
     assert body["status"] == "unhealthy" and body["reason"]
 
 
+@pytest.mark.embedded
 def test_event_is_503_not_acknowledged_when_the_queue_cannot_be_written(client, config):
     shutil.rmtree(config.data_dir)
     response = client.post("/event", json=EVENT)

@@ -5,6 +5,8 @@ import pytest
 
 from ingestion_api import create_app
 
+ALL_BACKENDS = True
+
 EVENTS = [
     {"site_id": "s", "event_type": "page_view", "path": "/a", "user_id": "u1", "timestamp": "2025-05-01T10:15:00Z"},
     {"site_id": "s", "event_type": "page_view", "path": "/a", "user_id": "u2", "timestamp": "2025-05-01T11:00:00Z"},
