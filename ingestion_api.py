@@ -138,10 +138,16 @@ def register_tracking(app, config, queue, store):
     def tracker_script():
         return script.response(request)
 
+    @app.after_request
+    def any_origin_may_send_events(response):
+        # every answer, errors and 413s included, or browsers report a CORS failure instead
+        if request.path == "/api/event":
+            response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
 
 def plausible_response(body, status):
     response = Response(body, status=status, mimetype="text/plain")
-    response.headers["Access-Control-Allow-Origin"] = "*"
     if status == 204:
         response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Content-Type"
@@ -245,9 +251,7 @@ def register_errors(app):
 
     @app.errorhandler(InvalidPayload)
     def handle_invalid_payload(error):
-        response = json_response({"errors": error.errors}, 400)
-        response.headers["Access-Control-Allow-Origin"] = "*"
-        return response
+        return json_response({"errors": error.errors}, 400)
 
     @app.errorhandler(InvalidEvent)
     @app.errorhandler(InvalidParameter)

@@ -49,6 +49,12 @@ def test_every_tracker_body_is_accepted_like_plausible(client, body):
     assert response.headers["Access-Control-Allow-Origin"] == "*"
 
 
+def test_an_oversized_body_gets_413_that_a_browser_can_read(client):
+    response = send(client, '{"n":"pageview","u":"http://a.test/","d":"a.test","x":"%s"}' % ("x" * 70_000))
+    assert response.status_code == 413
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
 def test_preflight_is_answered_204(client):
     response = client.open("/api/event", method="OPTIONS", headers={"Origin": PAGE})
     assert response.status_code == 204
