@@ -1,5 +1,6 @@
 # make run    set up .venv, then run the API and the processor together (Ctrl-C stops both)
-# make test   set up .venv, then run the whole test suite
+# make test   set up .venv, start PostgreSQL and Redis if they are down, install Chromium and
+#             the npm trackers for the browser tests, then run the whole test suite
 # make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -15,6 +16,8 @@ run: $(VENV)/installed
 	honcho start
 
 test: $(VENV)/installed
+	.ci/services
+	.ci/provision-browser
 	python -m pytest
 
 bench: $(VENV)/installed
