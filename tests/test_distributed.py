@@ -1,0 +1,491 @@
+"""Redis and PostgreSQL with real processes: processors killed with kill -9, Redis and PostgreSQL restarted.
+
+Clients post events with unique user_id values through gunicorn while things break; afterwards
+every event acknowledged with a 200 must be stored exactly once (counted by user_id in the store),
+nothing stored may be an event that was never sent, and the rollups behind /stats must agree with
+the events table.
+
+Two processors on one SQLite database are not supported (SQLite has one writer), so Redis+SQLite
+is tested with one processor.
+"""
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+
+import psycopg
+import pytest
+import redis
+import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from events import encode_event, validate_event
+from postgres_store import PostgresStore
+from processes import (
+    Api, Load, duplicated_user_ids, free_port, log_tail, start_processor, stop, stored_count,
+    stored_user_ids, wait_for)
+from redis_queue import GROUP, RedisQueue
+from reports import Period
+
+CLAIM_IDLE = 1          # seconds before a live processor takes over a dead one's entries
+PG_CLUSTER = ("15", "main")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def children():
+    """Processes a test starts; all are killed (whole process groups) when it ends."""
+    started = []
+    yield started
+    for child in reversed(started):
+        stop(child.process if isinstance(child, Api) else child)
+
+
+# -- looking at the store and the queue directly ------------------------------
+
+class PostgresEvents:
+    """The events table of one PostgreSQL schema, read with a connection of our own."""
+
+    def __init__(self, url):
+        self.url = url
+
+    def rows(self, sql):
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as connection:
+            return connection.execute(sql).fetchall()
+
+    def count(self):
+        return self.rows("SELECT count(*) FROM events")[0][0]
+
+    def duplicated_user_ids(self):
+        return self.rows("SELECT user_id, count(*) FROM events GROUP BY user_id "
+                         "HAVING count(*) > 1 LIMIT 20")
+
+    def user_ids(self):
+        return {user_id for (user_id,) in self.rows("SELECT user_id FROM events")}
+
+
+class SQLiteEvents:
+    """The same questions of DATA_DIR/analytics.db."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+
+    def count(self):
+        return stored_count(self.data_dir)
+
+    def duplicated_user_ids(self):
+        return duplicated_user_ids(self.data_dir)
+
+    def user_ids(self):
+        return stored_user_ids(self.data_dir)
+
+
+def assert_exactly_once(events, acknowledged, failed):
+    """Every acknowledged id stored once; nothing stored that was never sent."""
+    assert events.duplicated_user_ids() == [], "events stored more than once"
+    stored = events.user_ids()
+    lost = acknowledged - stored
+    assert not lost, f"{len(lost)} acknowledged events lost, e.g. {sorted(lost)[:5]}"
+    unknown = stored - acknowledged - failed
+    assert not unknown, f"{len(unknown)} stored events were never sent, e.g. {sorted(unknown)[:5]}"
+    return stored
+
+
+def assert_rollups_exact(database_url, api, site_id, stored):
+    """/stats and every rollup report equal the same reports over the events table."""
+    stats = api.stats(site_id)
+    assert stats["total_views"] == stored, f"/stats counts {stats['total_views']} views of {stored}"
+    assert stats["unique_users"] == stored
+    store = PostgresStore(database_url)
+    connection = store.connect()
+    try:
+        rollup, raw = store.reports(connection), store.reports(connection, raw=True)
+        first, last = connection.execute("SELECT min(timestamp), max(timestamp) FROM events").fetchone()
+        days = Period(date.fromisoformat(first[:10]), date.fromisoformat(last[:10]))
+        for period in (Period(), days):
+            assert rollup.stats(site_id, period, 25) == raw.stats(site_id, period, 25)
+            assert (rollup.breakdown(site_id, "path", period, 25)
+                    == raw.breakdown(site_id, "path", period, 25))
+        assert rollup.timeseries(site_id, days, "hour") == raw.timeseries(site_id, days, "hour")
+    finally:
+        connection.close()
+        store.close()
+
+
+def wait_until_drained(queue, timeout=90):
+    """Nothing left in the stream that no processor has acknowledged."""
+    wait_for(lambda: queue.size() == 0, timeout, "the processors did not drain the stream", 0.1)
+
+
+def consumer_name(process):
+    """The name a processor reads under in the consumer group (see RedisConsumer)."""
+    return f"{socket.gethostname()}-{process.pid}"
+
+
+def pending_of(queue, process):
+    """Entries the processor has read and not acknowledged (none before the group exists)."""
+    try:
+        return len(queue.client.xpending_range(queue.stream, GROUP, min="-", max="+", count=100_000,
+                                               consumername=consumer_name(process)))
+    except redis.ResponseError as error:
+        if "NOGROUP" in str(error):
+            return 0
+        raise
+
+
+def processor_settings(queue_url, database_url=None, **extra):
+    settings = {"QUEUE_URL": queue_url, "QUEUE_CLAIM_IDLE": CLAIM_IDLE, **extra}
+    if database_url:
+        settings["DATABASE_URL"] = database_url
+    return settings
+
+
+def start_processors(data_dir, children, count, **settings):
+    """count processors, each logging to logs/processor-<n>.err, up and reading once this returns."""
+    processors = [start_processor(data_dir, log_name=f"processor-{slot}", **settings)
+                  for slot in range(count)]
+    children.extend(processors)
+    for slot, process in enumerate(processors):
+        wait_for(lambda: "processor started" in log_tail(data_dir, f"processor-{slot}", 100_000)
+                 or process.poll() is not None, 30, f"processor {slot} did not start")
+        assert process.poll() is None, log_tail(data_dir, f"processor-{slot}")
+    return processors
+
+
+def failures_logged(data_dir, log_name):
+    return log_tail(data_dir, log_name, size=10_000_000).count("batch failed; retrying")
+
+
+# -- kill -9 of two processors sharing Redis and PostgreSQL ---------------------
+
+def test_two_processors_killed_10_times_under_load_store_every_event_exactly_once(
+        data_dir, children, redis_stream, postgres_database):
+    settings = processor_settings(redis_stream, postgres_database)
+    api = Api(data_dir, workers=2, **settings)
+    children.append(api)
+    queue, events = RedisQueue(redis_stream), PostgresEvents(postgres_database)
+    rng = random.Random(11)
+    batch_sizes = [500, 50, 2000, 7, 10_000]
+
+    def start(slot, number):
+        process = start_processor(data_dir, log_name=f"processor-{slot}", **settings,
+                                  PROCESSOR_BATCH_SIZE=batch_sizes[number % len(batch_sizes)])
+        children.append(process)
+        return process
+
+    processors = [start(0, 0), start(1, 1)]
+    load = Load(api.url, "killed", threads=4, max_events=60_000, max_seconds=100, max_batch=20)
+    left_pending = []
+    try:
+        for kill in range(10):
+            slot = rng.randrange(2)
+            victim = processors[slot]
+            if kill % 2 == 0:
+                # in the middle of a batch: it has read entries and not acknowledged them
+                wait_for(lambda: pending_of(queue, victim) > 0 or victim.poll() is not None, 30,
+                         f"processor {slot} never held a batch (kill {kill})", interval=0.002)
+            else:
+                before = events.count()
+                wait_for(lambda: events.count() > before or victim.poll() is not None, 30,
+                         f"no progress before kill {kill}")
+                time.sleep(rng.uniform(0, 1))     # a random instant, not a wait for work
+            assert victim.poll() is None, (f"processor {slot} exited with {victim.returncode}:\n"
+                                           + log_tail(data_dir, f"processor-{slot}"))
+            victim.kill()
+            victim.wait(10)
+            left_pending.append(pending_of(queue, victim))
+            processors[slot] = start(slot, kill + 2)
+        assert load.running(), "the load ended before the last kill"
+    finally:
+        acknowledged, failed = load.stop()
+
+    wait_until_drained(queue)
+    for slot, process in enumerate(processors):
+        assert stop(process, signal.SIGTERM) == 0, log_tail(data_dir, f"processor-{slot}")
+    assert not failed, f"{len(failed)} events were refused while only processors were killed"
+    assert len(acknowledged) > 3000, "too little load to mean anything"
+    assert sum(count > 0 for count in left_pending) >= 5, \
+        f"too few kills left entries for the other processor to claim: {left_pending}"
+    stored = assert_exactly_once(events, acknowledged, failed)
+    assert events.count() == len(stored) == len(acknowledged)
+    assert_rollups_exact(postgres_database, api, "killed", len(stored))
+
+
+# -- Redis restarted under load -------------------------------------------------
+
+class RedisServer:
+    """A redis-server of the test's own that writes every change to its AOF before answering."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.port = free_port()
+        self.process = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        with open(self.directory / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                 "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+                 "--save", ""],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: self.answers() or self.process.poll() is not None, 15, "redis did not start")
+        assert self.process.poll() is None, (self.directory / "redis.log").read_text()[-2000:]
+
+    def answers(self):
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1,
+                             retry=Retry(NoBackoff(), 0))
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self):
+        """SIGTERM: Redis writes what it has and exits 0."""
+        return stop(self.process, signal.SIGTERM, timeout=30)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    stop(server.process)
+
+
+def assert_refuses_events_while_redis_is_down(api, probes):
+    """/health says unhealthy and POST /event answers a JSON 503: never 200 for an unqueued event."""
+    health = requests.get(api.url + "/health", timeout=60)
+    assert health.status_code == 503, health.text
+    assert health.json()["status"] == "unhealthy"
+    for _ in range(2):
+        user_id = f"probe-{len(probes)}"
+        probes.add(user_id)
+        response = requests.post(api.url + "/event", timeout=60, json={
+            "site_id": "restarted", "event_type": "page_view", "path": "/", "user_id": user_id})
+        assert response.status_code == 503, response.text
+        assert response.headers["Content-Type"] == "application/json"
+        assert "error" in response.json()
+
+
+def health_status(api):
+    try:
+        return requests.get(api.url + "/health", timeout=60).status_code
+    except requests.RequestException:
+        return None
+
+
+def test_a_redis_restart_under_load_loses_no_acknowledged_event(
+        data_dir, children, own_redis, postgres_database):
+    queue_url = f"{own_redis.url}?stream=analytics-test:restart"
+    settings = processor_settings(queue_url, postgres_database)
+    api = Api(data_dir, workers=2, **settings)
+    children.append(api)
+    processors = start_processors(data_dir, children, 2, PROCESSOR_BATCH_SIZE=500, **settings)
+    queue, events = RedisQueue(queue_url), PostgresEvents(postgres_database)
+    probes = set()
+    load = Load(api.url, "restarted", threads=4, max_events=60_000, max_seconds=100, max_batch=20)
+    try:
+        for restart in range(2):
+            acked = load.acked_so_far
+            wait_for(lambda: load.acked_so_far > acked + 1500, 30, f"no load before restart {restart}")
+            # stop while something is queued and not yet stored
+            wait_for(lambda: queue.size() > 0, 30, "the stream never held a backlog", interval=0.002)
+            assert own_redis.stop() == 0
+            assert_refuses_events_while_redis_is_down(api, probes)
+            for slot in range(2):
+                wait_for(lambda: failures_logged(data_dir, f"processor-{slot}") > restart, 30,
+                         f"processor {slot} did not notice that Redis is down")
+            own_redis.start()
+            wait_for(lambda: health_status(api) == 200, 60,
+                     "/health did not recover after Redis came back")
+            acked = load.acked_so_far
+            wait_for(lambda: load.acked_so_far > acked + 1500, 60,
+                     "clients got no 200s after Redis came back")
+        assert load.running(), "the load ended before the last restart"
+    finally:
+        acknowledged, failed = load.stop()
+
+    wait_until_drained(queue)
+    for slot, process in enumerate(processors):
+        assert process.poll() is None, \
+            f"processor {slot} exited:\n" + log_tail(data_dir, f"processor-{slot}")
+    assert failed, "no client saw Redis down: the outage was not under load"
+    assert len(acknowledged) > 3000, "too little load to mean anything"
+    stored = assert_exactly_once(events, acknowledged, failed)
+    assert not stored & probes, "an event refused with 503 while Redis was down was stored"
+    assert_rollups_exact(postgres_database, api, "restarted", len(stored))
+
+
+def test_a_processor_started_while_redis_is_down_waits_for_it(data_dir, children, own_redis):
+    queue_url = f"{own_redis.url}?stream=analytics-test:late"
+    assert own_redis.stop() == 0
+    processor = start_processor(data_dir, **processor_settings(queue_url))
+    children.append(processor)
+    # twice: it noticed, and it is still trying rather than gone
+    refused = f"connecting to 127.0.0.1:{own_redis.port}"
+    wait_for(lambda: processor.poll() is not None
+             or log_tail(data_dir, "processor", 1_000_000).count(refused) >= 2,
+             30, "the processor neither failed nor retried")
+    assert processor.poll() is None, \
+        "the processor exited because Redis was down when it started:\n" + log_tail(data_dir, "processor")
+
+    own_redis.start()
+    queue = RedisQueue(queue_url)
+    queued = {f"late-{n}" for n in range(100)}
+    queue.append([encode_event(validate_event(
+        {"site_id": "late", "event_type": "page_view", "user_id": user_id})) for user_id in sorted(queued)])
+    wait_for(lambda: stored_count(data_dir) == len(queued), 60,
+             "the processor did not store after Redis came back")
+    wait_until_drained(queue)
+    assert_exactly_once(SQLiteEvents(data_dir), queued, set())
+
+
+def test_threads_appending_first_to_a_fresh_redis_queue_all_succeed(redis_stream):
+    """What every gthread worker does with its first requests: its threads share one queue."""
+    line = encode_event(validate_event({"site_id": "threads", "event_type": "page_view"}))
+    errors = []
+    for _ in range(400):
+        queue = RedisQueue(redis_stream)
+        start = threading.Barrier(16)
+
+        def append(queue=queue, start=start):
+            start.wait()
+            try:
+                queue.append([line])
+            except Exception as error:      # QueueUnavailable would be a 503; anything else is a 500
+                errors.append(error)
+
+        threads = [threading.Thread(target=append) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        queue.close()
+        if errors:
+            break
+    assert not errors, f"appends failed with Redis up: {errors}"
+
+
+# -- PostgreSQL restarted under load ----------------------------------------------
+
+def postgres_is_ready():
+    return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]).returncode == 0
+
+
+def restart_postgres():
+    version, cluster = PG_CLUSTER
+    done = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"pg_ctlcluster restart failed: {done.stderr}"
+
+
+def status_codes(api, path, count=40):
+    """The answers to count GET requests sent four at a time, so that every worker thread gets some."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda _: requests.get(api.url + path, timeout=60).status_code,
+                             range(count)))
+
+
+def test_a_postgres_restart_under_load_loses_nothing(data_dir, children, redis_stream, postgres_database):
+    settings = processor_settings(redis_stream, postgres_database)
+    api = Api(data_dir, workers=2, **settings)
+    children.append(api)
+    processors = start_processors(data_dir, children, 2, PROCESSOR_BATCH_SIZE=500, **settings)
+    queue, events = RedisQueue(redis_stream), PostgresEvents(postgres_database)
+    load = Load(api.url, "pgrestart", threads=4, max_events=60_000, max_seconds=100, max_batch=20)
+    try:
+        try:
+            wait_for(lambda: events.count() > 1000, 30, "nothing stored before the restart")
+            # every API worker and thread now holds pooled connections to the database
+            assert set(status_codes(api, "/stats?site_id=pgrestart")) == {200}
+            restart_postgres()
+            wait_for(lambda: sum(failures_logged(data_dir, f"processor-{slot}") for slot in range(2)),
+                     30, "no processor noticed that PostgreSQL restarted")
+            before = events.count()
+            wait_for(lambda: events.count() > before + 1000, 60,
+                     "the processors did not store again after PostgreSQL came back")
+            assert load.running(), "the load ended before the processors recovered"
+            codes_after = status_codes(api, "/stats?site_id=pgrestart")
+        finally:
+            acknowledged, failed = load.stop()
+        wait_until_drained(queue)
+        for slot, process in enumerate(processors):
+            assert process.poll() is None, \
+                f"processor {slot} exited:\n" + log_tail(data_dir, f"processor-{slot}")
+            assert stop(process, signal.SIGTERM) == 0
+        assert not failed, f"{len(failed)} events were refused while only PostgreSQL was down"
+        stored = assert_exactly_once(events, acknowledged, failed)
+        assert len(stored) == len(acknowledged)
+        assert_rollups_exact(postgres_database, api, "pgrestart", len(stored))
+        # the API's pooled connections died with the restart: none may turn into a 503 later
+        assert set(codes_after) == {200}, f"/stats answered {codes_after} once PostgreSQL was back"
+    finally:
+        deadline = time.monotonic() + 60
+        while not postgres_is_ready() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+# -- Redis and SQLite: one processor -------------------------------------------------
+
+def test_one_processor_on_redis_and_sqlite_killed_and_restarted_stores_exactly_once(
+        data_dir, children, redis_stream):
+    settings = processor_settings(redis_stream)
+    api = Api(data_dir, workers=2, **settings)
+    children.append(api)
+    queue, events = RedisQueue(redis_stream), SQLiteEvents(data_dir)
+    rng = random.Random(5)
+    load = Load(api.url, "sqlite", threads=4, max_events=60_000, max_seconds=60, max_batch=20)
+    left_pending = []
+    try:
+        for kill in range(4):
+            processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=300, **settings)
+            children.append(processor)
+            if kill % 2 == 0:
+                # in the middle of a batch, which the next processor has to claim
+                wait_for(lambda: pending_of(queue, processor) > 0 or processor.poll() is not None, 30,
+                         f"the processor never held a batch (kill {kill})", interval=0.002)
+            elif kill == 1:
+                before = events.count()
+                wait_for(lambda: events.count() > before or processor.poll() is not None, 30,
+                         "the processor stored nothing")
+                time.sleep(rng.uniform(0, 1))       # a random instant, not a wait for work
+            else:
+                time.sleep(rng.uniform(0, 0.5))     # somewhere in its start-up
+            assert processor.poll() is None, log_tail(data_dir, "processor")
+            processor.kill()
+            processor.wait(10)
+            left_pending.append(pending_of(queue, processor))
+        processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=300, **settings)
+        children.append(processor)
+        acked = load.acked_so_far
+        wait_for(lambda: load.acked_so_far > acked + 500, 30, "no load after the last restart")
+    finally:
+        acknowledged, failed = load.stop()
+
+    wait_until_drained(queue)
+    assert stop(processor, signal.SIGTERM) == 0, log_tail(data_dir, "processor")
+    assert left_pending[0] and left_pending[2], f"a kill left nothing to claim: {left_pending}"
+    assert not failed, f"{len(failed)} events were refused while only the processor was killed"
+    assert len(acknowledged) > 2000, "too little load to mean anything"
+    stored = assert_exactly_once(events, acknowledged, failed)
+    assert events.count() == len(stored) == len(acknowledged)
+    assert api.stats("sqlite")["total_views"] == len(stored)
