@@ -117,6 +117,7 @@ class PostgresStore:
         with self._lock:
             if self._pid != os.getpid():                   # a forked worker needs its own
                 self._pool = ConnectionPool(self.url, min_size=1, max_size=8, timeout=5,
+                                            check=ConnectionPool.check_connection,
                                             open=False, name="analytics")
                 self._pool.open(wait=False)
                 self._pid = os.getpid()

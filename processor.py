@@ -209,14 +209,36 @@ def main(argv=None):
             log.error("%s failed: %s", args.command, error)
             return 2
     processor = Processor(open_queue(config), open_store(config), config)
+    install_signal_handlers(processor)
     try:
-        processor.start()
+        if not start_when_reachable(processor):
+            return 0
     except QueueBusy as error:
         log.error("%s", error)
         return 1
-    install_signal_handlers(processor)
     processor.run(once=args.once)
     return 0
+
+
+def start_when_reachable(processor):
+    """Start, retrying while the queue or the store is down; False if stopped meanwhile.
+
+    A processor started together with its database (compose, systemd) must
+    wait for it rather than exit. Only a queue taken by another processor
+    is final.
+    """
+    backoff = 0.5
+    while not processor.stopping.is_set():
+        try:
+            processor.start()
+            return True
+        except QueueBusy:
+            raise
+        except Exception as error:
+            log.warning("cannot start yet: %s; retrying in %.1fs", error, backoff)
+            processor.stopping.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+    return False
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ processor has acknowledged are trimmed, so memory stays bounded.
 """
 import os
 import socket
+import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -35,6 +36,7 @@ class RedisQueue:
         self.url, self.stream = _split_stream(url)
         self.claim_idle_ms = int(claim_idle * 1000)
         self._client = None
+        self._client_lock = threading.Lock()
 
     @property
     def name(self):
@@ -46,10 +48,13 @@ class RedisQueue:
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
-                                                health_check_interval=30)
-        return self._client
+        # One client per queue: a second one made by a racing thread would be
+        # garbage-collected and close the connections the first thread is using.
+        with self._client_lock:
+            if self._client is None:
+                self._client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
+                                                    health_check_interval=30)
+            return self._client
 
     def append(self, lines):
         try:
@@ -82,9 +87,10 @@ class RedisQueue:
             raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def close(self):
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     def consumer(self, checkpoint=None):
         """checkpoint is not needed: Redis remembers what each processor has acknowledged."""
