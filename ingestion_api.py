@@ -8,6 +8,7 @@
     GET  /health              liveness and queue backlog
     POST /api/event           the Plausible Events API, for browser trackers
     GET  /js/script.js        our tracker script
+    GET  /openapi.json        the OpenAPI description of all of these (openapi.yaml)
 
 Ingestion only validates and appends to the queue; the processor stores.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 
 import orjson
+import yaml
 from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
@@ -60,6 +62,7 @@ def create_app(config=None):
     register_ingestion(app, config, queue)
     register_tracking(app, config, queue, store)
     register_reports(app, config, store)
+    register_openapi(app)
     register_errors(app)
     return app
 
@@ -237,6 +240,16 @@ def register_reports(app, config, store):
         results = reports().breakdown(site_id, prop, period, limit)
         return json_response({"site_id": site_id, "property": prop,
                               **params.period_fields(period), "results": results})
+
+
+def register_openapi(app):
+    # read once: the file is part of the code, so it cannot change while the app runs
+    with open(os.path.join(app.root_path, "openapi.yaml"), encoding="utf-8") as file:
+        document = orjson.dumps(yaml.safe_load(file))
+
+    @app.get("/openapi.json")
+    def openapi():
+        return Response(document, mimetype=JSON)
 
 
 def register_errors(app):

@@ -103,6 +103,12 @@ class SQLiteStore:
         return self.path
 
     def connect(self, readonly=False):
+        try:
+            return self._connect(readonly)
+        except sqlite3.OperationalError as error:      # no file, no directory, locked past the timeout
+            raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
+
+    def _connect(self, readonly):
         if readonly:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                          timeout=5, check_same_thread=False)
@@ -186,6 +192,8 @@ class SQLiteStore:
             salt = connection.execute("SELECT salt FROM salts WHERE day = ?", (day,)).fetchone()[0]
             connection.execute("COMMIT")
             return salt
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
         finally:
             connection.close()
 

@@ -1,5 +1,6 @@
 """The reporting endpoints: parameters, shapes, API keys and CORS."""
 import logging
+import shutil
 
 import pytest
 
@@ -153,3 +154,15 @@ def test_reports_are_readable_from_a_configured_origin(config):
     other = client.get("/stats?site_id=s", headers={"Origin": "https://evil.example",
                                                      "Authorization": "Bearer k"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+# -- the database out of reach -------------------------------------------------
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
+                                 "/stats/breakdown?site_id=s&property=path"])
+def test_reports_answer_503_not_500_when_the_database_cannot_be_opened(client, config, url):
+    shutil.rmtree(config.data_dir)
+    response = client.get(url)
+    assert response.status_code == 503
+    assert response.get_json() == {"error": "Database unavailable; retry later"}

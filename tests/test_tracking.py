@@ -1,6 +1,7 @@
 """Browser traffic: the Plausible Events API, cookieless visitors, enrichment and bots."""
 import gzip
 import os
+import shutil
 import sqlite3
 from datetime import datetime, timedelta, timezone
 
@@ -195,3 +196,11 @@ def test_tracker_script_is_small_javascript(client):
     plain = client.get("/js/script.js")
     assert plain.data.decode() == source
     assert client.get("/js/script.js", headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304
+
+
+def test_event_is_503_not_500_when_the_visitor_salts_cannot_be_read(client, config):
+    shutil.rmtree(config.data_dir)
+    response = send(client, PAGEVIEW)
+    assert response.status_code == 503
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "error" in response.get_json()
