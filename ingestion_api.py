@@ -273,7 +273,11 @@ def register_errors(app):
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error):
-        return json_response({"error": error.description}, error.code)
+        response = json_response({"error": error.description}, error.code)
+        for name, value in error.get_headers():     # what the status requires, such as Allow on a 405
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
 
 def parse_batch(body, mimetype):

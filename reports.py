@@ -41,7 +41,8 @@ def buckets(period, interval):
     step = timedelta(days=1) if interval == "day" else timedelta(hours=1)
     count = ((period.end - period.start).days + 1) * (1 if interval == "day" else 24)
     width = 10 if interval == "day" else 13
-    return [(start + step * i).strftime("%Y-%m-%dT%H")[:width] for i in range(count)]
+    # isoformat, not strftime: %Y gives "55" rather than "0055" for early years
+    return [(start + step * i).isoformat()[:width] for i in range(count)]
 
 
 def bucket_label(key):

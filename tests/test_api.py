@@ -222,6 +222,14 @@ def test_unknown_route_and_method_are_json_errors(client):
     assert response.status_code == 405 and "error" in response.get_json()
 
 
+@pytest.mark.parametrize("method, url, allowed", [("get", "/event", {"POST"}),
+                                                  ("delete", "/stats", {"GET", "HEAD"})])
+def test_wrong_method_answer_lists_the_allowed_ones(client, method, url, allowed):
+    response = getattr(client, method)(url)
+    assert response.status_code == 405
+    assert allowed <= {name.strip() for name in response.headers["Allow"].split(",")}
+
+
 def test_fifty_thousand_levels_of_nesting_is_a_400_not_a_recursion_error(config):
     from ingestion_api import create_app
     client = create_app(config.with_overrides(max_body_bytes=1024 * 1024)).test_client()

@@ -59,6 +59,12 @@ def test_timeseries_by_hour(loaded):
     assert points[11] == {"date": "2025-05-01T11:00:00Z", "views": 1, "unique_users": 1}
 
 
+@pytest.mark.parametrize("interval, label", [("day", "0055-04-04"), ("hour", "0055-04-04T00:00:00Z")])
+def test_timeseries_labels_early_years_with_four_digits(client, interval, label):
+    points = get(client, "/stats/timeseries", site_id="s", interval=interval, date="0055-04-04")["points"]
+    assert points[0] == {"date": label, "views": 0, "unique_users": 0}
+
+
 def test_breakdown_by_path(loaded):
     body = get(loaded, "/stats/breakdown", site_id="s", property="path")
     assert body == {"site_id": "s", "property": "path", "from": None, "to": None, "results": [
