@@ -3,6 +3,7 @@
 Each method returns a clean value or raises InvalidParameter with a message
 that names the parameter.
 """
+import re
 from datetime import date, datetime, timedelta, timezone
 
 from reports import Period
@@ -11,6 +12,8 @@ from rollups import PROPERTIES, is_property
 MAX_LIMIT = 1000
 MAX_HOURLY_DAYS = 31
 INTERVALS = ("day", "hour")
+# date.fromisoformat alone also takes week dates (2025-W01-1) and trailing text (20250101xx)
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 
 
 class InvalidParameter(ValueError):
@@ -19,7 +22,7 @@ class InvalidParameter(ValueError):
 
 def _date(text, name):
     try:
-        if len(text) != 10:
+        if not DATE.fullmatch(text):
             raise ValueError
         return date.fromisoformat(text)
     except ValueError:
@@ -37,13 +40,15 @@ class QueryParams:
         site_id = self.args.get("site_id")
         if not site_id:
             raise InvalidParameter("Missing required parameter: site_id")
+        if "\x00" in site_id:        # no event has one, and PostgreSQL text cannot hold it
+            raise InvalidParameter("Invalid site_id: contains a NUL character")
         return site_id
 
     def limit(self):
         text = self.args.get("limit")
         if text is None:
             return 10
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
             raise InvalidParameter(f"Invalid limit: expected a whole number from 1 to {MAX_LIMIT}")
         return int(text)
 

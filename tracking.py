@@ -93,7 +93,10 @@ def _sites(domain):
 
 
 def _page(url, hash_mode):
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:          # such as an unclosed [ of an IPv6 host
+        raise InvalidPayload("url", "must be an absolute http or https URL") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidPayload("url", "must be an absolute http or https URL")
     path = unquote(parts.path) or "/"

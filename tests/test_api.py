@@ -174,14 +174,15 @@ def test_stats_without_site_id_is_rejected(client):
     assert response.get_json() == {"error": "Missing required parameter: site_id"}
 
 
-@pytest.mark.parametrize("day", ["2025-02-30", "2025-1-01", "yesterday", "20250101", "2025-01-01T00:00"])
+@pytest.mark.parametrize("day", ["2025-02-30", "2025-1-01", "yesterday", "20250101", "2025-01-01T00:00",
+                                 "2025-W01-1", "20250101xx", "２０２５-01-01"])
 def test_invalid_date_is_rejected(client, day):
     response = client.get("/stats", query_string={"site_id": "s", "date": day})
     assert response.status_code == 400
     assert response.get_json() == {"error": "Invalid date format. Expected YYYY-MM-DD"}
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "1.5"])
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "1.5", "\u0663", "\uff11"])
 def test_invalid_limit_is_rejected(client, limit):
     response = client.get("/stats", query_string={"site_id": "s", "limit": limit})
     assert response.status_code == 400

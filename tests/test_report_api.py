@@ -172,3 +172,11 @@ def test_reports_answer_503_not_500_when_the_database_cannot_be_opened(client, c
     response = client.get(url)
     assert response.status_code == 503
     assert response.get_json() == {"error": "Database unavailable; retry later"}
+
+
+@pytest.mark.parametrize("url", ["/stats?site_id=a%00", "/stats/timeseries?site_id=a%00",
+                                 "/stats/breakdown?site_id=a%00&property=path"])
+def test_site_id_with_a_nul_character_is_a_400(client, url):
+    response = client.get(url)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid site_id: contains a NUL character"}

@@ -68,6 +68,7 @@ def test_preflight_is_answered_204(client):
     ('{"n":"pageview","d":"a.test"}', "url"),
     ('{"n":"pageview","u":"http://a.test/"}', "domain"),
     ('{"n":"pageview","u":"/relative","d":"a.test"}', "url"),
+    ('{"n":"pageview","u":"http://[::1/unclosed","d":"a.test"}', "url"),
     ('{"n":"pageview","u":"http://a.test/","d":" , "}', "domain"),
     ('{"n":"%s","u":"http://a.test/","d":"a.test"}' % ("x" * 121), "name"),
     ('{"n":"pageview","u":"http://a.test/","d":"a.test","p":[1]}', "props"),
