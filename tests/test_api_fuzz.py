@@ -19,7 +19,7 @@ from ingestion_api import create_app
 KEY = "fuzz-key"
 FUZZING = schemathesis.Config.from_dict({
     # the same cases on every run, so a failure is a change in the app or in openapi.yaml
-    "generation": {"max-examples": 40, "deterministic": True},
+    "generation": {"max-examples": 100, "deterministic": True},
     "auth": {"openapi": {"bearerAuth": {"bearer": KEY}}},
     # Every other check runs. This one wants every schema-valid request accepted, but some
     # rules span parameters or the clock (date with from, from after to, a timestamp more
