@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
 from openapi_core.testing import MockRequest
@@ -57,6 +58,14 @@ def test_the_document_is_openapi_3_1(document, openapi):
 def test_openapi_json_serves_the_document(client, document, openapi):
     response = described(openapi, client.get("/openapi.json"))
     assert response.get_json() == document
+
+
+def test_examples_in_the_document_fit_their_schemas(document):
+    for name, schema in document["components"]["schemas"].items():
+        # the whole document as root, so that its $refs resolve
+        validator = Draft202012Validator({**document, "$ref": f"#/components/schemas/{name}"})
+        for example in schema.get("examples", []):
+            validator.validate(example)
 
 
 def test_every_route_is_described(app, document):
