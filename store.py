@@ -13,14 +13,18 @@ chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
 import logging
 import sqlite3
 from contextlib import contextmanager
+from functools import lru_cache
+from operator import itemgetter
 
 import rollups
-from enrich import ENRICHED_COLUMNS
-from events import EVENT_COLUMNS
+from enrich import NOTHING
+from rollups import ROW_COLUMNS
 from reports import RawReports, RollupReports
 
 log = logging.getLogger("store")
 REBUILD_CHUNK = 100_000
+UNENRICHED = len(ROW_COLUMNS) - len(NOTHING)      # the original columns and event_id come first
+UNENRICHED_COLUMNS = tuple(range(UNENRICHED))
 
 
 def _refold(connection, progress):
@@ -29,9 +33,14 @@ def _refold(connection, progress):
         "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
     for start in range(low, high, REBUILD_CHUNK):
         end = min(start + REBUILD_CHUNK, high)
-        rollups.fold(connection, rollups.SQLITE, {"low": start, "high": end})
+        rollups.add_totals(connection, rollups.BatchTotals(_stored_rows(connection, start, end)))
         if progress:
             progress(end - low, high - low)
+
+
+def _stored_rows(connection, after_id, last_id):
+    return connection.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM events WHERE id > ? AND id <= ?",
+                              (after_id, last_id)).fetchall()
 
 
 # Each entry moves the schema from version i to i + 1. Never edit a released one.
@@ -75,10 +84,39 @@ MIGRATIONS = [
     """,
 ]
 ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
-ROW_COLUMNS = EVENT_COLUMNS + ("event_id",) + ENRICHED_COLUMNS
-# an event delivered twice (a queue redelivers after a crash) is stored once
-INSERT_EVENT = (f"INSERT INTO events ({', '.join(ROW_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(ROW_COLUMNS))}) ON CONFLICT DO NOTHING")
+
+
+def _insert(connection, rows):
+    """Insert rows, skipping event ids already stored; return the rows really inserted.
+
+    Each row binds only the columns it has values for (sqlite3 binds a None
+    several times slower than a value), so rows are grouped by which columns
+    they fill; most events fill exactly the columns before enrichment's.
+    """
+    last_id = connection.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    groups = {}
+    for row in rows:
+        if row[UNENRICHED:] == NOTHING and None not in row[:UNENRICHED]:
+            filled = UNENRICHED_COLUMNS
+        else:
+            filled = tuple(index for index, value in enumerate(row) if value is not None)
+        groups.setdefault(filled, []).append(row)
+    inserted = 0
+    for filled, group in groups.items():
+        inserted += connection.executemany(_insert_statement(filled),
+                                           map(itemgetter(*filled), group)).rowcount
+    if inserted == len(rows):
+        return rows
+    # some event ids were there already (a queue delivered them again): only new rows count
+    return _stored_rows(connection, last_id, connection.execute("SELECT max(id) FROM events").fetchone()[0])
+
+
+@lru_cache(maxsize=256)
+def _insert_statement(filled):
+    # an event delivered twice (a queue redelivers after a crash) is stored once
+    columns = [ROW_COLUMNS[index] for index in filled]
+    return (f"INSERT INTO events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            "ON CONFLICT DO NOTHING")
 
 
 class StoreUnavailable(Exception):
@@ -162,12 +200,9 @@ class SQLiteStore:
     def write(self, rows, queue, checkpoint):
         """Insert rows (of ROW_COLUMNS) and record the queue position they came from, atomically."""
         with self.atomic() as connection:
-            last_id = connection.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-            connection.executemany(INSERT_EVENT, rows)
-            if self.rollups and rows:
-                # only rows really inserted got ids above last_id: duplicates count nowhere
-                new_last = connection.execute("SELECT max(id) FROM events").fetchone()[0]
-                rollups.fold(connection, rollups.SQLITE, {"low": last_id, "high": new_last})
+            inserted = _insert(connection, rows)
+            if self.rollups and inserted:
+                rollups.add_totals(connection, rollups.BatchTotals(inserted))
             if checkpoint is not None:
                 connection.execute(
                     "INSERT INTO queue_checkpoints (queue, checkpoint) VALUES (?, ?) "
