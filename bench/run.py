@@ -1,4 +1,5 @@
-"""The benchmark suite: every figure of bench/RESULTS.md in one run.
+"""The benchmark suite: every figure of bench/RESULTS.md in one run (the processor's own
+figures are bench/processor_bench.py's, in bench/PROCESSOR.md).
 
     .venv/bin/python bench/run.py            full run, writes bench/RESULTS.md (~6 minutes)
     .venv/bin/python bench/run.py --quick    smoke run, writes bench/out/RESULTS-quick.md (~1.5 minutes)
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,18 +33,17 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (BENCH, OUT, REPO, BenchError, ForeignCpu, Gunicorn, Wrk, parse_wrk,  # noqa: E402
-                           request, start_processor, stop_processor, wait_with_peak_rss)
+                           request, start_processor, stop_processor)
 from events import encode_event, validate_event  # noqa: E402
-from store import SQLiteStore  # noqa: E402
 
 APP = "ingestion_api:app"
 BARE = "bench.bare_app:app"
 
 FULL = dict(sweep_seconds=3, sweep_rounds=2, http_seconds=6, rounds=3, fsync_seconds=5, fsync_rounds=2,
-            events=1_000_000, processor_rounds=3, processor_budget=60, fresh_seconds=25,
+            fresh_seconds=25,
             warm_seconds=1, quiet_budget=45)
 QUICK = dict(sweep_seconds=0, sweep_rounds=1, http_seconds=3, rounds=1, fsync_seconds=3, fsync_rounds=1,
-             events=200_000, processor_rounds=1, processor_budget=0, fresh_seconds=6, warm_seconds=1,
+             fresh_seconds=6, warm_seconds=1,
              quiet_budget=15)
 
 # (worker class, workers, threads); "--threads 1" keeps sync from turning into gthread
@@ -243,102 +243,6 @@ def measure_fsync(run):
     run.results["fsync"] = results
     for policy, rounds in results.items():
         log(f"  FSYNC={policy:6} " + "  ".join(f"{r['rps']:7.0f}/s p99 {r['p99']:.1f} ms" for r in rounds))
-
-
-# -- 3. the processor against a plain executemany -----------------------------
-
-def make_queue_lines(count, seed=20250131):
-    """Queue lines exactly as POST /event writes them (validate_event, then encode_event)."""
-    rng = random.Random(seed)
-    sites = [f"site-{number:02d}.example" for number in range(20)]
-    site_of = rng.choices(sites, weights=[1 / (rank + 1) for rank in range(20)], k=count)
-    paths = [f"/docs/section-{number // 25}/page-{number}" for number in range(500)]
-    kinds = ["page_view"] * 8 + ["click", "signup"]
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    received = datetime(2025, 2, 1, tzinfo=timezone.utc)
-    step = timedelta(days=7) / count
-    lines = []
-    for number in range(count):
-        event = {"site_id": site_of[number], "event_type": rng.choice(kinds),
-                 "path": rng.choice(paths), "timestamp": (start + number * step).isoformat()}
-        if rng.random() < 0.9:
-            event["user_id"] = f"u-{rng.randrange(100_000):06d}"
-        lines.append(encode_event(validate_event(event, now=received)))
-    return lines
-
-
-def stored_rows(database):
-    """The events table's columns (less id) and rows, as the processor stored them."""
-    connection = sqlite3.connect(database)
-    try:
-        columns = [row[1] for row in connection.execute("PRAGMA table_info(events)") if row[1] != "id"]
-        rows = connection.execute(f"SELECT {', '.join(columns)} FROM events ORDER BY id").fetchall()
-        return columns, rows
-    finally:
-        connection.close()
-
-
-def plain_insert(columns, rows, database, per_transaction=10_000):
-    """The baseline: the same rows into the same schema with the same pragmas, 10,000 per transaction."""
-    store = SQLiteStore(str(database))
-    store.migrate()
-    store.close()
-    insert = f"INSERT INTO events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    connection = sqlite3.connect(database, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        started = time.perf_counter()
-        for offset in range(0, len(rows), per_transaction):
-            connection.execute("BEGIN")
-            connection.executemany(insert, rows[offset:offset + per_transaction])
-            connection.execute("COMMIT")
-        return time.perf_counter() - started
-    finally:
-        connection.close()
-
-
-def count_rows(database):
-    connection = sqlite3.connect(database)
-    try:
-        return connection.execute("SELECT count(*) FROM events").fetchone()[0]
-    finally:
-        connection.close()
-
-
-def measure_processor(run):
-    """processor.py --once draining a queue file, then the rows it stored inserted plainly."""
-    count = run.s["events"]
-    started = time.perf_counter()
-    queue_bytes = b"".join(make_queue_lines(count))
-    log(f"  generated {count:,} queue lines ({len(queue_bytes) / 1e6:.0f} MB) "
-        f"in {time.perf_counter() - started:.1f}s")
-    plain, drains, rows = [], [], None
-    section_started = time.perf_counter()
-    for number in range(run.s["processor_rounds"]):
-        if number and time.perf_counter() - section_started > run.s["processor_budget"]:
-            break       # a slow processor gets fewer rounds, so the run stays bounded
-        data = run.data_dir(f"drain-{number}")
-        (data / "event_queue.jsonl").write_bytes(queue_bytes)
-        started = time.perf_counter()
-        processor = start_processor(data, f"drain-{number}", once=True)
-        code, peak = wait_with_peak_rss(processor, timeout=400)
-        seconds = time.perf_counter() - started
-        if code != 0:
-            raise BenchError(f"processor --once exited {code}; see {processor.log_path}")
-        if rows is None:
-            columns, rows = stored_rows(data / "analytics.db")
-        stored = count_rows(data / "analytics.db")
-        if stored != count:
-            raise BenchError(f"processor stored {stored} of {count} events")
-        drains.append(dict(rate=count / seconds, seconds=seconds, peak_mb=peak))
-        shutil.rmtree(data, ignore_errors=True)
-        plain.append(count / plain_insert(columns, rows, run.base / f"plain-{number}.db"))
-        log(f"  round {number + 1}: processor {count / seconds:9.0f} events/s ({seconds:.1f}s, "
-            f"peak RSS {peak:.0f} MB)   plain executemany {plain[-1]:9.0f} rows/s")
-        (run.base / f"plain-{number}.db").unlink()
-    run.results["processor"] = dict(count=count, plain=plain, drains=drains,
-                                    queue_mb=len(queue_bytes) / 1e6)
 
 
 # -- 5. freshness under load -------------------------------------------------
@@ -545,13 +449,6 @@ def summary_rows(run):
         rows.append(("POST /events events/s, idle-machine estimate (cores / CPU per request)",
                      f"{idle:,.0f}", f"{median_of(app, 'cpu_per_request_us') / 100:.1f} us CPU per event",
                      "", ">= 300,000 events/s", verdict(idle >= 300_000)))
-    if "processor" in r:
-        p = r["processor"]
-        rate = median([d["rate"] for d in p["drains"]])
-        ratio = median([d["rate"] / plain for d, plain in zip(p["drains"], p["plain"])])
-        rows.append((f"processor draining {p['count']:,} events: events/s", f"{rate:,.0f}",
-                     f"plain executemany {median(p['plain']):,.0f}", f"{ratio:.2f}",
-                     ">= 150,000/s and >= 0.5", verdict(rate >= 150_000 and ratio >= 0.5)))
     if "fsync" in r:
         never = r["fsync"]["never"]
         for policy in ("batch", "always"):
@@ -569,11 +466,6 @@ def summary_rows(run):
         peak = max(mb for _, _, mb in run.worker_peaks)
         rows.append(("peak RSS per API worker under load", f"{peak:.0f} MB",
                      f"{len(run.worker_peaks)} workers", "", "< 80 MB", verdict(peak < 80)))
-    if "processor" in r:
-        peak = max(d["peak_mb"] for d in r["processor"]["drains"])
-        rows.append((f"peak RSS of the processor draining {r['processor']['count']:,} events",
-                     f"{peak:.0f} MB", f"queue file {r['processor']['queue_mb']:.0f} MB", "",
-                     "< 150 MB", verdict(peak < 150)))
     return rows
 
 
@@ -614,12 +506,7 @@ LIMITS = """\
 - **POST /events.** 100 events per request spread the per-request cost, so the limit becomes
   per-event work: orjson parse, `validate_event` (timestamp parse and reformat) and encode, about
   {validate_us:.1f} us per event, plus one locked append per batch.
-- **Processor.** Reading the queue and parsing lines with orjson is a small part (about a tenth
-  in a profile); the rest is SQLite in one transaction per batch: the events insert with its
-  indexes, then the rollup folds (one INSERT ... SELECT per rollup table, the per-day sets of
-  users by path, event type and source being the largest), then the commit writing every page
-  those B-trees dirtied to the WAL. The plain executemany of the same rows into the same table is
-  the events insert alone, so the ratio is the share of the work that is not rollups.
+- **Processor.** Measured by `bench/processor_bench.py`; see `bench/PROCESSOR.md`.
 - **FSYNC.** `always` makes every request wait for an fdatasync under the writers' lock, so
   requests are serialised on the disk's flush latency; `batch` syncs at most every 0.2 s per worker.
 - **Freshness.** An acknowledged event waits for the processor's next poll (0.05 s when idle) or for
@@ -746,7 +633,7 @@ def main(argv=None):
 
 
 SECTIONS = {"sweep": measure_sweep, "http": measure_http, "fsync": measure_fsync,
-            "processor": measure_processor, "freshness": measure_freshness,
+            "freshness": measure_freshness,
             "hot_path": measure_hot_path}
 
 if __name__ == "__main__":
