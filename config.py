@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, replace
 
 FSYNC_POLICIES = ("never", "batch", "always")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigurationError(Exception):
@@ -35,6 +36,11 @@ class Config:
     cors_origins: tuple = ()
     trusted_proxies: tuple = ()
     claim_idle: float = 30.0
+    retention_days: int = 0              # 0: keep events forever
+    rollup_retention_days: int = 0       # 0: keep per-hour and per-day rollups forever
+    retention_batch_size: int = 5000
+    retention_interval: float = 1.0
+    log_format: str = "text"
 
     @property
     def queue_path(self):
@@ -71,6 +77,13 @@ def _positive_float(text):
     return value
 
 
+def _days(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a number of days, or 0 to keep everything")
+    return value
+
+
 def _word_list(text):
     return tuple(word for word in text.replace(",", " ").split() if word)
 
@@ -93,10 +106,12 @@ def _networks(text):
         raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8") from None
 
 
-def _fsync_policy(text):
-    if text not in FSYNC_POLICIES:
-        raise ValueError("must be one of " + ", ".join(FSYNC_POLICIES))
-    return text
+def _one_of(choices):
+    def parse(text):
+        if text not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text
+    return parse
 
 
 ENVIRONMENT = {
@@ -108,7 +123,7 @@ ENVIRONMENT = {
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_BATCH_EVENTS": ("max_batch_events", _positive_int),
     "MAX_BATCH_BODY_BYTES": ("max_batch_bytes", _positive_int),
-    "FSYNC": ("fsync", _fsync_policy),
+    "FSYNC": ("fsync", _one_of(FSYNC_POLICIES)),
     "FSYNC_INTERVAL": ("fsync_interval", _positive_float),
     "QUEUE_SEGMENT_BYTES": ("segment_bytes", _positive_int),
     "PROCESSOR_BATCH_SIZE": ("processor_batch_size", _positive_int),
@@ -120,6 +135,11 @@ ENVIRONMENT = {
     "CORS_ORIGINS": ("cors_origins", _word_list),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "QUEUE_CLAIM_IDLE": ("claim_idle", _positive_float),
+    "RETENTION_DAYS": ("retention_days", _days),
+    "ROLLUP_RETENTION_DAYS": ("rollup_retention_days", _days),
+    "RETENTION_BATCH_SIZE": ("retention_batch_size", _positive_int),
+    "RETENTION_INTERVAL": ("retention_interval", _positive_float),
+    "LOG_FORMAT": ("log_format", _one_of(LOG_FORMATS)),
 }
 
 

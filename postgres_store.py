@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 import rollups
 from reports import RawReports, RollupReports
-from store import REBUILD_CHUNK, ROW_COLUMNS, StoreUnavailable
+from store import REBUILD_CHUNK, ROW_COLUMNS, StoreUnavailable, delete_window
 
 log = logging.getLogger("store")
 SHARDS = 16
@@ -221,3 +221,8 @@ class PostgresStore:
                 rollups.fold(connection, self._dialect(), {})
                 if progress:
                     progress(end - low, high - low)
+
+    def delete_before(self, table, day, after=None, limit=5000):
+        """As SQLiteStore.delete_before; concurrent processors deleting the same rows only wait."""
+        with self.atomic() as connection:
+            return delete_window(connection, table, day, after, limit)

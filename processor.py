@@ -27,6 +27,7 @@ from config import ConfigurationError, load_config
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
 from query_params import InvalidParameter, QueryParams
+from retention import Retention
 from shared_queue import QueueBusy, open_queue
 from store import open_store
 from transfer import export_events, import_file
@@ -47,6 +48,7 @@ class Processor:
         self.stored = 0
         self.dead = 0
         self._consumer = None
+        self.retention = Retention(store, config)
 
     def start(self):
         """Migrate the store and claim the queue; raises QueueBusy if taken."""
@@ -90,6 +92,7 @@ class Processor:
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue
                 progress.report(self)
+                self.retention.step()       # one small window, when due
                 if consumed == 0:
                     if once:
                         break

@@ -9,6 +9,7 @@ chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
     store.checkpoint(queue)               the position stored with the last write
     store.reports(connection)             the report queries (reports.py)
     store.rebuild_rollups(progress)       recompute every rollup from the events
+    store.delete_before(table, day, ...)  retention: one window of old rows deleted
 """
 import logging
 import sqlite3
@@ -239,3 +240,46 @@ class SQLiteStore:
         """Recompute every rollup from the events table, in one transaction."""
         with self.atomic() as connection:
             _refold(connection, progress)
+
+    def delete_before(self, table, day, after=None, limit=5000):
+        """Delete old rows of one window of a dated table, in one transaction (see delete_window)."""
+        with self.atomic() as connection:
+            return delete_window(connection, table, day, after, limit)
+
+
+# The tables retention deletes from: their walking key (a prefix of the primary
+# key, so windows are index ranges) and the column holding their UTC date.
+DATED_TABLES = {
+    "events": (("id",), "timestamp"),
+    "hourly_totals": (("site_id", "hour"), "hour"),
+    "hourly_users": (("site_id", "hour", "user_id"), "hour"),
+    "daily_values": (("site_id", "property", "day", "value"), "day"),
+    "daily_value_users": (("site_id", "property", "value", "day", "user_id"), "day"),
+}
+
+
+def delete_window(connection, table, day, after, limit):
+    """Delete the rows dated before day ('YYYY-MM-DD') among the next limit rows after key after.
+
+    Returns (rows deleted, the window's last key to pass as after next time,
+    or None once the window reached the end of the table). Walking the table
+    by key bounds each transaction to limit rows however few are old, and
+    needs no index on the date. Dates compare as text: '2025-03-01T10' and
+    '2025-03-01T10:00:00.000Z' both sort after '2025-03-01'.
+    """
+    columns, dated = DATED_TABLES[table]
+    key = f"({', '.join(columns)})"
+    params = {"day": day, "offset": limit - 1}
+    start = "TRUE"
+    if after is not None:
+        start = f"{key} > ({', '.join(f':after{i}' for i in range(len(columns)))})"
+        params.update({f"after{i}": value for i, value in enumerate(after)})
+    last = connection.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {start} "
+                              f"ORDER BY {', '.join(columns)} LIMIT 1 OFFSET :offset", params).fetchone()
+    end = "TRUE"
+    if last is not None:
+        end = f"{key} <= ({', '.join(f':last{i}' for i in range(len(columns)))})"
+        params.update({f"last{i}": value for i, value in enumerate(last)})
+    deleted = connection.execute(f"DELETE FROM {table} WHERE {start} AND {end} AND {dated} < :day",
+                                 params).rowcount
+    return deleted, (tuple(last) if last is not None else None)

@@ -1,0 +1,93 @@
+"""Retention: the processor deletes events and rollup rows older than the settings allow.
+
+RETENTION_DAYS=N keeps the events of today and the N UTC days before it;
+ROLLUP_RETENTION_DAYS does the same, independently, for the per-hour and
+per-day rollups. 0 keeps everything. All-time totals (site_totals,
+total_values, site_users) are never deleted, so an all-time figure still
+counts every event ever stored.
+
+A pass walks each dated table by its key, one window of RETENTION_BATCH_SIZE
+rows per transaction and at most one window every RETENTION_INTERVAL
+seconds, between the processor's own batches: neither ingestion (which
+writes only the queue) nor the processor ever waits on more than one small
+transaction. A pass runs at start and again when the date moves the cutoff.
+"""
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+
+log = logging.getLogger("retention")
+
+ROLLUP_TABLES = ("hourly_totals", "hourly_users", "daily_values", "daily_value_users")
+MAX_BACKOFF = 300.0
+
+
+def utc_today():
+    return datetime.now(timezone.utc).date()
+
+
+def first_day_kept(today, days):
+    return (today - timedelta(days=days)).isoformat()
+
+
+class Retention:
+    def __init__(self, store, config, today=utc_today, clock=time.monotonic):
+        self.store = store
+        self.config = config
+        self.today = today          # both given by tests, to run a pass without waiting
+        self.clock = clock
+        self.next_time = 0.0
+        self.backoff = config.retention_interval
+        self.finished = []          # the plan of the last finished pass
+        self.remaining = []         # [(table, first day kept)] of the pass in progress
+        self.after = None           # where the current table's next window starts
+        self.deleted = 0            # rows deleted from the current table in this pass
+
+    def plan(self):
+        """[(table, first day kept)] for every table whose rows expire now."""
+        tables = []
+        if self.config.retention_days:
+            tables.append(("events", first_day_kept(self.today(), self.config.retention_days)))
+        if self.config.rollup_retention_days:
+            day = first_day_kept(self.today(), self.config.rollup_retention_days)
+            tables += [(table, day) for table in ROLLUP_TABLES]
+        return tables
+
+    @property
+    def in_pass(self):
+        return bool(self.remaining)
+
+    def step(self):
+        """Delete one window if one is due; returns the rows it deleted."""
+        now = self.clock()
+        if now < self.next_time:
+            return 0
+        self.next_time = now + self.config.retention_interval
+        if not self.remaining:
+            plan = self.plan()
+            if plan == self.finished:
+                return 0
+            log.info("retention pass started tables=%d first_day_kept=%s",
+                     len(plan), ",".join(f"{table}:{day}" for table, day in plan))
+            self.remaining, self.finished = list(plan), []
+        table, day = self.remaining[0]
+        try:
+            deleted, self.after = self.store.delete_before(
+                table, day, self.after, self.config.retention_batch_size)
+        except Exception:
+            log.exception("retention batch failed table=%s; retrying in %.1fs", table, self.backoff)
+            self.next_time = now + self.backoff
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+            return 0
+        self.backoff = self.config.retention_interval
+        self.deleted += deleted
+        if deleted:
+            log.info("retention deleted table=%s rows=%d before=%s", table, deleted, day)
+        if self.after is None:
+            self._table_done(table, day)
+        return deleted
+
+    def _table_done(self, table, day):
+        log.info("retention finished table=%s deleted=%d before=%s", table, self.deleted, day)
+        self.finished.append(self.remaining.pop(0))
+        self.deleted = 0

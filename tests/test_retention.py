@@ -1,0 +1,204 @@
+"""Retention deletes old events and rollup rows in small batches, on every store."""
+import itertools
+import logging
+from datetime import date, timedelta
+
+import pytest
+
+from config import ConfigurationError, load_config
+from events import encode_event, validate_event
+from processor import Processor
+from reports import Period
+from retention import ROLLUP_TABLES, Retention, utc_today
+from shared_queue import open_queue
+from store import open_store
+
+ALL_BACKENDS = True
+TODAY = date(2025, 3, 10)
+DAYS_BACK = 6           # events on TODAY and each of the 5 days before it
+
+
+def events_per_day(days_back=DAYS_BACK, per_day=20):
+    """Page views and clicks on several days, paths and users, in arrival order mixed up."""
+    lines = []
+    for n in range(per_day):
+        for back in range(days_back):
+            day = TODAY - timedelta(days=back)
+            lines.append(encode_event(validate_event({
+                "site_id": "s", "event_type": "page_view" if n % 4 else "click",
+                "path": f"/p{n % 3}", "user_id": f"u{(n + back) % 7}",
+                "timestamp": f"{day.isoformat()}T{n % 24:02d}:30:00Z"})))
+    return lines
+
+
+@pytest.fixture
+def store(config):
+    open_queue(config).append(events_per_day())
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    store = open_store(config)
+    yield store
+    store.close()
+
+
+def run_pass(store, config, **settings):
+    """Run one whole retention pass with the given settings; returns rows deleted per window."""
+    retention = Retention(store, config.with_overrides(**settings), today=lambda: TODAY,
+                          clock=itertools.count().__next__)        # every step is due
+    windows = [retention.step()]
+    while retention.in_pass:
+        windows.append(retention.step())
+    return windows
+
+
+def query(store, sql):
+    connection = store.connect(readonly=True)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def event_days(store):
+    return [row[0] for row in query(
+        store, "SELECT DISTINCT substr(timestamp, 1, 10) FROM events ORDER BY 1")]
+
+
+def rollup_days(store, table):
+    column = "hour" if table.startswith("hourly") else "day"
+    return [row[0] for row in query(
+        store, f"SELECT DISTINCT substr({column}, 1, 10) FROM {table} ORDER BY 1")]
+
+
+def reports(store):
+    connection = store.connect(readonly=True)
+    return connection, store.reports(connection), store.reports(connection, raw=True)
+
+
+def days(first, last):
+    return [(TODAY - timedelta(days=back)).isoformat() for back in range(first, last - 1, -1)]
+
+
+def test_events_older_than_retention_days_are_deleted_and_recent_ones_kept(config, store):
+    run_pass(store, config, retention_days=2)
+    assert event_days(store) == days(2, 0)
+    assert query(store, "SELECT count(*) FROM events")[0][0] == 3 * 20
+
+
+def test_event_retention_leaves_rollups_and_all_time_totals_alone(config, store):
+    connection, rollup, _ = reports(store)
+    before = rollup.stats("s", Period()), rollup.breakdown("s", "path", Period())
+    connection.close()
+    run_pass(store, config, retention_days=2)
+    for table in ROLLUP_TABLES:
+        assert rollup_days(store, table) == days(DAYS_BACK - 1, 0)
+    connection, rollup, raw = reports(store)
+    assert (rollup.stats("s", Period()), rollup.breakdown("s", "path", Period())) == before
+    assert raw.stats("s", Period())["total_views"] < before[0]["total_views"]
+    connection.close()
+
+
+def test_rollup_retention_is_independent_of_event_retention(config, store):
+    run_pass(store, config, rollup_retention_days=1)
+    for table in ROLLUP_TABLES:
+        assert rollup_days(store, table) == days(1, 0), table
+    assert event_days(store) == days(DAYS_BACK - 1, 0)
+
+
+def test_reports_over_the_kept_days_equal_raw_events_and_all_time_keeps_counting_deleted_ones(
+        config, store):
+    connection, rollup, _ = reports(store)
+    all_time_before = rollup.stats("s", Period(), 100)
+    connection.close()
+    run_pass(store, config, retention_days=3, rollup_retention_days=3)
+    connection, rollup, raw = reports(store)
+    kept = Period(TODAY - timedelta(days=3), TODAY)
+    assert rollup.stats("s", kept, 100) == raw.stats("s", kept, 100)
+    assert rollup.stats("s", kept)["total_views"] > 0
+    for interval in ("day", "hour"):
+        assert rollup.timeseries("s", kept, interval) == raw.timeseries("s", kept, interval)
+    for prop in ("path", "event_type"):
+        assert rollup.breakdown("s", prop, kept) == raw.breakdown("s", prop, kept)
+    expired = Period(TODAY - timedelta(days=5), TODAY - timedelta(days=4))
+    assert rollup.stats("s", expired) == raw.stats("s", expired) == {
+        "total_views": 0, "unique_users": 0, "top_paths": []}
+    assert rollup.stats("s", Period(), 100) == all_time_before
+    connection.close()
+
+
+def test_deletion_goes_in_windows_of_at_most_the_batch_size(config, store):
+    windows = run_pass(store, config, retention_days=1, retention_batch_size=25)
+    # 120 events, 25 per window: 5 windows, with 80 old ones among them
+    assert len(windows) == 5 and sum(windows) == 4 * 20
+    assert all(0 < deleted <= 25 for deleted in windows[:3])
+
+
+def test_the_store_deletes_one_window_per_call_and_says_where_the_next_starts(config, store):
+    deleted, after = store.delete_before("events", TODAY.isoformat(), None, 50)
+    assert after is not None and 0 < deleted <= 50
+    calls = 1
+    while after is not None:
+        more, after = store.delete_before("events", TODAY.isoformat(), after, 50)
+        deleted += more
+        calls += 1
+    assert calls == 3 and deleted == 5 * 20
+    assert event_days(store) == [TODAY.isoformat()]
+
+
+def test_retention_deletes_at_most_one_window_per_interval(config, store):
+    now = [0.0]
+    retention = Retention(store, config.with_overrides(retention_days=1, retention_batch_size=10,
+                                                       retention_interval=5.0),
+                          today=lambda: TODAY, clock=lambda: now[0])
+    assert retention.step() > 0
+    left = query(store, "SELECT count(*) FROM events")
+    now[0] = 4.9
+    assert retention.step() == 0 and query(store, "SELECT count(*) FROM events") == left
+    now[0] = 5.0
+    assert retention.step() > 0
+
+
+def test_a_finished_pass_runs_again_only_when_the_date_moves_the_cutoff(config, store):
+    today = [TODAY - timedelta(days=1)]
+    retention = Retention(store, config.with_overrides(retention_days=2),
+                          today=lambda: today[0], clock=itertools.count().__next__)
+    while retention.step() or retention.in_pass:
+        pass
+    assert event_days(store) == days(3, 0)
+    assert retention.step() == 0 and not retention.in_pass
+    today[0] = TODAY
+    assert retention.step() == 20
+    assert event_days(store) == days(2, 0)
+
+
+def test_retention_logs_what_it_deleted(config, store, caplog):
+    with caplog.at_level(logging.INFO, logger="retention"):
+        run_pass(store, config, retention_days=2)
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"retention deleted table=events rows=60 before={days(2, 2)[0]}" in messages
+    assert f"retention finished table=events deleted=60 before={days(2, 2)[0]}" in messages
+
+
+@pytest.mark.embedded
+def test_the_processor_deletes_old_events_between_its_batches(config):
+    today = utc_today()
+    old, recent = today - timedelta(days=30), today - timedelta(days=1)
+    open_queue(config).append([encode_event(validate_event({
+        "site_id": "s", "event_type": "page_view", "timestamp": f"{day.isoformat()}T12:00:00Z"}))
+        for day in (old, recent, old, recent)])
+    settings = config.with_overrides(retention_days=7, retention_interval=0.001)
+    processor = Processor(open_queue(settings), open_store(settings), settings)
+    processor.start()
+    processor.run(once=True)
+    store = open_store(config)
+    assert event_days(store) == [recent.isoformat()]
+    store.close()
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("name, value", [("RETENTION_DAYS", "-1"), ("ROLLUP_RETENTION_DAYS", "a week"),
+                                         ("RETENTION_BATCH_SIZE", "0"), ("LOG_FORMAT", "xml")])
+def test_bad_retention_and_log_settings_stop_the_program(config, name, value):
+    with pytest.raises(ConfigurationError, match=name):
+        load_config(environ={name: value})
