@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 FSYNC_POLICIES = ("never", "batch", "always")
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigurationError(Exception):
@@ -41,6 +42,7 @@ class Config:
     retention_batch_size: int = 5000
     retention_interval: float = 1.0
     log_format: str = "text"
+    log_level: str = "INFO"
 
     @property
     def queue_path(self):
@@ -140,6 +142,7 @@ ENVIRONMENT = {
     "RETENTION_BATCH_SIZE": ("retention_batch_size", _positive_int),
     "RETENTION_INTERVAL": ("retention_interval", _positive_float),
     "LOG_FORMAT": ("log_format", _one_of(LOG_FORMATS)),
+    "LOG_LEVEL": ("log_level", _one_of(LOG_LEVELS)),
 }
 
 

@@ -36,6 +36,28 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
 threads = 4
 
 
+def json_logging(level):
+    """LOG_FORMAT=json: gunicorn's lines and the app's on stderr, the access log on stdout,
+    one JSON object per line (logs.py)."""
+    def stream(formatter, where):
+        return {"class": "logging.StreamHandler", "formatter": formatter, "stream": f"ext://sys.{where}"}
+    return {
+        "root": {"level": level, "handlers": ["errors"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": ["errors"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+        },
+        "handlers": {"errors": stream("json", "stderr"), "access": stream("access", "stdout")},
+        "formatters": {"json": {"()": "logs.JsonFormatter"},
+                       "access": {"()": "logs.AccessJsonFormatter"}},
+    }
+
+
+# a bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other setting
+if os.environ.get("LOG_FORMAT") == "json":
+    logconfig_dict = json_logging(os.environ.get("LOG_LEVEL") or "INFO")
+
+
 def on_starting(server):
     """Bring the schema up to date once, in the master, before any worker starts.
 

@@ -23,6 +23,7 @@ import orjson
 
 from tqdm import tqdm
 
+import logs
 from config import ConfigurationError, load_config
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
@@ -59,6 +60,7 @@ class Processor:
 
     def step(self):
         """Store one batch; return how many queued lines it consumed."""
+        started = time.monotonic()
         batch = self._consumer.read(self.config.processor_batch_size)
         if not batch.items:
             return 0
@@ -75,6 +77,8 @@ class Processor:
         self.store.write(rows, self.queue.name, batch.checkpoint)
         self._consumer.acknowledge(batch)
         self.stored += len(rows)
+        log.debug("batch stored rows=%d rejected=%d seconds=%.3f",
+                  len(rows), len(rejected), time.monotonic() - started)
         return len(batch.items)
 
     def run(self, once=False):
@@ -136,11 +140,10 @@ class _Progress:
 
 
 def setup_logging(config):
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handlers = [logging.StreamHandler(), logging.FileHandler(config.processor_log_path)]
     for handler in handlers:
-        handler.setFormatter(formatter)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+        handler.setFormatter(logs.formatter(config.log_format))
+    logging.basicConfig(level=config.log_level, handlers=handlers, force=True)
 
 
 def install_signal_handlers(processor):

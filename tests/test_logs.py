@@ -1,0 +1,134 @@
+"""LOG_FORMAT=json: one JSON object per line, carrying the fields each line was logged with."""
+import logging
+import signal
+import sys
+from datetime import timedelta
+
+import orjson
+import pytest
+import requests
+
+from config import load_config
+from events import encode_event, validate_event
+from logs import AccessJsonFormatter, JsonFormatter
+from processes import Api, run_processor_once, stop
+from retention import utc_today
+from shared_queue import open_queue
+
+BASIC_FIELDS = {"time", "level", "logger", "pid", "message"}
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def formatted(msg, *args, exc_info=None, formatter=JsonFormatter()):
+    record = logging.LogRecord("processor", logging.INFO, __file__, 1, msg, args, exc_info)
+    return orjson.loads(formatter.format(record))
+
+
+def test_key_value_pairs_become_fields_with_the_values_logged():
+    line = formatted("progress stored=%d rate=%.0f/s backlog=%d", 1200, 240.5, 7)
+    assert line["message"] == "progress stored=1200 rate=240/s backlog=7"
+    assert (line["stored"], line["rate"], line["backlog"]) == (1200, 240.5, 7)
+    assert set(line) == BASIC_FIELDS | {"stored", "rate", "backlog"}
+    assert line["level"] == "INFO" and line["logger"] == "processor"
+    assert line["time"].endswith("Z") and len(line["time"]) == len("2025-03-01T10:00:00.123Z")
+
+
+def test_strings_keep_their_precision_and_literal_pairs_are_fields_too():
+    line = formatted("dropped event reason=bot line=%.5r note: %s", "x" * 50, "free text")
+    assert line["reason"] == "bot" and line["line"] == "x" * 5
+    assert "note" not in line
+
+
+def test_a_field_never_replaces_the_basic_ones():
+    line = formatted("odd message=%s level=%s", "mine", "mine too")
+    assert line["message"] == "odd message=mine level=mine too" and line["level"] == "INFO"
+
+
+def test_an_exception_is_carried_as_its_traceback_on_the_same_line():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        text = JsonFormatter().format(logging.LogRecord(
+            "processor", logging.ERROR, __file__, 1, "batch failed; retrying in %.1fs", (0.1,),
+            sys.exc_info()))
+    assert "\n" not in text
+    line = orjson.loads(text)
+    assert "ValueError: boom" in line["exception"] and line["level"] == "ERROR"
+
+
+def test_access_lines_carry_the_request_but_not_the_client_address():
+    atoms = {"h": "203.0.113.9", "m": "GET", "U": "/stats", "q": "site_id=a", "s": "200", "B": 76,
+             "H": "HTTP/1.1", "f": "-", "a": 'curl \\"7\\"', "D": 2500}
+    line = formatted('%(h)s "%(r)s" %(s)s', atoms, formatter=AccessJsonFormatter())
+    assert line["message"] == "GET /stats 200"
+    assert (line["method"], line["path"], line["query"], line["status"], line["bytes"]) == \
+        ("GET", "/stats", "site_id=a", 200, 76)
+    assert line["referrer"] is None and line["user_agent"] == 'curl "7"'
+    assert line["duration_ms"] == 2.5
+    assert "203.0.113.9" not in orjson.dumps(line).decode()
+
+
+def json_lines(path):
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    assert lines, f"{path} is empty"
+    parsed = [orjson.loads(line) for line in lines]          # every line must parse
+    for line in parsed:
+        assert BASIC_FIELDS <= set(line), line
+    return parsed
+
+
+def first(lines, message_start):
+    found = [line for line in lines if line["message"].startswith(message_start)]
+    assert found, f"no line starts with {message_start!r}"
+    return found[0]
+
+
+def test_the_processor_writes_json_lines_with_the_fields_of_each_line(data_dir):
+    old = (utc_today() - timedelta(days=40)).isoformat()
+    queue = open_queue(load_config(environ={}, data_dir=str(data_dir)))
+    queue.append([encode_event(validate_event({"site_id": "s", "event_type": "page_view"}))
+                  for _ in range(3)]
+                 + [b"not json\n", encode_event(validate_event(
+                     {"site_id": "s", "event_type": "page_view", "timestamp": f"{old}T10:00:00Z"}))])
+    queue.close()
+    run_processor_once(data_dir, LOG_FORMAT="json", LOG_LEVEL="DEBUG", RETENTION_DAYS=30,
+                       RETENTION_INTERVAL=0.001)
+    for lines in (json_lines(data_dir / "processor.log"),
+                  json_lines(data_dir.parent / "logs" / "processor.err")):
+        assert isinstance(first(lines, "processor started")["backlog"], int)
+        batch = first(lines, "batch stored")
+        assert (batch["rows"], batch["rejected"]) == (4, 1) and isinstance(batch["seconds"], float)
+        dead = first(lines, "dead letter")
+        assert (dead["level"], dead["line"]) == ("WARNING", "not json") and dead["reason"]
+        deleted = first(lines, "retention deleted")
+        assert (deleted["table"], deleted["rows"]) == ("events", 1)
+        stopped = first(lines, "processor stopped")
+        assert (stopped["stored"], stopped["dead_letters"]) == (4, 1)
+
+
+def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(data_dir):
+    api = Api(data_dir, workers=2, LOG_FORMAT="json")
+    try:
+        assert requests.post(api.url + "/event", json={"site_id": "s", "event_type": "page_view"},
+                             timeout=10).status_code == 200
+        assert requests.post(api.url + "/event", data=b"{", timeout=10).status_code == 400
+        assert requests.get(api.url + "/stats", params={"site_id": "s"}, timeout=10).status_code == 200
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    logs = data_dir.parent / "logs"
+    access = json_lines(logs / "gunicorn.out")
+    assert {line["logger"] for line in access} == {"gunicorn.access"}
+    requests_seen = [(line["method"], line["path"], line["status"]) for line in access]
+    assert ("POST", "/event", 200) in requests_seen and ("POST", "/event", 400) in requests_seen
+    assert ("GET", "/stats", 200) in requests_seen
+    assert all("127.0.0.1" not in orjson.dumps(line).decode() for line in access)
+    errors = json_lines(logs / "gunicorn.err")
+    assert {"gunicorn.error", "ingestion_api"} <= {line["logger"] for line in errors}
+    first(errors, "Booting worker")
+    first(errors, "Shutting down")
