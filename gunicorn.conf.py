@@ -28,6 +28,7 @@ event per POST /event, nothing else running):
 - Each worker peaked at ~35 MB resident under load, so four cost ~140 MB.
 WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 """
+import logging
 import os
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
@@ -53,9 +54,11 @@ def json_logging(level):
     }
 
 
-# a bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other setting
+# A bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other
+# setting; until then an unknown level is INFO, so that the report gets out.
 if os.environ.get("LOG_FORMAT") == "json":
-    logconfig_dict = json_logging(os.environ.get("LOG_LEVEL") or "INFO")
+    level = os.environ.get("LOG_LEVEL") or "INFO"
+    logconfig_dict = json_logging(level if isinstance(logging.getLevelName(level), int) else "INFO")
 
 
 def on_starting(server):

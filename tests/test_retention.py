@@ -11,7 +11,7 @@ from processor import Processor
 from reports import Period
 from retention import ROLLUP_TABLES, Retention, utc_today
 from shared_queue import open_queue
-from store import open_store
+from store import StoreUnavailable, open_store
 
 ALL_BACKENDS = True
 TODAY = date(2025, 3, 10)
@@ -202,3 +202,22 @@ def test_the_processor_deletes_old_events_between_its_batches(config):
 def test_bad_retention_and_log_settings_stop_the_program(config, name, value):
     with pytest.raises(ConfigurationError, match=name):
         load_config(environ={name: value})
+
+
+def test_a_failed_retention_batch_is_logged_and_retried_later_not_skipped(config, store, caplog):
+    now = [0.0]
+    retention = Retention(store, config.with_overrides(retention_days=1, retention_interval=1.0),
+                          today=lambda: TODAY, clock=lambda: now[0])
+    real_delete = store.delete_before
+
+    def failing_delete(*args):
+        raise StoreUnavailable("database went away")
+    store.delete_before = failing_delete
+    with caplog.at_level(logging.ERROR, logger="retention"):
+        assert retention.step() == 0
+    assert "retention batch failed table=events" in caplog.text
+    store.delete_before = real_delete
+    now[0] = 0.5
+    assert retention.step() == 0                   # backing off
+    now[0] = 1.0
+    assert retention.step() == 4 * 20
