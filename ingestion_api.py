@@ -5,9 +5,11 @@
     GET  /stats               views, users and top paths of a site
     GET  /stats/timeseries    views and users per day or hour
     GET  /stats/breakdown     views, events and users per value of a property
+    GET  /stats/sites         the sites that have data, with their all-time totals
     GET  /health              liveness and queue backlog
     POST /api/event           the Plausible Events API, for browser trackers
     GET  /js/script.js        our tracker script
+    GET  /                    the dashboard (static/dashboard.*), which reads /stats*
     GET  /openapi.json        the OpenAPI description of all of these (openapi.yaml)
 
 Ingestion only validates and appends to the queue; the processor stores.
@@ -63,6 +65,7 @@ def create_app(config=None):
     register_tracking(app, config, queue, store)
     register_reports(app, config, store)
     register_openapi(app)
+    register_dashboard(app)
     register_errors(app)
     return app
 
@@ -232,6 +235,10 @@ def register_reports(app, config, store):
         return json_response({"site_id": site_id, "interval": interval,
                               **params.period_fields(period), "points": points})
 
+    @app.get("/stats/sites")
+    def get_sites():
+        return json_response({"sites": reports().sites()})
+
     @app.get("/stats/breakdown")
     def get_breakdown():
         params = QueryParams(request.args, config)
@@ -240,6 +247,17 @@ def register_reports(app, config, store):
         results = reports().breakdown(site_id, prop, period, limit)
         return json_response({"site_id": site_id, "property": prop,
                               **params.period_fields(period), "results": results})
+
+
+def register_dashboard(app):
+    # the page keeps an API key in storage: no script, style or frame from anywhere else
+    policy = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+
+    @app.get("/")
+    def dashboard():
+        response = app.send_static_file("dashboard.html")
+        response.headers["Content-Security-Policy"] = policy
+        return response
 
 
 def register_openapi(app):

@@ -87,6 +87,11 @@ class _Reports:
         return [{"date": bucket_label(key), "views": counts.get(key, 0),
                  "unique_users": users.get(key, 0)} for key in buckets(period, interval)]
 
+    def sites(self):
+        """Every site with counted events, by site_id, with its all-time totals."""
+        return [{"site_id": site_id, "total_views": views, "unique_users": users}
+                for site_id, views, users in self.site_rows()]
+
     def breakdown(self, site_id, prop, period, limit=10):
         top = self.top_values(site_id, prop, period, limit)
         users = self.value_users(site_id, prop, period, [value for value, _, _ in top])
@@ -107,6 +112,10 @@ class RollupReports(_Reports):
         users = _one(self.connection, "SELECT count(DISTINCT user_id) FROM hourly_users "
                      "WHERE site_id = :site AND hour BETWEEN :first_hour AND :last_hour", params)
         return views, users
+
+    def site_rows(self):
+        return _rows(self.connection, f"SELECT site_id, {VIEWS}, {USERS} FROM site_totals "
+                     "GROUP BY site_id ORDER BY site_id", {})
 
     def top_values(self, site_id, prop, period, limit, views_only=False):
         params = {"site": site_id, "property": prop, "limit": limit}
@@ -168,6 +177,10 @@ class RawReports(_Reports):
             f"SELECT count(*) FILTER (WHERE event_type = 'page_view'), count(DISTINCT {USER}) FROM events WHERE {where}",
             params).fetchone()
         return (row[0] or 0, row[1] or 0)
+
+    def site_rows(self):
+        return _rows(self.connection, "SELECT site_id, count(*) FILTER (WHERE event_type = 'page_view'), "
+                     f"count(DISTINCT {USER}) FROM events WHERE {COUNTED} GROUP BY site_id ORDER BY site_id", {})
 
     def top_values(self, site_id, prop, period, limit, views_only=False):
         where, params = self._where(site_id, period)

@@ -116,6 +116,8 @@ EXCHANGES = [
     ("get", "/stats/breakdown?site_id=site1&property=props.plan&from=2025-01-01&to=2025-01-02", {}, 200),
     ("get", "/stats/breakdown?site_id=site1", {}, 400),
     ("get", "/stats/breakdown?site_id=site1&property=colour", {}, 400),
+    ("get", "/stats/sites", {}, 200),
+    ("get", "/", {}, 200),
     ("get", "/health", {}, 200),
     ("get", "/js/script.js", {}, 200),
     ("get", "/js/script.js", {"headers": {"Accept-Encoding": "gzip"}}, 200),
@@ -141,7 +143,7 @@ def test_unchanged_script_is_a_described_304(client, openapi):
 
 
 @pytest.mark.parametrize("path", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                  "/stats/breakdown?site_id=s&property=path"])
+                                  "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
 def test_reports_without_a_key_are_a_described_401(keyed_client, openapi, path):
     response = keyed_client.get(path)
     assert response.status_code == 401
@@ -165,7 +167,7 @@ def test_unwritable_queue_answers_are_described_503s(client, config, openapi, me
 
 
 @pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                 "/stats/breakdown?site_id=s&property=path"])
+                                 "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
 def test_unreadable_database_answers_are_described_503s(client, config, openapi, url):
     shutil.rmtree(config.data_dir)
     response = client.get(url)

@@ -77,6 +77,25 @@ def test_breakdown_by_event_type_with_a_limit(loaded):
     assert body["results"] == [{"value": "page_view", "views": 3, "events": 3, "unique_users": 2}]
 
 
+def test_sites_lists_every_site_with_data_and_its_totals(client, drain):
+    other = [{"site_id": "other", "event_type": "page_view", "path": "/", "user_id": "u9"},
+             {"site_id": "only-events", "event_type": "signup"}]
+    assert client.post("/events", json=EVENTS + other).status_code == 200
+    drain()
+    assert get(client, "/stats/sites") == {"sites": [
+        {"site_id": "only-events", "total_views": 0, "unique_users": 0},
+        {"site_id": "other", "total_views": 1, "unique_users": 1},
+        {"site_id": "s", "total_views": 3, "unique_users": 3}]}
+    for site in ("s", "other"):
+        stats = get(client, "/stats", site_id=site)
+        assert {"site_id": site, "total_views": stats["total_views"],
+                "unique_users": stats["unique_users"]} in get(client, "/stats/sites")["sites"]
+
+
+def test_sites_is_empty_before_any_data(client):
+    assert get(client, "/stats/sites") == {"sites": []}
+
+
 @pytest.mark.parametrize("url,params,named", [
     ("/stats", {"site_id": "s", "from": "2025-05-01"}, "to"),
     ("/stats", {"site_id": "s", "to": "2025-05-01"}, "from"),
@@ -111,7 +130,7 @@ def keyed(config):
 
 
 @pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                 "/stats/breakdown?site_id=s&property=path"])
+                                 "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
 def test_reports_need_a_key_when_keys_are_set(keyed, url):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
                     {"Authorization": "Basic first-key"}):

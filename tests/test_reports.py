@@ -77,6 +77,12 @@ def test_breakdown_from_rollups_equal_raw(both, site, prop, period):
     assert rollup.breakdown(site, prop, period, 50) == raw.breakdown(site, prop, period, 50)
 
 
+def test_sites_from_rollups_equal_raw(both):
+    rollup, raw = both
+    assert [site["site_id"] for site in rollup.sites()] == ["big", "small", "tiny"]
+    assert rollup.sites() == raw.sites()
+
+
 def test_unique_users_over_a_range_are_distinct_not_summed(database):
     connection = sqlite3.connect(database)
     period = Period(FIRST_DAY, FIRST_DAY + timedelta(days=DAYS - 1))

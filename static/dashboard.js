@@ -1,0 +1,279 @@
+// The dashboard: reads the same /stats* JSON endpoints anyone can call and shows
+// their numbers as they are. The API key, when the server wants one, is kept in
+// sessionStorage (or localStorage when remembered) and sent only in the
+// Authorization header, never in a URL.
+"use strict";
+
+const KEY = "analytics_api_key";
+const DAY = 86400000;
+// the breakdown tables: element id = property; custom events are event types other than page views
+const BREAKDOWNS = [
+  {property: "source", empty: "Direct / none"},
+  {property: "browser", empty: "(unknown)"},
+  {property: "os", empty: "(unknown)"},
+  {property: "device", empty: "(unknown)"},
+  {property: "event_type", empty: "(none)", skip: "page_view", count: "events", label: "Events"},
+];
+const TOP = 10;
+const $ = (id) => document.getElementById(id);
+const number = new Intl.NumberFormat("en-US");
+let generation = 0;     // answers to an older selection are dropped
+let fragmentSite = null;  // the site named in the URL, chosen once the list is in
+let lastReport = null;    // redrawn when the window is resized
+
+class NeedKey extends Error {}
+
+function storedKey() {
+  return sessionStorage.getItem(KEY) || localStorage.getItem(KEY);
+}
+
+function forgetKey() {
+  sessionStorage.removeItem(KEY);
+  localStorage.removeItem(KEY);
+}
+
+async function api(path, params) {
+  const headers = {Accept: "application/json"};
+  const key = storedKey();
+  if (key) headers.Authorization = "Bearer " + key;
+  const query = params ? "?" + new URLSearchParams(params) : "";
+  const response = await fetch(path + query, {headers, cache: "no-store"});
+  if (response.status === 401) throw new NeedKey();
+  let body = null;
+  try { body = await response.json(); } catch (error) { /* not JSON: reported below */ }
+  if (!response.ok || !body) {
+    throw new Error((body && body.error) || `${path}: HTTP ${response.status}`);
+  }
+  return body;
+}
+
+// -- the selection: site and period, kept in the URL fragment ------------------
+
+function isoDay(time) {
+  return new Date(time).toISOString().slice(0, 10);
+}
+
+function period() {
+  const choice = $("period").value;
+  const today = Date.now();
+  if (choice === "custom") return {from: $("from").value, to: $("to").value};
+  const days = {today: 1, "7d": 7, "30d": 30}[choice];
+  return {from: isoDay(today - (days - 1) * DAY), to: isoDay(today)};
+}
+
+function readFragment() {
+  const state = new URLSearchParams(location.hash.slice(1));
+  if (["today", "7d", "30d", "custom"].includes(state.get("period"))) $("period").value = state.get("period");
+  if (state.get("from")) $("from").value = state.get("from");
+  if (state.get("to")) $("to").value = state.get("to");
+  return state.get("site");
+}
+
+function writeFragment() {
+  const state = {site: $("site").value, period: $("period").value};
+  if (state.period === "custom") Object.assign(state, period());
+  history.replaceState(null, "", "#" + new URLSearchParams(state));
+}
+
+// -- drawing ------------------------------------------------------------------
+
+function cell(tag, text, className) {
+  const element = document.createElement(tag);
+  element.textContent = text;
+  if (className) element.className = className;
+  return element;
+}
+
+function fillTable(table, heading, rows) {
+  const head = document.createElement("tr");
+  heading.forEach((text) => head.append(cell("th", text)));
+  table.replaceChildren(head);
+  for (const row of rows) {
+    const line = document.createElement("tr");
+    line.append(cell("td", row[0]), ...row.slice(1).map((n) => cell("td", number.format(n))));
+    table.append(line);
+  }
+  if (!rows.length) {
+    const line = document.createElement("tr");
+    const empty = cell("td", "Nothing in this period", "empty");
+    empty.colSpan = heading.length;
+    line.append(empty);
+    table.append(line);
+  }
+}
+
+function svg(tag, attributes, text) {
+  const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// a round top for the scale: 1, 2 or 5 times a power of ten
+function scaleTop(value) {
+  if (value <= 4) return 4;
+  const power = 10 ** Math.floor(Math.log10(value));
+  return [1, 2, 5, 10].map((step) => step * power).find((top) => top >= value);
+}
+
+function drawChart(points, hourly) {
+  const box = $("chart");
+  const width = Math.max(box.clientWidth, 280), height = 220;
+  const left = 36, right = 8, top = 10, bottom = 24;
+  const plotWidth = width - left - right, plotHeight = height - top - bottom;
+  const highest = scaleTop(Math.max(0, ...points.map((p) => Math.max(p.views, p.unique_users))));
+  const slot = plotWidth / points.length;
+  const x = (i) => left + slot * (i + 0.5);
+  const y = (value) => top + plotHeight * (1 - value / highest);
+  const chart = svg("svg", {viewBox: `0 0 ${width} ${height}`, role: "img",
+                            "aria-label": "Views and unique users over the period"});
+  for (const value of [0, highest / 2, highest]) {
+    chart.append(svg("line", {class: "grid", x1: left, x2: width - right, y1: y(value), y2: y(value)}));
+    chart.append(svg("text", {x: left - 6, y: y(value) + 4, "text-anchor": "end"}, number.format(value)));
+  }
+  const every = Math.ceil(points.length / Math.max(2, Math.floor(plotWidth / 64)));
+  points.forEach((point, i) => {
+    const label = hourly ? point.date.slice(11, 16) : point.date.slice(5);
+    const bar = svg("rect", {class: "bar", x: x(i) - slot * 0.35, width: Math.max(slot * 0.7, 1),
+                             y: y(point.views), height: plotHeight * point.views / highest});
+    bar.append(svg("title", {}, `${point.date}: ${number.format(point.views)} views, ` +
+                               `${number.format(point.unique_users)} unique users`));
+    chart.append(bar);
+    if (i % every === 0) {
+      chart.append(svg("text", {x: x(i), y: height - 6, "text-anchor": "middle"}, label));
+    }
+  });
+  const line = points.map((point, i) => `${x(i).toFixed(1)},${y(point.unique_users).toFixed(1)}`);
+  chart.append(svg("polyline", {class: "users", points: line.join(" ")}));
+  if (points.length <= 31) {
+    points.forEach((point, i) => chart.append(svg("circle", {class: "dot", cx: x(i), cy: y(point.unique_users), r: 3})));
+  }
+  box.replaceChildren(chart);
+}
+
+function show(report) {
+  $("views").textContent = number.format(report.stats.total_views);
+  $("users").textContent = number.format(report.stats.unique_users);
+  $("chart-title").textContent = `Views and unique users ${report.hourly ? "by hour" : "by day"}`;
+  drawChart(report.series.points, report.hourly);
+  fillTable($("paths"), ["Path", "Views"], report.stats.top_paths.map((row) => [row.path, row.views]));
+  BREAKDOWNS.forEach((breakdown, i) => {
+    const count = breakdown.count || "views";
+    const rows = report.breakdowns[i].results.filter((row) => row.value !== breakdown.skip).slice(0, TOP);
+    fillTable($(breakdown.property), ["", breakdown.label || "Views", "Users"],
+              rows.map((row) => [row.value === null ? breakdown.empty : row.value, row[count], row.unique_users]));
+  });
+  $("report").hidden = false;
+  lastReport = report;
+  document.body.dataset.state = "shown";     // for tests and scripts: every number is in place
+}
+
+// -- loading ------------------------------------------------------------------
+
+function say(text) {
+  $("status").textContent = text;
+}
+
+async function loadReport() {
+  const current = ++generation;
+  const site = $("site").value;
+  const {from, to} = period();
+  if (!site) return;
+  if (!from || !to || from > to) {
+    say("Choose a range whose start is not after its end.");
+    return;
+  }
+  writeFragment();
+  document.body.dataset.state = "loading";
+  const hourly = from === to;
+  const base = {site_id: site, from, to};
+  try {
+    const [stats, series, ...breakdowns] = await Promise.all([
+      api("stats", {...base, limit: TOP}),
+      api("stats/timeseries", {...base, interval: hourly ? "hour" : "day"}),
+      ...BREAKDOWNS.map((b) => api("stats/breakdown", {...base, property: b.property, limit: TOP + (b.skip ? 1 : 0)})),
+    ]);
+    if (current !== generation) return;
+    say("");
+    show({stats, series, breakdowns, hourly});
+  } catch (error) {
+    if (current === generation) failed(error);
+  }
+}
+
+async function loadSites() {
+  const wanted = $("site").value || fragmentSite;
+  const {sites} = await api("stats/sites");
+  const picker = $("site");
+  picker.replaceChildren(...sites.map((site) => cell("option", site.site_id)));
+  if (!sites.length) {
+    say("No data yet: send events to POST /event, or add the tracker script /js/script.js to a page.");
+    return false;
+  }
+  picker.value = sites.some((site) => site.site_id === wanted) ? wanted : sites[0].site_id;
+  return true;
+}
+
+function failed(error) {
+  if (error instanceof NeedKey) {
+    const refused = storedKey() !== null;
+    forgetKey();
+    $("key-reason").textContent = refused ? "That API key was refused. Enter a valid one."
+                                          : "This server asks for an API key to read its reports.";
+    $("report").hidden = true;
+    $("key-form").hidden = false;
+    $("key").focus();
+    say("");
+  } else {
+    say("Could not load the reports: " + error.message);
+  }
+}
+
+async function start() {
+  $("key-form").hidden = true;
+  $("forget").hidden = storedKey() === null;
+  try {
+    if (await loadSites()) await loadReport();
+  } catch (error) {
+    failed(error);
+  }
+}
+
+function init() {
+  fragmentSite = readFragment();
+  $("range").hidden = $("period").value !== "custom";
+  const today = isoDay(Date.now());
+  if (!$("from").value) $("from").value = isoDay(Date.now() - 6 * DAY);
+  if (!$("to").value) $("to").value = today;
+  $("site").addEventListener("change", loadReport);
+  $("period").addEventListener("change", () => {
+    $("range").hidden = $("period").value !== "custom";
+    loadReport();
+  });
+  $("from").addEventListener("change", loadReport);
+  $("to").addEventListener("change", loadReport);
+  $("controls").addEventListener("submit", (event) => event.preventDefault());
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const storage = $("remember").checked ? localStorage : sessionStorage;
+    storage.setItem(KEY, $("key").value.trim());
+    $("key").value = "";
+    start();
+  });
+  $("forget").addEventListener("click", () => {
+    forgetKey();
+    location.reload();
+  });
+  let pending = false;
+  window.addEventListener("resize", () => {
+    if (pending || !lastReport) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      drawChart(lastReport.series.points, lastReport.hourly);
+    });
+  });
+  start();
+}
+
+init();

@@ -1,0 +1,329 @@
+"""The dashboard at GET /, in headless Chromium, against the real API and processor.
+
+Generated traffic for a few sites over several weeks goes through the queue
+and the processor; the page must then show exactly what the JSON reports
+answer for the site and period it shows, switch sites and periods, ask for an
+API key when the server wants one, and log no console errors. Screenshots go
+to test-artifacts/.
+
+Needs Debian's chromium and playwright: run .ci/provision-browser.
+"""
+import random
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from config import load_config
+from events import encode_event, validate_event
+from ingestion_api import create_app
+from processor import Processor
+from shared_queue import open_queue
+from store import open_store
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MAX_PAGE_BYTES = 50_000
+KEY = "dashboard-test-key"
+SITES = {"shop.example": 700, "blog.example": 300, "docs.example": 120}    # events per site
+PATHS = ["/", "/pricing", "/docs/start", "/blog/launch", "/about", "/checkout"]
+USER_AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/126.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.5 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (iPad; CPU OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.5 Mobile/15E148 Safari/604.1",
+]
+REFERRERS = [None, None, "https://news.ycombinator.com/item?id=1", "https://www.google.com/",
+             "https://duckduckgo.com/"]
+# the tables under the chart: element id, property, the label of a null value, and the count shown
+BREAKDOWNS = [("source", "Direct / none", "views"), ("browser", "(unknown)", "views"),
+              ("os", "(unknown)", "views"), ("device", "(unknown)", "views"),
+              ("event_type", "(none)", "events")]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def today():
+    return datetime.now(timezone.utc).date()
+
+
+def generated_lines(site, count, rng):
+    """Browser-like queue lines of one site over the last 25 days, more of them lately."""
+    now = datetime.now(timezone.utc)
+    for _ in range(count):
+        day = today() - timedelta(days=min(rng.randrange(25), rng.randrange(25)))
+        event = validate_event({
+            "site_id": site, "event_type": rng.choice(["page_view"] * 8 + ["Signup", "Download"]),
+            "path": rng.choice(PATHS),
+            "timestamp": f"{day.isoformat()}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z"}, now)
+        event.update(visitor_id=f"visitor-{rng.randrange(count // 3)}", ua=rng.choice(USER_AGENTS),
+                     referrer=rng.choice(REFERRERS),
+                     query=rng.choice([None, None, None, "utm_source=newsletter"]),
+                     props={"plan": "pro"} if event["event_type"] == "Signup" else None)
+        yield encode_event(event)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data directory with every site's traffic stored by the real processor."""
+    directory = tmp_path_factory.mktemp("dashboard")
+    config = load_config(environ={}, data_dir=str(directory))
+    rng = random.Random(6)
+    lines = [line for site, count in SITES.items() for line in generated_lines(site, count, rng)]
+    open_queue(config).append(lines)
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    processor.close()
+    return directory
+
+
+class Server:
+    """The app served by werkzeug in a thread; get() reads a JSON report as any client would."""
+
+    def __init__(self, data_dir, api_keys=()):
+        self.key = api_keys[0] if api_keys else None
+        self.app = create_app(load_config(environ={}, data_dir=str(data_dir), api_keys=api_keys))
+        self.http = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def get(self, path, **params):
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        response = requests.get(self.url + path, params=params, headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop(self):
+        self.http.shutdown()
+        self.thread.join()
+        self.app.extensions["analytics"]["queue"].close()
+        self.app.extensions["analytics"]["store"].close()
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    server = Server(data_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(data_dir):
+    server = Server(data_dir, api_keys=(KEY,))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"dashboard browser tests need Debian's chromium ({CHROMIUM}): run .ci/provision-browser")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="dashboard browser tests need playwright: pip install -r requirements.txt")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             headless=True, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+class Dashboard:
+    """One page of the dashboard, with what its console said and the requests it made."""
+
+    def __init__(self, page, server):
+        self.page = page
+        self.server = server
+        self.console_errors = []
+        self.requests = []
+        page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
+        page.on("pageerror", lambda error: self.console_errors.append(str(error)))
+        page.on("request", lambda request: self.requests.append(request))
+
+    def open(self, fragment=""):
+        response = self.page.goto(f"{self.server.url}/{fragment}")
+        assert response.status == 200
+
+    def wait_until_shown(self):
+        self.page.wait_for_selector("body[data-state=shown]")
+
+    def choose(self, selector, value):
+        self.page.select_option(selector, value)
+        self.wait_until_shown()
+
+    def text(self, selector):
+        return self.page.text_content(selector)
+
+    def table(self, element_id):
+        return self.page.eval_on_selector_all(
+            f"#{element_id} tr:has(td:not(.empty))", "rows => rows.map(row => [...row.cells].map(c => c.textContent))")
+
+    def assert_shows_the_reports(self, site, start, end):
+        """Every number on the page is what the JSON reports answer for this site and period."""
+        period = {"site_id": site, "from": start.isoformat(), "to": end.isoformat()}
+        stats = self.server.get("/stats", **period, limit=10)
+        assert number(self.text("#views")) == stats["total_views"]
+        assert number(self.text("#users")) == stats["unique_users"]
+        assert [(path, number(views)) for path, views in self.table("paths")] == [
+            (row["path"], row["views"]) for row in stats["top_paths"]]
+        for prop, empty, count in BREAKDOWNS:
+            results = self.server.get("/stats/breakdown", **period, property=prop, limit=11)["results"]
+            expected = [(row["value"] or empty, row[count], row["unique_users"])
+                        for row in results if row["value"] != "page_view"][:10]
+            assert [(value, number(n), number(users)) for value, n, users in self.table(prop)] == expected, prop
+        interval = "hour" if start == end else "day"
+        points = self.server.get("/stats/timeseries", **period, interval=interval)["points"]
+        bars = self.page.eval_on_selector_all("#chart rect.bar title", "titles => titles.map(t => t.textContent)")
+        assert bars == [f"{p['date']}: {p['views']:,} views, {p['unique_users']:,} unique users" for p in points]
+        return stats
+
+    def assert_no_console_errors(self):
+        assert self.console_errors == []
+
+
+def number(text):
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*", text), text
+    return int(text.replace(",", ""))
+
+
+@pytest.fixture
+def open_dashboard(browser):
+    """open_dashboard(server, viewport=None) -> a Dashboard in a fresh browser profile."""
+    contexts = []
+
+    def open_page(server, viewport=None):
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900})
+        context.set_default_timeout(15_000)
+        contexts.append(context)
+        return Dashboard(context.new_page(), server)
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+# -- the page itself ------------------------------------------------------------
+
+def test_page_and_its_assets_are_our_own_and_under_50_kb(server):
+    page = requests.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    # everything the page loads comes from here (the icon is an empty data: URL)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sorted(assets) == ["data:,", "static/dashboard.css", "static/dashboard.js"]
+    total = len(page.content)
+    for asset in assets:
+        if asset.startswith("data:"):
+            continue
+        response = requests.get(f"{server.url}/{asset}", timeout=10)
+        assert response.status_code == 200, asset
+        total += len(response.content)
+    assert total < MAX_PAGE_BYTES, f"the dashboard is {total} bytes, more than {MAX_PAGE_BYTES}"
+
+
+# -- in the browser -----------------------------------------------------------------
+
+def test_dashboard_shows_exactly_what_the_reports_say(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+
+    # the sites with data are offered, and the first one is shown for the last 7 days
+    sites = [site["site_id"] for site in server.get("/stats/sites")["sites"]]
+    assert sites == sorted(SITES)
+    assert dashboard.page.eval_on_selector_all("#site option", "options => options.map(o => o.value)") == sites
+    assert dashboard.page.input_value("#period") == "7d"
+    week = dashboard.assert_shows_the_reports(sites[0], today() - timedelta(days=6), today())
+    ARTIFACTS.mkdir(exist_ok=True)
+    dashboard.page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
+
+    # each period shows its own numbers: the generated traffic differs from one period to the next
+    dashboard.choose("#period", "today")
+    day = dashboard.assert_shows_the_reports(sites[0], today(), today())
+    assert len(dashboard.page.query_selector_all("#chart rect.bar")) == 24
+    dashboard.choose("#period", "30d")
+    month = dashboard.assert_shows_the_reports(sites[0], today() - timedelta(days=29), today())
+    assert day["total_views"] < week["total_views"] < month["total_views"]
+    assert number(dashboard.text("#views")) == month["total_views"]
+
+    dashboard.page.select_option("#period", "custom")
+    start, end = today() - timedelta(days=12), today() - timedelta(days=3)
+    dashboard.page.fill("#from", start.isoformat())
+    dashboard.page.fill("#to", end.isoformat())
+    dashboard.wait_until_shown()
+    dashboard.assert_shows_the_reports(sites[0], start, end)
+    assert len(dashboard.page.query_selector_all("#chart rect.bar")) == 10
+    dashboard.assert_no_console_errors()
+
+
+def test_site_picker_switches_sites_and_the_url_remembers_the_choice(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    first = number(dashboard.text("#views"))
+
+    dashboard.choose("#site", "shop.example")
+    shop = dashboard.assert_shows_the_reports("shop.example", today() - timedelta(days=6), today())
+    assert shop["total_views"] != first
+    dashboard.choose("#period", "30d")
+    assert urlsplit(dashboard.page.url).fragment == "site=shop.example&period=30d"
+
+    # a reload, or the same URL in another browser, shows the same site and period
+    other = open_dashboard(server)
+    other.open("#site=shop.example&period=30d")
+    other.wait_until_shown()
+    other.assert_shows_the_reports("shop.example", today() - timedelta(days=29), today())
+    dashboard.assert_no_console_errors()
+    other.assert_no_console_errors()
+
+
+def test_reads_as_a_column_on_a_phone(open_dashboard, server):
+    dashboard = open_dashboard(server, viewport={"width": 375, "height": 740})
+    dashboard.open()
+    dashboard.wait_until_shown()
+    # nothing wider than the screen: no sideways scrolling
+    assert dashboard.page.evaluate("document.documentElement.scrollWidth") <= 375
+    ARTIFACTS.mkdir(exist_ok=True)
+    dashboard.page.screenshot(path=ARTIFACTS / "dashboard-phone.png", full_page=True)
+    dashboard.assert_no_console_errors()
+
+
+def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dashboard, keyed_server):
+    dashboard = open_dashboard(keyed_server)
+    dashboard.open()
+    dashboard.page.wait_for_selector("#key-form:not([hidden])")
+    assert dashboard.page.is_hidden("#report")
+
+    dashboard.page.fill("#key", "not-the-key")
+    dashboard.page.click("#key-form button")
+    dashboard.page.wait_for_selector("#key-reason:has-text('refused')")
+    dashboard.page.fill("#key", KEY)
+    dashboard.page.click("#key-form button")
+    dashboard.wait_until_shown()
+    dashboard.assert_shows_the_reports("blog.example", today() - timedelta(days=6), today())
+
+    # once given, the key is not asked again: not after a reload, not for another period
+    dashboard.open()
+    dashboard.wait_until_shown()
+    dashboard.choose("#period", "today")
+    assert dashboard.page.is_hidden("#key-form")
+
+    reports = [request for request in dashboard.requests if urlsplit(request.url).path.startswith("/stats")]
+    sent = [request for request in reports if request.headers.get("authorization") == f"Bearer {KEY}"]
+    assert len(sent) >= 2 * 7
+    assert all(KEY not in request.url for request in dashboard.requests)
+    # the only errors are the browser's own notes of the two 401 answers (no key, the wrong key)
+    assert len(dashboard.console_errors) == 2, dashboard.console_errors
+    assert all("status of 401" in text for text in dashboard.console_errors), dashboard.console_errors
