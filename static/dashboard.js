@@ -174,13 +174,20 @@ function say(text) {
   $("status").textContent = text;
 }
 
+// numbers that are not those of the chosen site and period are not shown
+function withdraw(text, state) {
+  say(text);
+  $("report").hidden = true;
+  document.body.dataset.state = state;
+}
+
 async function loadReport() {
   const current = ++generation;
   const site = $("site").value;
   const {from, to} = period();
   if (!site) return;
   if (!from || !to || from > to) {
-    say("Choose a range whose start is not after its end.");
+    withdraw("Choose a range whose start is not after its end.", "invalid");
     return;
   }
   writeFragment();
@@ -207,7 +214,8 @@ async function loadSites() {
   const picker = $("site");
   picker.replaceChildren(...sites.map((site) => cell("option", site.site_id)));
   if (!sites.length) {
-    say("No data yet: send events to POST /event, or add the tracker script /js/script.js to a page.");
+    withdraw("No data yet: send events to POST /event, or add the tracker script /js/script.js to a page.",
+             "empty");
     return false;
   }
   picker.value = sites.some((site) => site.site_id === wanted) ? wanted : sites[0].site_id;
@@ -220,12 +228,11 @@ function failed(error) {
     forgetKey();
     $("key-reason").textContent = refused ? "That API key was refused. Enter a valid one."
                                           : "This server asks for an API key to read its reports.";
-    $("report").hidden = true;
+    withdraw("", "key");
     $("key-form").hidden = false;
     $("key").focus();
-    say("");
   } else {
-    say("Could not load the reports: " + error.message);
+    withdraw("Could not load the reports: " + error.message, "failed");
   }
 }
 

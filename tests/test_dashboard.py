@@ -92,9 +92,9 @@ def data_dir(tmp_path_factory):
 class Server:
     """The app served by werkzeug in a thread; get() reads a JSON report as any client would."""
 
-    def __init__(self, data_dir, api_keys=()):
-        self.key = api_keys[0] if api_keys else None
-        self.app = create_app(load_config(environ={}, data_dir=str(data_dir), api_keys=api_keys))
+    def __init__(self, data_dir, **settings):
+        self.key = settings["api_keys"][0] if settings.get("api_keys") else None
+        self.app = create_app(load_config(environ={}, data_dir=str(data_dir), **settings))
         self.http = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.http.server_port}"
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
@@ -266,6 +266,48 @@ def test_dashboard_shows_exactly_what_the_reports_say(open_dashboard, server):
     dashboard.assert_shows_the_reports(sites[0], start, end)
     assert len(dashboard.page.query_selector_all("#chart rect.bar")) == 10
     dashboard.assert_no_console_errors()
+
+
+def test_a_range_that_ends_before_it_starts_shows_no_numbers(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    dashboard.page.select_option("#period", "custom")
+    dashboard.page.fill("#from", today().isoformat())
+    dashboard.page.fill("#to", (today() - timedelta(days=3)).isoformat())
+    dashboard.page.wait_for_selector("body[data-state=invalid]")
+    assert "start is not after its end" in dashboard.text("#status")
+    assert dashboard.page.is_hidden("#report")
+    dashboard.assert_no_console_errors()
+
+
+def test_an_empty_server_says_how_to_send_data(open_dashboard, tmp_path):
+    server = Server(tmp_path)
+    try:
+        dashboard = open_dashboard(server)
+        dashboard.open()
+        dashboard.page.wait_for_selector("body[data-state=empty]")
+        assert "No data yet" in dashboard.text("#status")
+        assert dashboard.page.is_hidden("#report")
+        dashboard.assert_no_console_errors()
+    finally:
+        server.stop()
+
+
+def test_a_refused_report_shows_the_servers_reason_and_no_numbers(open_dashboard, data_dir):
+    server = Server(data_dir, report_max_days=7)
+    try:
+        dashboard = open_dashboard(server)
+        dashboard.open()
+        dashboard.wait_until_shown()
+        dashboard.page.select_option("#period", "30d")
+        dashboard.page.wait_for_selector("body[data-state=failed]")
+        assert dashboard.text("#status") == ("Could not load the reports: "
+                                             "Invalid to: the range from..to is 30 days, at most 7")
+        assert dashboard.page.is_hidden("#report")
+        assert all("status of 400" in text for text in dashboard.console_errors), dashboard.console_errors
+    finally:
+        server.stop()
 
 
 def test_site_picker_switches_sites_and_the_url_remembers_the_choice(open_dashboard, server):
