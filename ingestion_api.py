@@ -12,7 +12,8 @@
     GET  /                    the dashboard (static/dashboard.*), which reads /stats*
     GET  /openapi.json        the OpenAPI description of all of these (openapi.yaml)
 
-Ingestion only validates and appends to the queue; the processor stores.
+Ingestion (ingest.py, whose FastPath answers the ingest POSTs before Flask
+does) only validates and appends to the queue; the processor stores.
 """
 import gzip
 import hashlib
@@ -27,29 +28,26 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from config import load_config
-from events import InvalidEvent, encode_event, parse_json, validate_event
+from events import InvalidEvent
+from ingest import ANY_ORIGIN, ApiError, FastPath, Ingest, error_answer
 from query_params import InvalidParameter, QueryParams
 from shared_queue import QueueUnavailable, open_queue
 from store import StoreUnavailable, open_store
-from tracking import InvalidPayload, Visitors, client_ip, is_bot, plausible_events, utc_now
+from tracking import Visitors
 
 log = logging.getLogger("ingestion_api")
 
 JSON = "application/json"
-EVENT_RECEIVED = b'{"message":"Event received"}\n'
-
-
-class ApiError(Exception):
-    """An error answered as {"error": message, ...extra} with a status code."""
-
-    def __init__(self, message, status=400, **extra):
-        super().__init__(message)
-        self.body = {"error": message, **extra}
-        self.status = status
 
 
 def json_response(body, status=200):
     return Response(orjson.dumps(body) + b"\n", status=status, mimetype=JSON)
+
+
+def answer_response(answer):
+    response = Response(answer.body, status=answer.status, content_type=answer.content_type)
+    response.headers.extend(answer.headers)
+    return response
 
 
 def create_app(config=None):
@@ -60,40 +58,29 @@ def create_app(config=None):
     store = open_store(config)
     store.migrate()
     store.close()
+    ingest = Ingest(config, queue, Visitors(store))
     app.extensions["analytics"] = {"config": config, "queue": queue, "store": store}
-    register_ingestion(app, config, queue)
-    register_tracking(app, config, queue, store)
+    register_ingestion(app, config, queue, ingest)
+    register_tracking(app, ingest)
     register_reports(app, config, store)
     register_openapi(app)
     register_dashboard(app)
     register_errors(app)
+    app.wsgi_app = FastPath(app.wsgi_app, ingest)
     return app
 
 
-def register_ingestion(app, config, queue):
+def register_ingestion(app, config, queue, ingest):
+    # POSTs with a Content-Length are answered by FastPath before Flask; these
+    # routes answer the rest (chunked uploads) alike, and give Flask the URL map.
     @app.post("/event")
     def post_event():
-        event = validate_event(parse_json(request.get_data(cache=False)))
-        append_or_503(queue, [encode_event(event)])
-        return Response(EVENT_RECEIVED, mimetype=JSON)
+        return answer_response(ingest.event(request.get_data(cache=False)))
 
     @app.post("/events")
     def post_events():
         request.max_content_length = config.max_batch_bytes
-        items = parse_batch(request.get_data(cache=False), request.mimetype)
-        if not items:
-            raise ApiError("Invalid batch: no events")
-        if len(items) > config.max_batch_events:
-            raise ApiError(f"Too many events: {len(items)} in one batch, "
-                           f"at most {config.max_batch_events}")
-        lines = []
-        for index, item in enumerate(items):
-            try:
-                lines.append(encode_event(validate_event(item)))
-            except InvalidEvent as error:
-                raise ApiError(str(error), index=index) from None
-        append_or_503(queue, lines)
-        return json_response({"message": "Events received", "count": len(lines)})
+        return answer_response(ingest.events(request.get_data(cache=False), request.mimetype))
 
     @app.get("/health")
     def get_health():
@@ -107,38 +94,17 @@ def register_ingestion(app, config, queue):
         return json_response(body)
 
 
-def append_or_503(queue, lines):
-    try:
-        queue.append(lines)
-    except QueueUnavailable as error:
-        log.error("queue append failed: %s", error)
-        raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
-
-
-def register_tracking(app, config, queue, store):
-    visitors = Visitors(store)
+def register_tracking(app, ingest):
     script = TrackerScript(os.path.join(app.root_path, "static", "script.js"))
 
     @app.route("/api/event", methods=["POST", "OPTIONS"])
     def plausible_event():
         if request.method == "OPTIONS":
             return plausible_response(b"", 204)
-        user_agent = request.headers.get("User-Agent", "")
-        if is_bot(user_agent):
-            log.info("dropped event reason=bot user_agent=%.120r", user_agent)
-            response = plausible_response(b"ok", 202)
-            response.headers["X-Analytics-Dropped"] = "bot"
-            return response
-        now = utc_now()
-        ip = client_ip(request.remote_addr, request.headers, config.trusted_proxies)
-        try:
-            data = parse_json(request.get_data(cache=False))
-        except InvalidEvent:
-            raise InvalidPayload("payload", "is not valid JSON") from None
-        events = plausible_events(data, now, user_agent,
-                                  lambda site: visitors.visitor_id(site, ip, user_agent, now))
-        append_or_503(queue, [encode_event(event) for event in events])
-        return plausible_response(b"ok", 202)
+        answer = ingest.plausible(request.headers.get("User-Agent", ""),
+                                  lambda: request.get_data(cache=False),
+                                  request.remote_addr, request.headers)
+        return answer_response(answer)
 
     @app.get("/js/script.js")
     def tracker_script():
@@ -148,7 +114,7 @@ def register_tracking(app, config, queue, store):
     def any_origin_may_send_events(response):
         # every answer, errors and 413s included, or browsers report a CORS failure instead
         if request.path == "/api/event":
-            response.headers["Access-Control-Allow-Origin"] = "*"
+            response.headers.extend(ANY_ORIGIN)
         return response
 
 
@@ -272,46 +238,12 @@ def register_openapi(app):
 
 def register_errors(app):
     @app.errorhandler(ApiError)
-    def handle_api_error(error):
-        return json_response(error.body, error.status)
-
     @app.errorhandler(StoreUnavailable)
-    def handle_store_unavailable(error):
-        log.error("database unavailable: %s", error)
-        return json_response({"error": "Database unavailable; retry later"}, 503)
-
-    @app.errorhandler(InvalidPayload)
-    def handle_invalid_payload(error):
-        return json_response({"errors": error.errors}, 400)
-
     @app.errorhandler(InvalidEvent)
     @app.errorhandler(InvalidParameter)
-    def handle_invalid_input(error):
-        return json_response({"error": str(error)}, 400)
-
     @app.errorhandler(HTTPException)
-    def handle_http_error(error):
-        response = json_response({"error": error.description}, error.code)
-        for name, value in error.get_headers():     # what the status requires, such as Allow on a 405
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
-
-
-def parse_batch(body, mimetype):
-    """A batch body as a list of items; NDJSON indexes count events, as in an array."""
-    if mimetype != "application/x-ndjson":
-        items = parse_json(body)
-        if not isinstance(items, list):
-            raise ApiError("Invalid batch: expected a JSON array of events")
-        return items
-    items = []
-    for index, line in enumerate(line for line in body.splitlines() if line.strip()):
-        try:
-            items.append(parse_json(line))
-        except InvalidEvent as error:
-            raise ApiError(str(error), index=index) from None
-    return items
+    def handle_error(error):
+        return answer_response(error_answer(error))
 
 
 def __getattr__(name):

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 _COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
 _COUNTER = struct.Struct("<Q")     # each side writes only its own: appended at 0, consumed at 8
+_END_OFFSET = 16                   # writers: where the active segment ended after the last whole write
+_STATE_SIZE = 24
 _READ_CHUNK = 1024 * 1024
 
 
@@ -63,7 +65,8 @@ class FileQueue:
       P            the active segment, where writers append
       P.<seq>      a sealed segment the consumer is finishing (at most one)
       P.lock       the writers' lock; the consumer takes it only to rotate
-      P.state      two counters (appended, consumed) for an O(1) queue size
+      P.state      two counters (appended, consumed) for an O(1) queue size, and
+                   where the last whole write ended (so a torn tail is found without a read)
       P.consumer   held by the one processor that consumes the queue
     """
 
@@ -75,6 +78,7 @@ class FileQueue:
         self.segment_bytes = segment_bytes
         self._thread_lock = threading.Lock()  # flock does not separate threads
         self._fd = None
+        self._inode = None
         self._lock_fd = None
         self._state = None
         self._last_sync = 0.0
@@ -90,17 +94,20 @@ class FileQueue:
     # -- writer side -------------------------------------------------------
 
     def append(self, lines):
-        """Append encoded lines (each ending in a newline) as one write."""
+        """Append encoded lines (each ending in a newline) as one write.
+
+        Four system calls in the common case: lock, stat, write, unlock.
+        """
         data = b"".join(lines)
         with self._thread_lock:
             try:
                 self._ensure_open()
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
                 try:
-                    self._reopen_if_rotated()
-                    self._terminate_torn_line()
+                    size = self._reopen_if_rotated()
+                    size = self._terminate_torn_line(size)
                     _write_all(self._fd, data)
-                    self._add_appended(len(lines))
+                    self._add_appended(len(lines), size + len(data))
                 finally:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 self._sync_by_policy()
@@ -145,7 +152,11 @@ class FileQueue:
         if self._fd is None:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
             self._state = _map_counters(self.path + ".state")
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._open_active()
+
+    def _open_active(self):
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._inode = os.fstat(self._fd).st_ino
 
     def _close_files(self):
         for fd in (self._fd, self._lock_fd):
@@ -159,28 +170,38 @@ class FileQueue:
         self._fd = self._lock_fd = self._state = None
 
     def _reopen_if_rotated(self):
-        """Under the lock: follow a rotation (or a removed file) to the new active segment."""
+        """Under the lock: follow a rotation (or a removed file) to the new active segment.
+
+        Returns the size of the active segment, where this write will start.
+        """
         try:
-            current = os.stat(self.path).st_ino
+            current = os.stat(self.path)
         except FileNotFoundError:
             current = None
-        if current != os.fstat(self._fd).st_ino:
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        if current is not None and current.st_ino == self._inode:
+            return current.st_size
+        os.close(self._fd)
+        self._open_active()
+        return os.fstat(self._fd).st_size
 
-    def _terminate_torn_line(self):
+    def _terminate_torn_line(self, size):
         """Under the lock: if a writer died mid-line, end that fragment first.
 
         The fragment then becomes a line of its own (a dead letter) instead of
-        swallowing the start of the next, valid event.
+        swallowing the start of the next, valid event. The file ends where the
+        last whole write left it, as the state file says, unless a write was
+        cut short: only then is its last byte read. Returns the new size.
         """
-        size = os.fstat(self._fd).st_size
-        if size and os.pread(self._fd, 1, size - 1) != b"\n":
-            _write_all(self._fd, b"\n")
+        (whole_end,) = _COUNTER.unpack_from(self._state, _END_OFFSET)
+        if size == whole_end or size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
+            return size
+        _write_all(self._fd, b"\n")
+        return size + 1
 
-    def _add_appended(self, count):
+    def _add_appended(self, count, end):
         (appended,) = _COUNTER.unpack_from(self._state, 0)
         _COUNTER.pack_into(self._state, 0, appended + count)
+        _COUNTER.pack_into(self._state, _END_OFFSET, end)
 
     def _sync_by_policy(self):
         if self.fsync == "always":
@@ -354,9 +375,9 @@ def _count_lines(path, offset):
 def _map_counters(path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if os.fstat(fd).st_size < _COUNTERS.size:
-            os.ftruncate(fd, _COUNTERS.size)
-        return mmap.mmap(fd, _COUNTERS.size)
+        if os.fstat(fd).st_size < _STATE_SIZE:
+            os.ftruncate(fd, _STATE_SIZE)
+        return mmap.mmap(fd, _STATE_SIZE)
     finally:
         os.close(fd)
 

@@ -1,0 +1,198 @@
+"""Taking events in: POST /event, POST /events and POST /api/event.
+
+Each endpoint is a method of Ingest that turns a request body into an Answer
+(status, body, content type, extra headers) or raises an error that
+error_answer turns into one. Two callers share them, so they answer alike
+byte for byte:
+
+- the Flask routes in ingestion_api.py, and
+- FastPath, a plain WSGI layer in front of Flask that answers these POSTs
+  itself. Flask's own dispatch (request context, URL matching, Response
+  objects, hooks) costs more than the ingestion does, and these endpoints
+  take nearly all the traffic. Anything it does not handle (other paths and
+  methods, a body without a Content-Length) goes on to Flask unchanged.
+"""
+import logging
+from typing import NamedTuple
+
+import orjson
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES
+
+from events import InvalidEvent, encode_event, parse_json, validate_event
+from shared_queue import QueueUnavailable
+from store import StoreUnavailable
+from tracking import InvalidPayload, client_ip, is_bot, plausible_events, utc_now
+
+log = logging.getLogger("ingestion_api")
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+ANY_ORIGIN = (("Access-Control-Allow-Origin", "*"),)
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple = ()
+
+
+EVENT_RECEIVED = Answer(200, b'{"message":"Event received"}\n')
+PLAUSIBLE_OK = Answer(202, b"ok", TEXT)
+BOT_DROPPED = Answer(202, b"ok", TEXT, (("X-Analytics-Dropped", "bot"),))
+
+
+class ApiError(Exception):
+    """An error answered as {"error": message, ...extra} with a status code."""
+
+    def __init__(self, message, status=400, headers=(), **extra):
+        super().__init__(message)
+        self.body = {"error": message, **extra}
+        self.status = status
+        self.headers = headers
+
+
+def json_answer(body, status=200):
+    return Answer(status, orjson.dumps(body) + b"\n")
+
+
+def error_answer(error):
+    """The JSON answer to an error raised while taking a request in (or by a report)."""
+    if isinstance(error, ApiError):
+        return json_answer(error.body, error.status)._replace(headers=error.headers)
+    if isinstance(error, InvalidPayload):
+        return json_answer({"errors": error.errors}, 400)
+    if isinstance(error, StoreUnavailable):
+        log.error("database unavailable: %s", error)
+        return json_answer({"error": "Database unavailable; retry later"}, 503)
+    if isinstance(error, HTTPException):
+        # what the status requires, such as Allow on a 405
+        headers = tuple((name, value) for name, value in error.get_headers()
+                        if name.lower() != "content-type")
+        return json_answer({"error": error.description}, error.code)._replace(headers=headers)
+    return json_answer({"error": str(error)}, 400)    # InvalidEvent, InvalidParameter
+
+
+class Ingest:
+    """The ingest endpoints, from request body to queue."""
+
+    def __init__(self, config, queue, visitors):
+        self.config = config
+        self.queue = queue
+        self.visitors = visitors
+
+    def event(self, body):
+        self._append([encode_event(validate_event(parse_json(body)))])
+        return EVENT_RECEIVED
+
+    def events(self, body, mimetype):
+        items = parse_batch(body, mimetype)
+        if not items:
+            raise ApiError("Invalid batch: no events")
+        if len(items) > self.config.max_batch_events:
+            raise ApiError(f"Too many events: {len(items)} in one batch, "
+                           f"at most {self.config.max_batch_events}")
+        now = utc_now()
+        lines = []
+        for index, item in enumerate(items):
+            try:
+                lines.append(encode_event(validate_event(item, now)))
+            except InvalidEvent as error:
+                raise ApiError(str(error), index=index) from None
+        self._append(lines)
+        return json_answer({"message": "Events received", "count": len(lines)})
+
+    def plausible(self, user_agent, read_body, remote_addr, headers):
+        """A Plausible Events API payload; read_body() raises the 413 of a body over the limit."""
+        if is_bot(user_agent):
+            log.info("dropped event reason=bot user_agent=%.120r", user_agent)
+            return BOT_DROPPED
+        now = utc_now()
+        ip = client_ip(remote_addr, headers, self.config.trusted_proxies)
+        try:
+            data = parse_json(read_body())
+        except InvalidEvent:
+            raise InvalidPayload("payload", "is not valid JSON") from None
+        events = plausible_events(data, now, user_agent,
+                                  lambda site: self.visitors.visitor_id(site, ip, user_agent, now))
+        self._append([encode_event(event) for event in events])
+        return PLAUSIBLE_OK
+
+    def _append(self, lines):
+        try:
+            self.queue.append(lines)
+        except QueueUnavailable as error:
+            log.error("queue append failed: %s", error)
+            raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
+
+
+def parse_batch(body, mimetype):
+    """A batch body as a list of items; NDJSON indexes count events, as in an array."""
+    if mimetype != "application/x-ndjson":
+        items = parse_json(body)
+        if not isinstance(items, list):
+            raise ApiError("Invalid batch: expected a JSON array of events")
+        return items
+    items = []
+    for index, line in enumerate(line for line in body.splitlines() if line.strip()):
+        try:
+            items.append(parse_json(line))
+        except InvalidEvent as error:
+            raise ApiError(str(error), index=index) from None
+    return items
+
+
+STATUS_LINES = {code: f"{code} {name.upper()}" for code, name in HTTP_STATUS_CODES.items()}
+
+
+class FastPath:
+    """WSGI middleware: the ingest POSTs without Flask, everything else through it.
+
+    Installed as app.wsgi_app, so Flask.__call__ (and gunicorn, and the test
+    client) reach it first.
+    """
+
+    def __init__(self, flask_wsgi, ingest):
+        self.flask_wsgi = flask_wsgi
+        config = ingest.config
+        # path -> (handler, body limit, headers added to every answer)
+        self.routes = {
+            "/event": (lambda environ, body: ingest.event(body()), config.max_body_bytes, ()),
+            "/events": (lambda environ, body: ingest.events(body(), _mimetype(environ)),
+                        config.max_batch_bytes, ()),
+            "/api/event": (lambda environ, body: ingest.plausible(
+                environ.get("HTTP_USER_AGENT", ""), body, environ.get("REMOTE_ADDR"),
+                EnvironHeaders(environ)), config.max_body_bytes, ANY_ORIGIN),
+        }
+
+    def __call__(self, environ, start_response):
+        route = self.routes.get(environ.get("PATH_INFO"))
+        length = environ.get("CONTENT_LENGTH", "")
+        if route is None or environ["REQUEST_METHOD"] != "POST" or not length.isdigit():
+            return self.flask_wsgi(environ, start_response)
+        handler, limit, headers = route
+        length = int(length)
+
+        def read_body():
+            if length > limit:
+                raise RequestEntityTooLarge()
+            return environ["wsgi.input"].read(length)
+
+        try:
+            answer = handler(environ, read_body)
+        except (ApiError, InvalidEvent, HTTPException, StoreUnavailable) as error:
+            answer = error_answer(error)
+        except Exception:
+            log.exception("error on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
+            answer = error_answer(InternalServerError())
+        start_response(STATUS_LINES[answer.status],
+                       [("Content-Type", answer.content_type),
+                        ("Content-Length", str(len(answer.body))), *answer.headers, *headers])
+        return [answer.body]
+
+
+def _mimetype(environ):
+    """The Content-Type without its parameters, as Flask's request.mimetype gives it."""
+    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()

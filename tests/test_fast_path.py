@@ -1,0 +1,93 @@
+"""The WSGI fast path answers the ingest POSTs exactly as the Flask routes behind it do."""
+import io
+import shutil
+
+import pytest
+from werkzeug.test import Client
+
+from ingest import FastPath
+
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/156.0.0.0 Safari/537.36")
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+PAGEVIEW = b'{"n":"pageview","u":"http://example.test/a","d":"example.test","r":null}'
+
+# (name, path, body, content type, User-Agent)
+REQUESTS = [
+    ("event", "/event", b'{"site_id":"s","event_type":"page_view","path":"/a"}', "application/json", None),
+    ("event as text/plain", "/event", b'{"site_id":"s","event_type":"v"}', "text/plain;charset=UTF-8", None),
+    ("event not json", "/event", b"nope", "application/json", None),
+    ("event missing field", "/event", b'{"site_id":"s"}', "application/json", None),
+    ("event bad timestamp", "/event", b'{"site_id":"s","event_type":"v","timestamp":"x"}', None, None),
+    ("event over the limit", "/event", b'{"x":"' + b"x" * 70_000 + b'"}', "application/json", None),
+    ("event empty body", "/event", b"", None, None),
+    ("batch", "/events", b'[{"site_id":"s","event_type":"v"},{"site_id":"t","event_type":"v"}]', None, None),
+    ("batch ndjson", "/events", b'{"site_id":"s","event_type":"v"}\n\n{"site_id":"s","event_type":"w"}\n',
+     "application/x-ndjson; charset=utf-8", None),
+    ("batch bad event", "/events", b'[{"site_id":"s","event_type":"v"},{"site_id":5}]', None, None),
+    ("batch bad ndjson line", "/events", b'{"site_id":"s","event_type":"v"}\n{x\n', "application/x-ndjson", None),
+    ("batch not an array", "/events", b"{}", None, None),
+    ("batch empty", "/events", b"[]", None, None),
+    ("batch too many", "/events", b"[" + b",".join([b'{"site_id":"s","event_type":"v"}'] * 1001) + b"]",
+     None, None),
+    ("batch over the limit", "/events", b"[" + b" " * (1024 * 1024) + b"]", None, None),
+    ("plausible pageview", "/api/event", PAGEVIEW, "text/plain", CHROME),
+    ("plausible bot", "/api/event", PAGEVIEW, "text/plain", GOOGLEBOT),
+    ("plausible no user agent", "/api/event", PAGEVIEW, "text/plain", None),
+    ("plausible not json", "/api/event", b"{", "text/plain", CHROME),
+    ("plausible no url", "/api/event", b'{"n":"pageview","d":"example.test"}', "text/plain", CHROME),
+    ("plausible over the limit", "/api/event", b'{"x":"' + b"x" * 70_000 + b'"}', "text/plain", CHROME),
+]
+
+
+def answer(wsgi, path, body, content_type, user_agent):
+    headers = {"User-Agent": user_agent} if user_agent else {}
+    response = Client(wsgi).post(path, data=body, content_type=content_type, headers=headers,
+                                 environ_base={"REMOTE_ADDR": "203.0.113.5"})
+    return response.status, response.headers.to_wsgi_list(), response.data
+
+
+@pytest.fixture
+def fast_path(app):
+    assert isinstance(app.wsgi_app, FastPath)
+    return app.wsgi_app
+
+
+@pytest.mark.parametrize("name,path,body,content_type,user_agent", REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_fast_path_answers_byte_for_byte_like_flask(fast_path, name, path, body, content_type, user_agent):
+    flask_answer = answer(fast_path.flask_wsgi, path, body, content_type, user_agent)
+    assert answer(fast_path, path, body, content_type, user_agent) == flask_answer
+
+
+def test_fast_path_and_flask_both_answer_503_when_the_queue_cannot_be_written(fast_path, config):
+    answer(fast_path, "/api/event", PAGEVIEW, "text/plain", CHROME)    # today's visitor salt, kept
+    shutil.rmtree(config.data_dir)
+    for path, body in (("/event", b'{"site_id":"s","event_type":"v"}'),
+                       ("/events", b'[{"site_id":"s","event_type":"v"}]'),
+                       ("/api/event", PAGEVIEW)):
+        flask_answer = answer(fast_path.flask_wsgi, path, body, "text/plain", CHROME)
+        assert flask_answer[0] == "503 SERVICE UNAVAILABLE"
+        assert answer(fast_path, path, body, "text/plain", CHROME) == flask_answer
+
+
+def test_both_paths_queue_the_same_events(app, fast_path):
+    body = b'{"site_id":"s","event_type":"v"}'
+    answer(fast_path, "/event", body, None, None)
+    answer(fast_path.flask_wsgi, "/event", body, None, None)
+    assert app.extensions["analytics"]["queue"].size() == 2
+
+
+def test_a_body_without_content_length_goes_to_flask_and_is_accepted(app):
+    body = b'{"site_id":"s","event_type":"v"}'
+    response = app.test_client().post("/event", input_stream=io.BytesIO(body),
+                                      environ_overrides={"wsgi.input_terminated": True})
+    assert response.status_code == 200
+    assert app.extensions["analytics"]["queue"].size() == 1
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/event", 405), ("PUT", "/events", 405),
+                                                ("POST", "/event/", 404), ("GET", "/health", 200)])
+def test_other_methods_and_paths_fall_through_to_flask(client, method, path, status):
+    response = client.open(path, method=method)
+    assert response.status_code == status
+    assert response.is_json
