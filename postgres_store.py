@@ -203,7 +203,7 @@ class PostgresStore:
                                             {"day": day}).fetchone()[0])
 
     def reports(self, connection, raw=False):
-        return RawReports(connection, JSON_VALUE) if raw else RollupReports(connection)
+        return RawReports(connection, JSON_VALUE) if raw else RollupReports(connection, sharded=True)
 
     def rebuild_rollups(self, progress=None):
         with self.atomic() as connection:
