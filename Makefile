@@ -1,7 +1,7 @@
 # make run    set up .venv, then run the API and the processor together (Ctrl-C stops both)
 # make test   set up .venv, start PostgreSQL and Redis if they are down, install Chromium and
 #             the npm trackers for the browser tests, then run the whole test suite
-# make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md and PROCESSOR.md
+# make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md, PROCESSOR.md, REPORTS.md
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -23,3 +23,4 @@ test: $(VENV)/installed
 bench: $(VENV)/installed
 	python bench/run.py
 	python bench/processor_bench.py
+	python bench/reports_bench.py
