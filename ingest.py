@@ -170,7 +170,9 @@ class FastPath:
     def __call__(self, environ, start_response):
         route = self.routes.get(environ.get("PATH_INFO"))
         length = environ.get("CONTENT_LENGTH", "")
-        if route is None or environ["REQUEST_METHOD"] != "POST" or not length.isdigit():
+        # isdigit alone admits "²", which int() refuses; Flask answers whatever is not plain digits
+        plain_length = length.isascii() and length.isdigit()
+        if route is None or environ["REQUEST_METHOD"] != "POST" or not plain_length:
             return self.flask_wsgi(environ, start_response)
         handler, limit, headers = route
         length = int(length)

@@ -91,3 +91,11 @@ def test_other_methods_and_paths_fall_through_to_flask(client, method, path, sta
     response = client.open(path, method=method)
     assert response.status_code == status
     assert response.is_json
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0663", "+3", " 3"])
+def test_a_content_length_of_other_than_ascii_digits_is_a_400_not_a_500(client, length):
+    response = client.post("/event", data=b'{"site_id":"s","event_type":"v"}',
+                           environ_overrides={"CONTENT_LENGTH": length})
+    assert response.status_code == 400
+    assert response.is_json
