@@ -58,7 +58,7 @@ from reports import Period, RawReports, RollupReports  # noqa: E402
 from store import SQLiteStore  # noqa: E402
 
 SIZES = [1_000_000, 10_000_000]
-FAST = dict(reps=300, budget=2.0, min_reps=50)      # api and rollups, per question
+FAST = dict(reps=300, budget=2.0, min_reps=5)       # api and rollups, per question
 SLOW = dict(reps=20, budget=2.0, min_reps=3)        # raw and duckdb, per question
 LOAD_BYTES = 64 * 2 ** 20                           # queue lines read per store.write
 BUILT_FROM = ("bench/generate.py", "events.py", "enrich.py", "rollups.py", "store.py")
