@@ -43,6 +43,10 @@ class Config:
     retention_interval: float = 1.0
     log_format: str = "text"
     log_level: str = "INFO"
+    rate_limit: str = "6000/minute"  # per client IP over the ingest endpoints; "" is off
+    rate_limit_storage_url: str = ""  # empty: Redis of QUEUE_URL, else a file beside the queue
+    metrics: bool = True
+    metrics_dir: str = ""            # empty: <data_dir>/metrics
 
     @property
     def queue_path(self):
@@ -51,6 +55,10 @@ class Config:
     @property
     def database_path(self):
         return self.database_url or os.path.join(self.data_dir, "analytics.db")
+
+    @property
+    def metrics_path(self):
+        return self.metrics_dir or os.path.join(self.data_dir, "metrics")
 
     @property
     def dead_letter_path(self):
@@ -84,6 +92,24 @@ def _days(text):
     if value < 0:
         raise ValueError("must be a number of days, or 0 to keep everything")
     return value
+
+
+def _rate_limit(text):
+    if text.lower() == "off":
+        return ""
+    from limits import parse_many
+    try:
+        parse_many(text)
+    except ValueError:
+        raise ValueError('expected "off" or limits such as 100/second or '
+                         '"100/second; 3000/minute"') from None
+    return text
+
+
+def _on_off(text):
+    if text.lower() not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return text.lower() == "on"
 
 
 def _word_list(text):
@@ -143,6 +169,10 @@ ENVIRONMENT = {
     "RETENTION_INTERVAL": ("retention_interval", _positive_float),
     "LOG_FORMAT": ("log_format", _one_of(LOG_FORMATS)),
     "LOG_LEVEL": ("log_level", _one_of(LOG_LEVELS)),
+    "RATE_LIMIT": ("rate_limit", _rate_limit),
+    "RATE_LIMIT_STORAGE_URL": ("rate_limit_storage_url", str),
+    "METRICS": ("metrics", _on_off),
+    "METRICS_DIR": ("metrics_dir", str),
 }
 
 

@@ -73,10 +73,21 @@ def on_starting(server):
     from store import open_store
 
     try:
-        store = open_store(load_config())
+        config = load_config()
+        store = open_store(config)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None
     try:
         store.migrate()
     finally:
         store.close()
+    if config.metrics:
+        from metrics import API, use_metrics_directory
+        use_metrics_directory(config, API)     # workers inherit PROMETHEUS_MULTIPROC_DIR
+
+
+def child_exit(server, worker):
+    """A worker's live gauges leave with it (prometheus-client's multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid)

@@ -13,6 +13,7 @@ byte for byte:
   methods, a body without a Content-Length) goes on to Flask unchanged.
 """
 import logging
+import time
 from typing import NamedTuple
 
 import orjson
@@ -30,6 +31,7 @@ log = logging.getLogger("ingestion_api")
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 ANY_ORIGIN = (("Access-Control-Allow-Origin", "*"),)
+INGEST_PATHS = ("/event", "/events", "/api/event")
 
 
 class Answer(NamedTuple):
@@ -78,13 +80,18 @@ def error_answer(error):
 class Ingest:
     """The ingest endpoints, from request body to queue."""
 
-    def __init__(self, config, queue, visitors):
+    def __init__(self, config, queue, visitors, metrics):
         self.config = config
         self.queue = queue
         self.visitors = visitors
+        self.metrics = metrics
+
+    def client_address(self, remote_addr, headers):
+        """The address a client is known by (TRUSTED_PROXIES decides whether headers count)."""
+        return client_ip(remote_addr, headers, self.config.trusted_proxies)
 
     def event(self, body):
-        self._append([encode_event(validate_event(parse_json(body)))])
+        self._append("/event", [encode_event(validate_event(parse_json(body)))])
         return EVENT_RECEIVED
 
     def events(self, body, mimetype):
@@ -101,31 +108,33 @@ class Ingest:
                 lines.append(encode_event(validate_event(item, now)))
             except InvalidEvent as error:
                 raise ApiError(str(error), index=index) from None
-        self._append(lines)
+        self._append("/events", lines)
         return json_answer({"message": "Events received", "count": len(lines)})
 
     def plausible(self, user_agent, read_body, remote_addr, headers):
         """A Plausible Events API payload; read_body() raises the 413 of a body over the limit."""
         if is_bot(user_agent):
             log.info("dropped event reason=bot user_agent=%.120r", user_agent)
+            self.metrics.event_dropped("bot")
             return BOT_DROPPED
         now = utc_now()
-        ip = client_ip(remote_addr, headers, self.config.trusted_proxies)
+        ip = self.client_address(remote_addr, headers)
         try:
             data = parse_json(read_body())
         except InvalidEvent:
             raise InvalidPayload("payload", "is not valid JSON") from None
         events = plausible_events(data, now, user_agent,
                                   lambda site: self.visitors.visitor_id(site, ip, user_agent, now))
-        self._append([encode_event(event) for event in events])
+        self._append("/api/event", [encode_event(event) for event in events])
         return PLAUSIBLE_OK
 
-    def _append(self, lines):
+    def _append(self, endpoint, lines):
         try:
             self.queue.append(lines)
         except QueueUnavailable as error:
             log.error("queue append failed: %s", error)
             raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
+        self.metrics.events_accepted(endpoint, len(lines))
 
 
 def parse_batch(body, mimetype):
@@ -154,8 +163,11 @@ class FastPath:
     client) reach it first.
     """
 
-    def __init__(self, flask_wsgi, ingest):
+    def __init__(self, flask_wsgi, ingest, rate_limit):
         self.flask_wsgi = flask_wsgi
+        self.ingest = ingest
+        self.rate_limit = rate_limit
+        self.metrics = ingest.metrics
         config = ingest.config
         # path -> (handler, body limit, headers added to every answer)
         self.routes = {
@@ -174,6 +186,7 @@ class FastPath:
         plain_length = length.isascii() and length.isdigit()
         if route is None or environ["REQUEST_METHOD"] != "POST" or not plain_length:
             return self.flask_wsgi(environ, start_response)
+        started = time.perf_counter()
         handler, limit, headers = route
         length = int(length)
 
@@ -183,6 +196,8 @@ class FastPath:
             return environ["wsgi.input"].read(length)
 
         try:
+            self.rate_limit.hit(lambda: self.ingest.client_address(environ.get("REMOTE_ADDR"),
+                                                                   EnvironHeaders(environ)))
             answer = handler(environ, read_body)
         except (ApiError, InvalidEvent, HTTPException, StoreUnavailable) as error:
             answer = error_answer(error)
@@ -192,6 +207,8 @@ class FastPath:
         start_response(STATUS_LINES[answer.status],
                        [("Content-Type", answer.content_type),
                         ("Content-Length", str(len(answer.body))), *answer.headers, *headers])
+        self.metrics.answered(environ["PATH_INFO"], answer.status, time.perf_counter() - started,
+                              ingest=True)
         return [answer.body]
 
 

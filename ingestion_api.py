@@ -11,6 +11,7 @@
     GET  /js/script.js        our tracker script
     GET  /                    the dashboard (static/dashboard.*), which reads /stats*
     GET  /openapi.json        the OpenAPI description of all of these (openapi.yaml)
+    GET  /metrics             Prometheus metrics (metrics.py)
 
 Ingestion (ingest.py, whose FastPath answers the ingest POSTs before Flask
 does) only validates and appends to the queue; the processor stores.
@@ -20,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 
 import orjson
 import yaml
@@ -29,8 +31,10 @@ from werkzeug.exceptions import HTTPException
 
 from config import load_config
 from events import InvalidEvent
-from ingest import ANY_ORIGIN, ApiError, FastPath, Ingest, error_answer
+from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, Ingest, error_answer
+from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
+from rate_limit import ingest_rate_limit
 from shared_queue import QueueUnavailable, open_queue
 from store import StoreUnavailable, open_store
 from tracking import Visitors
@@ -58,26 +62,32 @@ def create_app(config=None):
     store = open_store(config)
     store.migrate()
     store.close()
-    ingest = Ingest(config, queue, Visitors(store))
+    metrics = ApiMetrics(config, queue) if config.metrics else NoMetrics()
+    ingest = Ingest(config, queue, Visitors(store), metrics)
     app.extensions["analytics"] = {"config": config, "queue": queue, "store": store}
-    register_ingestion(app, config, queue, ingest)
-    register_tracking(app, ingest)
+    if config.metrics:
+        register_metrics(app, metrics)     # first, so that its clock starts before any other hook
+    rate_limit = ingest_rate_limit(app, config, ingest.client_address)
+    register_ingestion(app, config, queue, ingest, rate_limit)
+    register_tracking(app, ingest, rate_limit)
     register_reports(app, config, store)
     register_openapi(app)
     register_dashboard(app)
     register_errors(app)
-    app.wsgi_app = FastPath(app.wsgi_app, ingest)
+    app.wsgi_app = FastPath(app.wsgi_app, ingest, rate_limit)
     return app
 
 
-def register_ingestion(app, config, queue, ingest):
+def register_ingestion(app, config, queue, ingest, rate_limit):
     # POSTs with a Content-Length are answered by FastPath before Flask; these
     # routes answer the rest (chunked uploads) alike, and give Flask the URL map.
     @app.post("/event")
+    @rate_limit.limit
     def post_event():
         return answer_response(ingest.event(request.get_data(cache=False)))
 
     @app.post("/events")
+    @rate_limit.limit
     def post_events():
         request.max_content_length = config.max_batch_bytes
         return answer_response(ingest.events(request.get_data(cache=False), request.mimetype))
@@ -94,10 +104,11 @@ def register_ingestion(app, config, queue, ingest):
         return json_response(body)
 
 
-def register_tracking(app, ingest):
+def register_tracking(app, ingest, rate_limit):
     script = TrackerScript(os.path.join(app.root_path, "static", "script.js"))
 
     @app.route("/api/event", methods=["POST", "OPTIONS"])
+    @rate_limit.limit
     def plausible_event():
         if request.method == "OPTIONS":
             return plausible_response(b"", 204)
@@ -146,6 +157,24 @@ class TrackerScript:
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.set_etag(self.etag)
         return response.make_conditional(request)
+
+
+def register_metrics(app, metrics):
+    @app.before_request
+    def start_clock():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count_answer(response):
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.answered(endpoint, response.status_code, time.perf_counter() - g.started,
+                         ingest=endpoint in INGEST_PATHS)
+        return response
+
+    @app.get("/metrics")
+    def get_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
 
 
 def register_reports(app, config, store):

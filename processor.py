@@ -40,12 +40,13 @@ PROGRESS_EVERY = 5.0
 
 
 class Processor:
-    def __init__(self, queue, store, config, enrichment=True):
+    def __init__(self, queue, store, config, enrichment=True, on_batch=None):
         self.queue = queue
         self.enrichment = enrichment    # off only to measure what enrichment costs
         self.store = store
         self.config = config
         self.stopping = threading.Event()
+        self.on_batch = on_batch        # on_batch(lines, seconds) after each stored batch (metrics)
         self.stored = 0
         self.dead = 0
         self._consumer = None
@@ -77,8 +78,10 @@ class Processor:
         self.store.write(rows, self.queue.name, batch.checkpoint)
         self._consumer.acknowledge(batch)
         self.stored += len(rows)
-        log.debug("batch stored rows=%d rejected=%d seconds=%.3f",
-                  len(rows), len(rejected), time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.debug("batch stored rows=%d rejected=%d seconds=%.3f", len(rows), len(rejected), seconds)
+        if self.on_batch:
+            self.on_batch(len(batch.items), seconds)
         return len(batch.items)
 
     def run(self, once=False):
@@ -214,7 +217,8 @@ def main(argv=None):
         except (InvalidParameter, OSError) as error:
             log.error("%s failed: %s", args.command, error)
             return 2
-    processor = Processor(open_queue(config), open_store(config), config)
+    processor = Processor(open_queue(config), open_store(config), config,
+                          on_batch=batch_metrics(config))
     install_signal_handlers(processor)
     try:
         if not start_when_reachable(processor):
@@ -224,6 +228,15 @@ def main(argv=None):
         return 1
     processor.run(once=args.once)
     return 0
+
+
+def batch_metrics(config):
+    """Batch sizes and durations for /metrics (see metrics.py), or None with METRICS=off."""
+    if not config.metrics:
+        return None
+    from metrics import PROCESSOR, ProcessorMetrics, use_metrics_directory
+    use_metrics_directory(config, PROCESSOR)
+    return ProcessorMetrics().batch_stored
 
 
 def start_when_reachable(processor):

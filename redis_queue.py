@@ -12,6 +12,7 @@ processor has acknowledged are trimmed, so memory stays bounded.
 import os
 import socket
 import threading
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -79,6 +80,30 @@ class RedisQueue:
         if group.get("lag") is None:                  # Redis cannot tell after some deletions
             return group["pending"] + len(self.client.xrange(self.stream, min=b"(" + group["last-delivered-id"]))
         return group["pending"] + group["lag"]
+
+    def oldest_age(self):
+        """Seconds since the oldest entry not yet acknowledged was added; 0 if none is waiting.
+
+        Entry ids start with the milliseconds of their XADD: the oldest is the
+        first pending one, or else the first after the group's last delivery.
+        """
+        try:
+            groups = {g["name"].decode(): g for g in self.client.xinfo_groups(self.stream)}
+            group = groups.get(GROUP)
+            if group is None:
+                entries = self.client.xrange(self.stream, count=1)
+            elif group["pending"]:
+                entries = [(self.client.xpending(self.stream, GROUP)["min"], None)]
+            else:
+                entries = self.client.xrange(self.stream, min=b"(" + group["last-delivered-id"], count=1)
+        except redis.ResponseError:
+            return 0.0                                 # no stream yet
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+        if not entries:
+            return 0.0
+        added_ms = int(entries[0][0].split(b"-")[0])
+        return max(0.0, time.time() - added_ms / 1000)
 
     def check_writable(self):
         try:

@@ -30,7 +30,11 @@ from dataclasses import dataclass
 _COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
 _COUNTER = struct.Struct("<Q")     # each side writes only its own: appended at 0, consumed at 8
 _END_OFFSET = 16                   # writers: where the active segment ended after the last whole write
-_STATE_SIZE = 24
+_POSITION = struct.Struct("<QQ")   # the consumer: segment and offset of its next unread line
+_POSITION_OFFSET = 24
+_STATE_SIZE = 40
+_ID_PREFIX = b'{"id":"'            # every queued event starts with its id, whose first 14 hex
+_ID_TIME_DIGITS = 14               # digits are the microseconds since 1970 when it was accepted
 _READ_CHUNK = 1024 * 1024
 
 
@@ -124,6 +128,31 @@ class FileQueue:
                 raise QueueUnavailable(f"cannot open the queue: {error.strerror or error}") from error
             appended, consumed = _COUNTERS.unpack_from(self._state, 0)
         return max(0, appended - consumed)
+
+    def oldest_age(self):
+        """Seconds since the oldest event not yet stored was accepted; 0 if none is waiting.
+
+        Reads the start of the line where the consumer stands (its position is
+        in the state file), so it is O(1) too.
+        """
+        if self.size() == 0:
+            return 0.0
+        with self._thread_lock:
+            segment, offset = _POSITION.unpack_from(self._state, _POSITION_OFFSET)
+        sealed = f"{self.path}.{segment}"
+        if os.path.exists(sealed):     # the consumer is finishing a sealed segment
+            places = ((sealed, offset), (f"{self.path}.{segment + 1}", 0), (self.path, 0))
+        else:
+            places = ((self.path, offset),)
+        for path, start in places:
+            head = _read_head(path, start)
+            if head.startswith(_ID_PREFIX):
+                digits = head[len(_ID_PREFIX):len(_ID_PREFIX) + _ID_TIME_DIGITS]
+                try:
+                    return max(0.0, time.time() - int(digits, 16) / 1e6)
+                except ValueError:
+                    return 0.0
+        return 0.0
 
     def check_writable(self):
         """Raise QueueUnavailable unless an append could succeed now."""
@@ -333,11 +362,13 @@ class FileQueueConsumer:
                 offset = self.offset if number == self.segment else 0
                 backlog += _count_lines(self._segment_path(number), offset)
             _COUNTERS.pack_into(queue._state, 0, self.consumed + backlog, self.consumed)
+            _POSITION.pack_into(queue._state, _POSITION_OFFSET, self.segment, self.offset)
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
 
     def _set_consumed(self, consumed):
         _COUNTER.pack_into(self.queue._state, _COUNTER.size, consumed)
+        _POSITION.pack_into(self.queue._state, _POSITION_OFFSET, self.segment, self.offset)
 
 
 def parse_checkpoint(checkpoint):
@@ -356,6 +387,15 @@ def _read_chunk(path, offset):
         with open(path, "rb") as file:
             file.seek(offset)
             return file.read(_READ_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+def _read_head(path, offset):
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read(len(_ID_PREFIX) + _ID_TIME_DIGITS)
     except FileNotFoundError:
         return b""
 

@@ -193,6 +193,12 @@ def measure_http(run):
         run.results["events"] = alternate(run, {"bare": bare, "app": app}, "post_events.lua", "/events",
                                           run.s["http_seconds"], run.s["rounds"])
         report_pair("POST /events x100", run.results["events"], per_request=100)
+        run.warm(app, script="post_plausible.lua", path="/api/event")
+        run.results["api_event"] = alternate_loads(
+            run, {"event": (app, "post_event.lua", "/event"),
+                  "api_event": (app, "post_plausible.lua", "/api/event")},
+            run.s["http_seconds"], run.s["rounds"])
+        report_ratio("POST /api/event vs POST /event", run.results["api_event"], "api_event", "event")
         run.keep_worker_peaks("POST /event and /events", app)
         run.results["workers"] = len(app.workers())
         queued = queue_size(app)
@@ -203,12 +209,43 @@ def measure_http(run):
 
 def alternate(run, servers, script, path, seconds, rounds):
     """Rounds of one load run per server, the order flipped every round."""
-    results = {name: [] for name in servers}
-    names = list(servers)
+    return alternate_loads(run, {name: (server, script, path) for name, server in servers.items()},
+                           seconds, rounds)
+
+
+def alternate_loads(run, loads, seconds, rounds):
+    """Rounds of each load (name: (server, script, path)), the order flipped every round."""
+    results = {name: [] for name in loads}
+    names = list(loads)
     for number in range(rounds):
         for name in (names if number % 2 == 0 else names[::-1]):
-            results[name].append(run.load(servers[name], script, seconds, path))
+            server, script, path = loads[name]
+            results[name].append(run.load(server, script, seconds, path))
     return results
+
+
+def report_ratio(title, results, measured, baseline):
+    for number, (m, b) in enumerate(zip(results[measured], results[baseline]), 1):
+        log(f"  {title} round {number}: {m['rps']:7.0f}/s against {b['rps']:7.0f}/s  "
+            f"ratio {m['rps'] / b['rps']:.2f}  other CPU {max(m['foreign_cpu'], b['foreign_cpu']):.2f}")
+
+
+# -- metrics and rate limiting ------------------------------------------------
+
+def measure_operations(run):
+    """POST /event with metrics and the rate limit on (a limit never reached) against both off."""
+    servers = {"on": Gunicorn("operations-on", APP, run.data_dir("operations-on"),
+                              env={"METRICS": "on"}),
+               "off": Gunicorn("operations-off", APP, run.data_dir("operations-off"),
+                               env={"METRICS": "off", "RATE_LIMIT": "off"})}
+    with servers["on"], servers["off"]:
+        run.warm(*servers.values())
+        run.results["operations"] = alternate(run, servers, "post_event.lua", "/event",
+                                              run.s["http_seconds"], run.s["rounds"])
+        status, body = request(servers["on"].port, "GET", "/metrics")
+        if status != 200 or b"analytics_events_accepted_total" not in body:
+            raise BenchError("GET /metrics of the server with metrics on did not count the load")
+    report_ratio("metrics and rate limit on vs off", run.results["operations"], "on", "off")
 
 
 def report_pair(title, results, per_request=1):
@@ -413,7 +450,7 @@ def code_version():
 
 def load_rounds(run):
     r = run.results
-    groups = [r.get("event", {}), r.get("events", {}), r.get("fsync", {})]
+    groups = [r.get(name, {}) for name in ("event", "events", "api_event", "operations", "fsync")]
     groups += [{k: v for k, v in row.items() if k != "label"} for row in r.get("sweep", [])]
     return [x for group in groups for rounds in group.values() for x in rounds]
 
@@ -449,6 +486,16 @@ def summary_rows(run):
         rows.append(("POST /events events/s, idle-machine estimate (cores / CPU per request)",
                      f"{idle:,.0f}", f"{median_of(app, 'cpu_per_request_us') / 100:.1f} us CPU per event",
                      "", ">= 300,000 events/s", verdict(idle >= 300_000)))
+    ratios_to_0_9 = (("api_event", "api_event", "event", "POST /api/event requests/s (same server)",
+                      "POST /event"),
+                     ("operations", "on", "off", "POST /event requests/s, metrics and rate limit on",
+                      "both off"))
+    for test, measured, baseline, title, baseline_title in ratios_to_0_9:
+        if test in r:
+            m, b = r[test][measured], r[test][baseline]
+            ratio = paired_ratio(m, b)
+            rows.append((title, f"{median_of(m, 'rps'):,.0f}", f"{baseline_title} {median_of(b, 'rps'):,.0f}",
+                         f"{ratio:.2f}", ">= 0.9", verdict(ratio >= 0.9)))
     if "fsync" in r:
         never = r["fsync"]["never"]
         for policy in ("batch", "always"):
@@ -477,10 +524,12 @@ def table(header, rows):
 
 def rounds_table(run):
     rows = []
-    for test, per_request in (("event", 1), ("events", 100)):
+    tests = (("event", "POST /event", 1), ("events", "POST /events", 100),
+             ("api_event", "POST /event and /api/event", 1), ("operations", "POST /event, metrics+limit", 1))
+    for test, title, per_request in tests:
         for name, results in run.results.get(test, {}).items():
             for number, x in enumerate(results, 1):
-                rows.append((f"POST /{test}", name, number, f"{x['rps'] * per_request:,.0f}",
+                rows.append((title, name, number, f"{x['rps'] * per_request:,.0f}",
                              f"{x['p50']:.1f}", f"{x['p99']:.1f}", f"{x['cpu_per_request_us']:.0f}",
                              f"{x['foreign_cpu']:.2f}"))
     for policy, results in run.results.get("fsync", {}).items():
@@ -632,7 +681,8 @@ def main(argv=None):
     return 0
 
 
-SECTIONS = {"sweep": measure_sweep, "http": measure_http, "fsync": measure_fsync,
+SECTIONS = {"sweep": measure_sweep, "http": measure_http, "operations": measure_operations,
+            "fsync": measure_fsync,
             "freshness": measure_freshness,
             "hot_path": measure_hot_path}
 

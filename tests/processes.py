@@ -98,6 +98,7 @@ class Api:
 
     def __init__(self, data_dir, workers=8, **settings):
         self.data_dir = data_dir
+        settings.setdefault("RATE_LIMIT", "off")     # the load comes from one address
         for attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,169 @@
+"""Prometheus metrics through prometheus-client, served at GET /metrics.
+
+    analytics_events_accepted_total{endpoint}          events queued
+    analytics_requests_rejected_total{endpoint,reason}  ingest requests refused: invalid,
+                                                        too_large, rate_limited, unavailable, error
+    analytics_events_dropped_total{reason}              events answered but not kept: bot
+    analytics_request_duration_seconds{endpoint}        latency of every endpoint (histogram)
+    analytics_queue_size                                acknowledged events not yet stored
+    analytics_processor_lag_seconds                     age of the oldest event not yet stored
+    analytics_processor_batch_size                      events per stored batch (histogram)
+    analytics_processor_batch_duration_seconds          time to store a batch (histogram)
+
+gunicorn runs each worker as a process of its own, so counters are kept in
+prometheus-client's multiprocess mode: every process writes its values to
+files in a directory and /metrics adds them up. gunicorn.conf.py points
+PROMETHEUS_MULTIPROC_DIR at <METRICS_DIR>/api and empties it at start; the
+processor does the same with <METRICS_DIR>/processor, so the API's /metrics
+shows the batches of a processor on the same machine too. prometheus-client
+reads that variable when it is first imported, hence the imports below are
+made only after it is set (or known to be unset).
+"""
+import os
+import shutil
+import time
+
+API = "api"
+PROCESSOR = "processor"
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+BATCH_SIZES = (1, 10, 100, 1000, 2500, 5000, 10_000, 25_000, 50_000)
+BATCH_SECONDS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
+def use_metrics_directory(config, role):
+    """Empty <METRICS_DIR>/<role> and make it this process's PROMETHEUS_MULTIPROC_DIR.
+
+    Called once at start (gunicorn's master, the processor) before
+    prometheus-client is imported: values left by processes of an earlier run
+    would otherwise be added to this one's.
+    """
+    path = os.path.join(config.metrics_path, role)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _reason(status):
+    return {400: "invalid", 413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(
+        status, "error")
+
+
+class ApiMetrics:
+    """What the API counts, and /metrics."""
+
+    def __init__(self, config, queue):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.live = QueueCollector(queue)
+        self.registry.register(self.live)
+        self.accepted = Counter("analytics_events_accepted", "Events queued", ["endpoint"],
+                                registry=self.registry)
+        self.rejected = Counter("analytics_requests_rejected", "Ingest requests refused, by reason",
+                                ["endpoint", "reason"], registry=self.registry)
+        self.dropped = Counter("analytics_events_dropped", "Events answered but not kept, by reason",
+                               ["reason"], registry=self.registry)
+        self.latency = Histogram("analytics_request_duration_seconds", "Time to answer a request",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._latency = {}       # endpoint -> its histogram child: labels() costs more than observe()
+
+    def events_accepted(self, endpoint, count):
+        self.accepted.labels(endpoint).inc(count)
+
+    def event_dropped(self, reason):
+        self.dropped.labels(reason).inc()
+
+    def answered(self, endpoint, status, seconds, ingest=False):
+        histogram = self._latency.get(endpoint)
+        if histogram is None:
+            histogram = self._latency[endpoint] = self.latency.labels(endpoint)
+        histogram.observe(seconds)
+        if ingest and status >= 400:
+            self.rejected.labels(endpoint, _reason(status)).inc()
+
+    def exposition(self):
+        """(body, content type) of GET /metrics: every process's values, then the live ones."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=multiprocess_dir)
+            registry.register(self.live)
+        else:
+            registry = self.registry
+        processor_dir = os.path.join(self.config.metrics_path, PROCESSOR)
+        if os.path.isdir(processor_dir) and processor_dir != multiprocess_dir:
+            registry = _Both(registry, processor_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Both:
+    """A registry's metrics followed by the processor's, read from its directory."""
+
+    def __init__(self, registry, processor_dir):
+        from prometheus_client.multiprocess import MultiProcessCollector
+        self.registry = registry
+        self.processor = MultiProcessCollector(None, path=processor_dir)
+
+    def collect(self):
+        yield from self.registry.collect()
+        yield from self.processor.collect()
+
+
+class NoMetrics:
+    """METRICS=off: the same calls, nothing kept."""
+
+    def events_accepted(self, endpoint, count):
+        pass
+
+    def event_dropped(self, reason):
+        pass
+
+    def answered(self, endpoint, status, seconds, ingest=False):
+        pass
+
+
+class QueueCollector:
+    """Queue size and processor lag, read from the queue when /metrics is asked."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from shared_queue import QueueUnavailable
+        try:
+            size, age = self.queue.size(), self.queue.oldest_age()
+        except QueueUnavailable:
+            return
+        yield GaugeMetricFamily("analytics_queue_size", "Acknowledged events not yet stored",
+                                value=size)
+        yield GaugeMetricFamily("analytics_processor_lag_seconds",
+                                "Age of the oldest event not yet stored (0: none waiting)",
+                                value=age)
+
+
+class ProcessorMetrics:
+    """The processor's batches; called after each stored batch."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.registry = CollectorRegistry()
+        self.sizes = Histogram("analytics_processor_batch_size", "Queued lines per stored batch",
+                               buckets=BATCH_SIZES, registry=self.registry)
+        self.durations = Histogram("analytics_processor_batch_duration_seconds",
+                                   "Time to read, store and acknowledge a batch",
+                                   buckets=BATCH_SECONDS, registry=self.registry)
+
+    def batch_stored(self, size, seconds):
+        self.sizes.observe(size)
+        self.durations.observe(seconds)

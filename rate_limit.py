@@ -1,0 +1,253 @@
+"""Rate limiting of ingestion per client IP, through Flask-Limiter.
+
+One limit (RATE_LIMIT, for example "100/second") counts the requests of each
+client address over POST /event, /events and /api/event together. The Flask
+routes are limited by Flask-Limiter itself; the WSGI fast path in front of
+Flask (ingest.FastPath) asks the same limiter's strategy and storage with the
+same key, so both count into one bucket. A request over the limit gets 429
+with a JSON error and Retry-After.
+
+The counters live where every API process can see them:
+- Redis, when the queue is on Redis (QUEUE_URL=redis://...): shared by every
+  process on every node, under a key prefix named after the queue's stream;
+- otherwise a small file of counters beside the queue (SharedFileStorage),
+  shared by the gunicorn workers of one machine, as the file queue is.
+RATE_LIMIT_STORAGE_URL names any storage the limits library knows instead.
+"""
+import fcntl
+import hashlib
+import logging
+import math
+import mmap
+import os
+import struct
+import threading
+import time
+
+from flask import request
+from flask_limiter import Limiter
+from limits import parse_many
+from limits.storage import Storage
+
+from ingest import ApiError
+
+SCOPE = "ingest"
+log = logging.getLogger("ingestion_api")
+
+
+class RateLimited(ApiError):
+    def __init__(self, limit, retry_after):
+        super().__init__(f"Too many requests: at most {limit} from one client address; "
+                         f"retry after {retry_after} s", 429,
+                         headers=(("Retry-After", str(retry_after)),))
+
+
+def ingest_rate_limit(app, config, client_address):
+    if not config.rate_limit:
+        return NoRateLimit()
+    return IngestRateLimit(app, config, client_address)
+
+
+class NoRateLimit:
+    """RATE_LIMIT=off."""
+
+    def limit(self, view):
+        return view
+
+    def hit(self, client_address):
+        pass
+
+
+class IngestRateLimit:
+    """The ingest limit: a decorator for Flask routes and hit() for the fast path."""
+
+    def __init__(self, app, config, client_address):
+        """client_address(remote_addr, headers) gives the address a client is counted by."""
+        self.items = sorted(parse_many(config.rate_limit))
+        self.limit_text = config.rate_limit
+        self.prefix = _key_prefix(config)
+        self.flask_limiter = Limiter(
+            lambda: client_address(request.remote_addr, request.headers), app=app,
+            storage_uri=storage_uri(config), strategy="fixed-window", key_prefix=self.prefix,
+            headers_enabled=False, default_limits=[], on_breach=self._on_flask_breach,
+            swallow_errors=True)     # a storage that fails lets requests in, logged
+        self.strategy = self.flask_limiter.limiter
+
+    def limit(self, view):
+        """Flask-Limiter's own check on a Flask route, in the shared bucket."""
+        return self.flask_limiter.shared_limit(self.limit_text, scope=SCOPE, methods=["POST"])(view)
+
+    def hit(self, client_address):
+        """Count one request of client_address(); raise RateLimited if that is over the limit.
+
+        The same keys and order as Flask-Limiter's: each limit from the
+        shortest window up, stopping at the first one breached; a client
+        without an address is not counted.
+        """
+        address = client_address()
+        if not address:
+            return
+        identifiers = (self.prefix, address, SCOPE) if self.prefix else (address, SCOPE)
+        for item in self.items:
+            try:
+                allowed = self.strategy.hit(item, *identifiers)
+                reset = allowed or self.strategy.get_window_stats(item, *identifiers).reset_time
+            except Exception:       # as Flask-Limiter's swallow_errors: the limit must not stop ingestion
+                log.exception("rate limit storage failed; request let in")
+                return
+            if not allowed:
+                raise RateLimited(item, _seconds_until(reset))
+
+    def _on_flask_breach(self, request_limit):
+        raise RateLimited(request_limit.limit, _seconds_until(request_limit.reset_at))
+
+
+def _seconds_until(moment):
+    return max(1, math.ceil(moment - time.time()))
+
+
+def storage_uri(config):
+    if config.rate_limit_storage_url:
+        return config.rate_limit_storage_url
+    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+        from redis_queue import _split_stream
+        return _split_stream(config.queue_path)[0]
+    return "sharedfile://" + os.path.abspath(config.queue_path) + ".ratelimit"
+
+
+def _key_prefix(config):
+    """Installs that share a Redis keep apart, as their queues do."""
+    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+        from redis_queue import _split_stream
+        return _split_stream(config.queue_path)[1]
+    return ""
+
+
+_SLOT = struct.Struct("<QdQ")     # key hash, window end (unix time), count
+_SLOTS = 65_536
+_PROBES = 8
+
+
+class SharedFileStorage(Storage):
+    """Fixed-window counters in a memory-mapped file, shared by the processes of one machine.
+
+        sharedfile:///path/to/file
+
+    A hash table of 65,536 slots (1.5 MiB) under an exclusive flock, in the
+    manner of the file queue: an increment is a lock, a few memory reads and
+    writes, and an unlock, with no server to run. Keys are hashed to 64 bits;
+    a window whose end has passed frees its slot. When all the slots a key
+    may use hold live windows, the one ending first is taken over: that
+    client's count starts again (the limit errs towards letting requests in).
+    """
+
+    STORAGE_SCHEME = ["sharedfile"]
+
+    def __init__(self, uri, wrap_exceptions=False, **options):
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.path = uri[len("sharedfile://"):]
+        self._thread_lock = threading.Lock()    # flock does not separate threads
+        self._pid = None
+        self._fd = None
+        self._map = None
+
+    @property
+    def base_exceptions(self):
+        return OSError
+
+    def incr(self, key, expiry, amount=1):
+        now = time.time()
+        with self._locked():
+            index, count, window_end = self._find(key, now, claim=True)
+            if count == 0:
+                window_end = now + expiry
+            count += amount
+            _SLOT.pack_into(self._map, index * _SLOT.size, _hash(key), window_end, count)
+            return count
+
+    def get(self, key):
+        with self._locked():
+            return self._find(key, time.time(), claim=False)[1]
+
+    def get_expiry(self, key):
+        now = time.time()
+        with self._locked():
+            index, count, window_end = self._find(key, now, claim=False)
+        return window_end if count else now
+
+    def check(self):
+        try:
+            with self._locked():
+                return True
+        except OSError:
+            return False
+
+    def reset(self):
+        with self._locked():
+            self._map[:] = bytes(len(self._map))
+        return None
+
+    def clear(self, key):
+        with self._locked():
+            index, count, _ = self._find(key, time.time(), claim=False)
+            if count:
+                _SLOT.pack_into(self._map, index * _SLOT.size, 0, 0.0, 0)
+
+    def _find(self, key, now, claim):
+        """(slot index, live count, window end) for key; with claim, a slot to write it in."""
+        wanted = _hash(key)
+        first = wanted % _SLOTS
+        free = oldest = None
+        for probe in range(_PROBES):
+            index = (first + probe) % _SLOTS
+            slot_hash, window_end, count = _SLOT.unpack_from(self._map, index * _SLOT.size)
+            live = window_end > now
+            if slot_hash == wanted and live:
+                return index, count, window_end
+            if not live and free is None:
+                free = index
+            if oldest is None or window_end < oldest[1]:
+                oldest = (index, window_end)
+        if not claim:
+            return None, 0, now
+        return (free if free is not None else oldest[0]), 0, now
+
+    def _locked(self):
+        return _FileLock(self)
+
+    def _open(self):
+        # gunicorn forks workers after the app is built: descriptors are per process.
+        if self._pid != os.getpid():
+            self._fd, self._map, self._pid = None, None, os.getpid()
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            size = _SLOTS * _SLOT.size
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+            self._fd = fd
+
+
+class _FileLock:
+    def __init__(self, storage):
+        self.storage = storage
+
+    def __enter__(self):
+        self.storage._thread_lock.acquire()
+        try:
+            self.storage._open()
+            fcntl.flock(self.storage._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.storage._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            fcntl.flock(self.storage._fd, fcntl.LOCK_UN)
+        finally:
+            self.storage._thread_lock.release()
+
+
+def _hash(key):
+    """64 bits of the key, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1

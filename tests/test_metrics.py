@@ -1,0 +1,116 @@
+"""GET /metrics: what ingestion, the queue and the processor count, after real requests."""
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from metrics import ProcessorMetrics
+from processes import Api, run_processor_once
+from processor import Processor
+from shared_queue import open_queue
+from store import open_store
+
+EVENT = {"site_id": "s", "event_type": "page_view", "path": "/a"}
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+PAGEVIEW = b'{"n":"pageview","u":"http://example.test/a","d":"example.test","r":null}'
+
+
+def samples(text):
+    """{(sample name, frozenset of labels): value} of an exposition."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(metrics, name, **labels):
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    return samples(response.get_data(as_text=True))
+
+
+def test_accepted_rejected_and_dropped_events_are_counted(client, config):
+    for _ in range(3):
+        assert client.post("/event", json=EVENT).status_code == 200
+    assert client.post("/events", json=[EVENT] * 4).status_code == 200
+    assert client.post("/event", data=b"nope").status_code == 400
+    assert client.post("/event", data=b"x" * (config.max_body_bytes + 1)).status_code == 413
+    assert client.post("/api/event", data=PAGEVIEW, headers={"User-Agent": GOOGLEBOT}).status_code == 202
+    metrics = scrape(client)
+    assert value(metrics, "analytics_events_accepted_total", endpoint="/event") == 3
+    assert value(metrics, "analytics_events_accepted_total", endpoint="/events") == 4
+    assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="invalid") == 1
+    assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="too_large") == 1
+    assert value(metrics, "analytics_events_dropped_total", reason="bot") == 1
+
+
+def test_latency_is_a_histogram_per_endpoint(client):
+    for _ in range(5):
+        client.post("/event", json=EVENT)
+    client.get("/health")
+    metrics = scrape(client)
+    assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/event") == 5
+    assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/health") == 1
+    assert value(metrics, "analytics_request_duration_seconds_bucket", endpoint="/event", le="+Inf") == 5
+
+
+def test_queue_size_and_processor_lag_follow_the_queue(client, drain):
+    metrics = scrape(client)
+    assert value(metrics, "analytics_queue_size") == 0
+    assert value(metrics, "analytics_processor_lag_seconds") == 0
+    client.post("/events", json=[EVENT] * 6)
+    metrics = scrape(client)
+    assert value(metrics, "analytics_queue_size") == 6
+    assert value(metrics, "analytics_processor_lag_seconds") > 0
+    drain()
+    metrics = scrape(client)
+    assert value(metrics, "analytics_queue_size") == 0
+    assert value(metrics, "analytics_processor_lag_seconds") == 0
+
+
+def test_processor_reports_each_batch_size_and_duration(client, config):
+    client.post("/events", json=[EVENT] * 7)
+    batches = ProcessorMetrics()
+    settings = config.with_overrides(processor_batch_size=3)
+    processor = Processor(open_queue(settings), open_store(settings), settings,
+                          on_batch=batches.batch_stored)
+    processor.start()
+    processor.run(once=True)
+    assert batches.registry.get_sample_value("analytics_processor_batch_size_count") == 3
+    assert batches.registry.get_sample_value("analytics_processor_batch_size_sum") == 7
+    assert batches.registry.get_sample_value("analytics_processor_batch_duration_seconds_count") == 3
+
+
+def test_metrics_off_means_no_endpoint(config):
+    from ingestion_api import create_app
+    client = create_app(config.with_overrides(metrics=False)).test_client()
+    assert client.post("/event", json=EVENT).status_code == 200
+    assert client.get("/metrics").status_code == 404
+
+
+def test_gunicorn_workers_and_the_processor_add_up_in_one_scrape(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    api = Api(data_dir, workers=3)
+    try:
+        for _ in range(60):
+            # a new connection each, so the requests spread over the workers
+            assert requests.post(api.url + "/event", json=EVENT).status_code == 200
+        assert requests.post(api.url + "/event", data=b"{").status_code == 400
+        run_processor_once(data_dir, PROCESSOR_BATCH_SIZE=25)
+        for _ in range(6):
+            response = requests.get(api.url + "/metrics")
+            metrics = samples(response.text)
+            assert value(metrics, "analytics_events_accepted_total", endpoint="/event") == 60
+            assert value(metrics, "analytics_requests_rejected_total", endpoint="/event",
+                         reason="invalid") == 1
+            assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/event") == 61
+            assert value(metrics, "analytics_queue_size") == 0
+            assert value(metrics, "analytics_processor_batch_size_count") == 3
+            assert value(metrics, "analytics_processor_batch_size_sum") == 60
+        workers = {path.name.split("_")[-1] for path in (data_dir / "metrics" / "api").iterdir()
+                   if path.name.startswith("counter_")}
+        assert len(workers) > 1, "all requests went to one worker: the sum proves nothing"
+    finally:
+        api.stop()

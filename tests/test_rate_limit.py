@@ -1,0 +1,103 @@
+"""Rate limiting of ingestion per client IP: one limit for the fast path and Flask, shared by processes."""
+import io
+
+import pytest
+
+from config import ConfigurationError, load_config
+from ingestion_api import create_app
+
+ALL_BACKENDS = True
+EVENT = b'{"site_id":"s","event_type":"page_view"}'
+
+
+def post(client, path="/event", address="203.0.113.5", chunked=False, headers=None):
+    """chunked: no Content-Length, so Flask's route answers instead of the fast path."""
+    body = {"input_stream": io.BytesIO(EVENT), "environ_overrides": {"wsgi.input_terminated": True}} \
+        if chunked else {"data": EVENT}
+    return client.post(path, environ_base={"REMOTE_ADDR": address}, headers=headers or {}, **body)
+
+
+@pytest.fixture
+def limited(config):
+    return config.with_overrides(rate_limit="3/minute")
+
+
+@pytest.mark.embedded
+def test_over_the_limit_is_429_json_with_retry_after(limited):
+    client = create_app(limited).test_client()
+    for _ in range(3):
+        assert post(client).status_code == 200
+    response = post(client)
+    assert response.status_code == 429
+    assert list(response.get_json()) == ["error"]
+    assert "3 per 1 minute" in response.get_json()["error"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+@pytest.mark.embedded
+def test_fast_path_and_flask_routes_count_in_one_bucket_and_answer_alike(limited):
+    client = create_app(limited).test_client()
+    assert post(client).status_code == 200
+    assert post(client, chunked=True).status_code == 200
+    assert post(client, "/events").status_code == 400     # a request all the same: counted
+    fast, routed = post(client), post(client, chunked=True)
+    assert fast.status_code == routed.status_code == 429
+    assert fast.get_json() == routed.get_json()
+    assert fast.headers["Content-Type"] == routed.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.embedded
+def test_plausible_endpoint_is_limited_and_keeps_its_cors_header(limited):
+    client = create_app(limited).test_client()
+    for _ in range(3):
+        post(client, "/api/event")
+    response = post(client, "/api/event")
+    assert response.status_code == 429
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert client.options("/api/event").status_code == 204      # preflights are not counted
+
+
+@pytest.mark.embedded
+def test_each_client_address_has_its_own_limit(limited):
+    client = create_app(limited).test_client()
+    for _ in range(3):
+        post(client, address="198.51.100.1")
+    assert post(client, address="198.51.100.1").status_code == 429
+    assert post(client, address="198.51.100.2").status_code == 200
+
+
+@pytest.mark.embedded
+def test_forwarded_address_counts_only_behind_a_trusted_proxy(limited):
+    trusted = load_config(environ={"TRUSTED_PROXIES": "10.0.0.0/8"}).trusted_proxies
+    client = create_app(limited.with_overrides(trusted_proxies=trusted)).test_client()
+    for number in range(5):     # five visitors behind one proxy
+        forwarded = {"X-Forwarded-For": f"198.51.100.{number}"}
+        assert post(client, address="10.0.0.1", headers=forwarded).status_code == 200
+    for number in range(3):     # a client forging the header is still one address
+        post(client, headers={"X-Forwarded-For": f"192.0.2.{number}"})
+    assert post(client, headers={"X-Forwarded-For": "192.0.2.9"}).status_code == 429
+
+
+def test_the_limit_is_shared_by_every_api_process_of_the_install(limited):
+    """Two apps on one queue stand for two gunicorn workers (file) or two nodes (Redis)."""
+    first, second = create_app(limited).test_client(), create_app(limited).test_client()
+    assert [post(client).status_code for client in (first, second, first)] == [200, 200, 200]
+    assert post(second).status_code == 429
+    assert post(first, chunked=True).status_code == 429
+
+
+@pytest.mark.embedded
+def test_off_switch(config):
+    client = create_app(config.with_overrides(rate_limit="")).test_client()
+    assert all(post(client).status_code == 200 for _ in range(50))
+
+
+@pytest.mark.parametrize("text,limit", [("off", ""), ("OFF", ""), ("10/second", "10/second"),
+                                        ("100/second; 3000/minute", "100/second; 3000/minute")])
+def test_rate_limit_setting(text, limit):
+    assert load_config(environ={"RATE_LIMIT": text}).rate_limit == limit
+
+
+def test_a_bad_rate_limit_fails_at_start_saying_how_to_fix_it():
+    with pytest.raises(ConfigurationError, match="RATE_LIMIT.*100/second"):
+        load_config(environ={"RATE_LIMIT": "lots"})
