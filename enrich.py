@@ -2,7 +2,8 @@
 
 Source and referrer from the Referer URL and UTM tags, browser, operating
 system and device type from the User-Agent (ua-parser's maintained rules,
-cached: real traffic repeats a few thousand User-Agents).
+cached: real traffic repeats a few thousand User-Agents, referrers and
+campaign links).
 """
 from functools import lru_cache
 from urllib.parse import parse_qs, urlsplit
@@ -14,6 +15,7 @@ UTM_TAGS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content
 ENRICHED_COLUMNS = ("visitor_id", "referrer", "source") + UTM_TAGS + (
     "browser", "os", "device", "props", "scroll_depth", "engaged_ms")
 NOTHING = (None,) * len(ENRICHED_COLUMNS)
+NO_UTM = (None,) * len(UTM_TAGS)
 TABLET_FAMILIES = ("iPad", "Kindle", "Tablet", "Galaxy Tab", "Nexus 7", "Nexus 9", "Nexus 10")
 MOBILE_SYSTEMS = ("iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "HarmonyOS")
 
@@ -36,17 +38,21 @@ def describe_user_agent(user_agent):
     return browser, system, device
 
 
-def _host(url):
+@lru_cache(maxsize=4096)       # URLs may be long: a bounded few MB
+def _referrer_source(site, referrer):
+    """(referrer, source) as stored: a referrer from the site itself is neither."""
     try:
-        host = urlsplit(url).hostname or ""
+        host = urlsplit(referrer).hostname or ""
     except ValueError:
-        return ""
-    return host[4:] if host.startswith("www.") else host
+        return None, None
+    host = host[4:] if host.startswith("www.") else host
+    if not host or host == site or host.endswith("." + site):
+        return None, None
+    return referrer, host
 
 
+@lru_cache(maxsize=4096)
 def _utm(query):
-    if not query:
-        return (None,) * len(UTM_TAGS)
     values = parse_qs(query, max_num_fields=50)
     return tuple(values[tag][0][:256] if tag in values else None for tag in UTM_TAGS)
 
@@ -56,12 +62,12 @@ def enrich(data):
     user_agent = data.get("ua")
     if user_agent is None and data.get("visitor_id") is None:
         return NOTHING
-    site = data["site_id"]
-    referrer_host = _host(data.get("referrer") or "")
-    internal = referrer_host == site or referrer_host.endswith("." + site)
-    referrer = data.get("referrer") if referrer_host and not internal else None
-    utm = _utm(data.get("query"))
-    source = utm[0] or (referrer_host if referrer else None)
+    referrer, source = None, None
+    if data.get("referrer"):
+        referrer, source = _referrer_source(data["site_id"], data["referrer"])
+    query = data.get("query")
+    utm = _utm(query) if query else NO_UTM
+    source = utm[0] or source
     props = data.get("props")
     return ((data.get("visitor_id"), referrer, source) + utm + describe_user_agent(user_agent)
             + (orjson.dumps(props).decode() if props else None,

@@ -187,7 +187,7 @@ class BatchTotals:
     """A batch of stored rows summed in memory: one upsert per distinct key, not per event.
 
     The same figures fold() computes in SQL (the tests check both against the
-    raw events). Counts map a key to (views, events); user sets hold each key
+    raw events). Counts map a key to [views, events]; user sets hold each key
     once. Built column by column so that the counting runs in C (Counter, zip).
     """
 
@@ -198,13 +198,14 @@ class BatchTotals:
         hours = [row[TIMESTAMP][:13] for row in counted]
         users = [row[USER_ID] if row[USER_ID] is not None else row[VISITOR] for row in counted]
         views = [row[KIND] == "page_view" for row in counted]
-        self.hourly = _tally(lambda: zip(sites, hours), views)
-        self.sites = _tally(lambda: sites, views)
+        self.hourly, self.sites, self.daily_values = {}, {}, {}
+        _tally(self.hourly, zip(sites, hours, views))
+        _tally(self.sites, zip(sites, views))
         self.hourly_users = set(_known(zip(sites, hours, users), users))
         self.site_users = {}
         for site, user in _known(zip(sites, users), users):
             self.site_users.setdefault(site, set()).add(user)
-        self.daily_values, self.total_values, self.value_users = {}, {}, set()
+        self.value_users = set()
         self._add_values("path", [row[PATH] or "" for row in counted], sites, days, users, views)
         self._add_values("event_type", [row[KIND] for row in counted], sites, days, users, views)
         self._add_values("source", [row[SOURCE] or "" for row in counted], sites, days, users, views)
@@ -213,6 +214,9 @@ class BatchTotals:
             if values.count(None) < len(values):
                 self._add_values(name, values, sites, days, users, views)
         self._add_props([row for row in counted if row[PROPS]])
+        self.total_values = {}
+        for (site, name, _, value), (viewed, events) in self.daily_values.items():
+            _add(self.total_values, (site, name, value), viewed, events)
 
     def _add_values(self, name, values, sites, days, users, views, names=None):
         """One property's values (None: the event has none) into the value tables.
@@ -224,8 +228,7 @@ class BatchTotals:
             values, sites, days, users, views = (list(compress(column, present))
                                                  for column in (values, sites, days, users, views))
         names = names or [name] * len(values)
-        self.daily_values.update(_tally(lambda: zip(sites, names, days, values), views))
-        self.total_values.update(_tally(lambda: zip(sites, names, values), views))
+        _tally(self.daily_values, zip(sites, names, days, values, views))
         self.value_users.update(_known(zip(sites, names, values, days, users), users))
 
     def _add_props(self, rows):
@@ -240,11 +243,19 @@ class BatchTotals:
                              [row[KIND] == "page_view" for row, _, _ in pairs], names=names)
 
 
-def _tally(keys, views):
-    """{key: (views, events)} from a function giving the keys, one per event, and the view flags."""
-    events = Counter(keys())
-    viewed = Counter(compress(keys(), views))
-    return {key: (viewed[key], count) for key, count in events.items()}
+def _tally(counts, keys_with_view):
+    """Add events to counts; each event is its key's columns followed by its view flag."""
+    for key_and_view, events in Counter(keys_with_view).items():
+        _add(counts, key_and_view[:-1], events if key_and_view[-1] else 0, events)
+
+
+def _add(counts, key, views, events):
+    pair = counts.get(key)
+    if pair is None:
+        counts[key] = [views, events]
+    else:
+        pair[0] += views
+        pair[1] += events
 
 
 def _known(keys, users):
@@ -264,16 +275,16 @@ def add_totals(connection, totals):
     tuples in Python costs more than the B-tree saves.
     """
     connection.executemany(_upsert("hourly_totals", COUNT_TARGETS["hourly_totals"], 4),
-                           [key + pair for key, pair in totals.hourly.items()])
+                           [key + tuple(pair) for key, pair in totals.hourly.items()])
     connection.executemany(_upsert("daily_values", COUNT_TARGETS["daily_values"], 6),
-                           [key + pair for key, pair in totals.daily_values.items()])
+                           [key + tuple(pair) for key, pair in totals.daily_values.items()])
     connection.executemany(_upsert("total_values", COUNT_TARGETS["total_values"], 5),
-                           [key + pair for key, pair in totals.total_values.items()])
+                           [key + tuple(pair) for key, pair in totals.total_values.items()])
     connection.executemany("INSERT INTO hourly_users VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                            totals.hourly_users)
     connection.executemany("INSERT INTO daily_value_users VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            totals.value_users)
-    for site, (views, events) in totals.sites.items():
+    for (site,), (views, events) in totals.sites.items():
         users = totals.site_users.get(site, ())
         new_users = connection.executemany(
             "INSERT INTO site_users VALUES (?, ?) ON CONFLICT DO NOTHING",

@@ -15,7 +15,8 @@ import logging
 import sqlite3
 from contextlib import contextmanager
 from functools import lru_cache
-from operator import itemgetter
+from itertools import compress
+from operator import is_not, itemgetter
 
 import rollups
 from enrich import NOTHING
@@ -26,6 +27,8 @@ log = logging.getLogger("store")
 REBUILD_CHUNK = 100_000
 UNENRICHED = len(ROW_COLUMNS) - len(NOTHING)      # the original columns and event_id come first
 UNENRICHED_COLUMNS = tuple(range(UNENRICHED))
+ALL_COLUMNS = tuple(range(len(ROW_COLUMNS)))
+NOTHING_AT_ALL = (None,) * len(ROW_COLUMNS)
 
 
 def _refold(connection, progress):
@@ -100,7 +103,7 @@ def _insert(connection, rows):
         if row[UNENRICHED:] == NOTHING and None not in row[:UNENRICHED]:
             filled = UNENRICHED_COLUMNS
         else:
-            filled = tuple(index for index, value in enumerate(row) if value is not None)
+            filled = tuple(compress(ALL_COLUMNS, map(is_not, row, NOTHING_AT_ALL)))
         groups.setdefault(filled, []).append(row)
     inserted = 0
     for filled, group in groups.items():
