@@ -119,6 +119,7 @@ EXCHANGES = [
     ("get", "/stats/sites", {}, 200),
     ("get", "/", {}, 200),
     ("get", "/health", {}, 200),
+    ("get", "/metrics", {}, 200),
     ("get", "/js/script.js", {}, 200),
     ("get", "/js/script.js", {"headers": {"Accept-Encoding": "gzip"}}, 200),
     ("get", "/static/script.js", {}, 200),
@@ -172,4 +173,17 @@ def test_unreadable_database_answers_are_described_503s(client, config, openapi,
     shutil.rmtree(config.data_dir)
     response = client.get(url)
     assert response.status_code == 503
+    described(openapi, response)
+
+
+@pytest.mark.parametrize("url, options", [
+    ("/event", {"json": EVENT}),
+    ("/events", {"json": [EVENT]}),
+    ("/api/event", {"data": PAGEVIEW, "headers": {"User-Agent": BROWSER}}),
+])
+def test_rate_limited_answers_are_described_429s(config, openapi, url, options):
+    client = create_app(config.with_overrides(rate_limit="1/minute")).test_client()
+    assert client.post(url, **options).status_code in (200, 202)
+    response = client.post(url, **options)
+    assert response.status_code == 429
     described(openapi, response)
