@@ -5,6 +5,7 @@ operation, status and content type the document gives for it.
 """
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,7 +26,7 @@ AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}
 
 @pytest.fixture(scope="module")
 def document():
-    with open("openapi.yaml", encoding="utf-8") as file:
+    with open(Path(__file__).parent.parent / "openapi.yaml", encoding="utf-8") as file:
         return yaml.safe_load(file)
 
 
