@@ -544,14 +544,15 @@ def rounds_table(run):
 LIMITS = """\
 - **POST /event vs the bare app.** Both run under the same gunicorn workers, so the ratio is the
   share of each request's CPU that is not the app. The bare app costs ~{bare_us:.0f} us in-process;
-  the app's POST /event costs ~{app_us:.0f} us, of which a Flask route that only returns a constant
-  already takes ~{flask_us:.0f} us (request context, URL matching, Response object, teardown), while
-  the project's own work (parse {parse_us:.1f} us, validate {validate_us:.1f} us, encode
-  {encode_us:.1f} us, locked append {append_us:.1f} us) is the smaller part. Under gunicorn the app
-  adds more CPU per request than it costs in-process (compare the CPU per request rows): worker
-  threads hand the GIL to each other, and the writers' flock on the queue is contended across
-  processes, which a single-threaded loop never shows. On 2 cores, which wrk shares, gunicorn's
-  Python HTTP handling, Flask's dispatch and then the contended append bound the figure.
+  the app's POST /event costs ~{app_us:.0f} us. It is answered by a plain WSGI fast path in front of
+  Flask (a Flask route that only returns a constant would take ~{flask_us:.0f} us by itself); what
+  remains is the project's own work (parse {parse_us:.1f} us, validate {validate_us:.1f} us, encode
+  {encode_us:.1f} us, locked append {append_us:.1f} us) plus the rate-limit count and the metrics.
+  Under gunicorn the app adds more CPU per request than it costs in-process (compare the CPU per
+  request rows): worker threads hand the GIL to each other, and the writers' flocks on the queue
+  and on the rate-limit counters are contended across processes, which a single-threaded loop
+  never shows. On 2 cores, which wrk shares, gunicorn's own Python HTTP handling and that
+  contention bound the figure.
 - **POST /events.** 100 events per request spread the per-request cost, so the limit becomes
   per-event work: orjson parse, `validate_event` (timestamp parse and reformat) and encode, about
   {validate_us:.1f} us per event, plus one locked append per batch.
