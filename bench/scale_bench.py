@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from events import encode_event, validate_event  # noqa: E402
+from harness import NEVER_REACHED  # noqa: E402
 from postgres_store import SHARDS, PostgresStore  # noqa: E402
 from redis_queue import RedisQueue  # noqa: E402
 
@@ -330,7 +331,8 @@ class Server:
     def __init__(self, name, data_dir, **settings):
         self.name = name
         self.port = free_port()
-        env = base_environment(data_dir, HOST="127.0.0.1", PORT=self.port, **settings)
+        env = base_environment(data_dir, HOST="127.0.0.1", PORT=self.port, RATE_LIMIT=NEVER_REACHED,
+                               **settings)
         self.process = spawn([sys.executable, "-m", "gunicorn", "ingestion_api:app"], env,
                              data_dir.parent / f"gunicorn-{name}.log")
 
