@@ -13,14 +13,14 @@
 gunicorn runs each worker as a process of its own, so counters are kept in
 prometheus-client's multiprocess mode: every process writes its values to
 files in a directory and /metrics adds them up. gunicorn.conf.py points
-PROMETHEUS_MULTIPROC_DIR at <METRICS_DIR>/api and empties it at start; the
-processor does the same with <METRICS_DIR>/processor, so the API's /metrics
+PROMETHEUS_MULTIPROC_DIR at <METRICS_DIR>/api and clears an earlier run's files
+at start; each processor does the same with <METRICS_DIR>/processor, so the API's /metrics
 shows the batches of a processor on the same machine too. prometheus-client
 reads that variable when it is first imported, hence the imports below are
 made only after it is set (or known to be unset).
 """
+import contextlib
 import os
-import shutil
 import time
 
 API = "api"
@@ -31,17 +31,49 @@ BATCH_SECONDS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
 
 def use_metrics_directory(config, role):
-    """Empty <METRICS_DIR>/<role> and make it this process's PROMETHEUS_MULTIPROC_DIR.
+    """Make <METRICS_DIR>/<role> this process's PROMETHEUS_MULTIPROC_DIR, without what is stale.
 
-    Called once at start (gunicorn's master, the processor) before
-    prometheus-client is imported: values left by processes of an earlier run
-    would otherwise be added to this one's.
+    Called once at start (gunicorn's master, each processor) before
+    prometheus-client is imported. prometheus-client keeps one file per
+    process, named after its pid; files of processes that are gone hold an
+    earlier run's values, which would otherwise be added to this one's.
+    Files of live processes stay: several processors on one machine share
+    the directory, and each one's values must survive the others' starts.
     """
     path = os.path.join(config.metrics_path, role)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if not _is_alive(_pid_of(name)):
+            with contextlib.suppress(FileNotFoundError):    # another process removed it first
+                os.remove(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
+
+
+def _pid_of(file_name):
+    """The pid in prometheus-client's file names (counter_1234.db), or None."""
+    pid = file_name.removesuffix(".db").rpartition("_")[2]
+    return int(pid) if pid.isdigit() else None
+
+
+def _is_alive(pid):
+    if pid is None or pid == os.getpid():
+        return False        # not a process's file, or this pid's previous owner's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True         # alive, under another user
+    return True
+
+
+def _child(children, metric, label):
+    """metric.labels(label), kept: labels() costs more than the inc() or observe() after it."""
+    child = children.get(label)
+    if child is None:
+        child = children[label] = metric.labels(label)
+    return child
 
 
 def _reason(status):
@@ -67,19 +99,16 @@ class ApiMetrics:
                                ["reason"], registry=self.registry)
         self.latency = Histogram("analytics_request_duration_seconds", "Time to answer a request",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._latency = {}       # endpoint -> its histogram child: labels() costs more than observe()
+        self._accepted, self._latency = {}, {}     # endpoint -> its child metric
 
     def events_accepted(self, endpoint, count):
-        self.accepted.labels(endpoint).inc(count)
+        _child(self._accepted, self.accepted, endpoint).inc(count)
 
     def event_dropped(self, reason):
         self.dropped.labels(reason).inc()
 
     def answered(self, endpoint, status, seconds, ingest=False):
-        histogram = self._latency.get(endpoint)
-        if histogram is None:
-            histogram = self._latency[endpoint] = self.latency.labels(endpoint)
-        histogram.observe(seconds)
+        _child(self._latency, self.latency, endpoint).observe(seconds)
         if ingest and status >= 400:
             self.rejected.labels(endpoint, _reason(status)).inc()
 

@@ -3,7 +3,7 @@
 One limit (RATE_LIMIT, for example "100/second") counts the requests of each
 client address over POST /event, /events and /api/event together. The Flask
 routes are limited by Flask-Limiter itself; the WSGI fast path in front of
-Flask (ingest.FastPath) asks the same limiter's strategy and storage with the
+Flask (ingest.FastPath) asks the same limiter's storage with the
 same key, so both count into one bucket. A request over the limit gets 429
 with a JSON error and Retry-After.
 
@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import time
+from functools import lru_cache
 
 from flask import request
 from flask_limiter import Limiter
@@ -71,7 +72,8 @@ class IngestRateLimit:
             storage_uri=storage_uri(config), strategy="fixed-window", key_prefix=self.prefix,
             headers_enabled=False, default_limits=[], on_breach=self._on_flask_breach,
             swallow_errors=True)     # a storage that fails lets requests in, logged
-        self.strategy = self.flask_limiter.limiter
+        self.storage = self.flask_limiter.limiter.storage
+        self._keys = lru_cache(maxsize=4096)(self._keys_for)
 
     def limit(self, view):
         """Flask-Limiter's own check on a Flask route, in the shared bucket."""
@@ -80,23 +82,28 @@ class IngestRateLimit:
     def hit(self, client_address):
         """Count one request of client_address(); raise RateLimited if that is over the limit.
 
-        The same keys and order as Flask-Limiter's: each limit from the
-        shortest window up, stopping at the first one breached; a client
-        without an address is not counted.
+        The same keys, storage and order as Flask-Limiter's fixed window: each
+        limit from the shortest window up, stopping at the first one breached;
+        a client without an address is not counted. The storage is called
+        directly with keys cached per address: building a key the way the
+        limits library does costs more than the increment itself.
         """
         address = client_address()
         if not address:
             return
-        identifiers = (self.prefix, address, SCOPE) if self.prefix else (address, SCOPE)
-        for item in self.items:
+        for item, key in self._keys(address):
             try:
-                allowed = self.strategy.hit(item, *identifiers)
-                reset = allowed or self.strategy.get_window_stats(item, *identifiers).reset_time
+                allowed = self.storage.incr(key, item.get_expiry()) <= item.amount
+                reset = allowed or self.storage.get_expiry(key)
             except Exception:       # as Flask-Limiter's swallow_errors: the limit must not stop ingestion
                 log.exception("rate limit storage failed; request let in")
                 return
             if not allowed:
                 raise RateLimited(item, _seconds_until(reset))
+
+    def _keys_for(self, address):
+        identifiers = (self.prefix, address, SCOPE) if self.prefix else (address, SCOPE)
+        return tuple((item, item.key_for(*identifiers)) for item in self.items)
 
     def _on_flask_breach(self, request_limit):
         raise RateLimited(request_limit.limit, _seconds_until(request_limit.reset_at))
@@ -248,6 +255,7 @@ class _FileLock:
             self.storage._thread_lock.release()
 
 
+@lru_cache(maxsize=4096)
 def _hash(key):
     """64 bits of the key, the same in every process (unlike hash())."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1

@@ -168,6 +168,8 @@ def _forwarded_chain(headers):
 def client_ip(remote_addr, headers, trusted):
     """The socket address, unless it is a trusted proxy: then the nearest untrusted hop
     of Forwarded / X-Forwarded-For. A client cannot forge its address otherwise."""
+    if not trusted:
+        return remote_addr or ""        # the server's own record of the peer: nothing to look past
     address = _address(remote_addr or "")
     if address is None or not any(address in network for network in trusted):
         return str(address) if address else ""

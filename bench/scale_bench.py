@@ -262,9 +262,11 @@ class Scale:
                         waits[key] = waits.get(key, 0) + 1
                 if stored >= events:
                     break
-                dead = [process.returncode for process in processes if process.poll() is not None]
+                dead = [slot for slot, process in enumerate(processes) if process.poll() is not None]
                 if dead:
-                    raise SystemExit(f"a processor exited with {dead[0]}; see {data_dir}")
+                    log_tail = (data_dir / f"processor-{dead[0]}.out").read_text()[-3000:]
+                    raise SystemExit(f"processor {dead[0]} exited with {processes[dead[0]].returncode}; "
+                                     f"its output ends:\n{log_tail}")
                 if now - started > self.args.drain_timeout:
                     raise SystemExit(f"{count} processors did not drain {events} events in "
                                      f"{self.args.drain_timeout}s; see {data_dir}")

@@ -1,10 +1,13 @@
 """GET /metrics: what ingestion, the queue and the processor count, after real requests."""
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from metrics import ProcessorMetrics
+from metrics import PROCESSOR, ProcessorMetrics, use_metrics_directory
 from processes import Api, run_processor_once
 from processor import Processor
 from shared_queue import open_queue
@@ -89,6 +92,24 @@ def test_metrics_off_means_no_endpoint(config):
     client = create_app(config.with_overrides(metrics=False)).test_client()
     assert client.post("/event", json=EVENT).status_code == 200
     assert client.get("/metrics").status_code == 404
+
+
+def test_a_starting_processor_keeps_the_metrics_of_processors_still_running(config, monkeypatch):
+    directory = os.path.join(config.metrics_path, PROCESSOR)
+    os.makedirs(directory)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid in (running.pid, gone.pid):
+        open(os.path.join(directory, f"histogram_{pid}.db"), "wb").close()
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)     # restored afterwards
+    try:
+        use_metrics_directory(config, PROCESSOR)
+        use_metrics_directory(config, PROCESSOR)      # a second processor starting beside it
+    finally:
+        running.kill()
+        running.wait()
+    assert os.listdir(directory) == [f"histogram_{running.pid}.db"]
 
 
 def counting_workers(data_dir):
