@@ -626,7 +626,10 @@ def report(args, machine_rows, by_count, rounds, http, line_bytes, started, elap
         *http_rows,
         "",
         "With Redis each POST /event is one MULTI/XADD/EXEC round trip over loopback instead of a "
-        "locked append to a local file (FSYNC=never for the file queue, no AOF for Redis).",
+        "locked append to a local file (FSYNC=never for the file queue, no AOF for Redis), and the "
+        "rate limit counts each request in Redis too (one more round trip; with the file queue it "
+        "counts in a shared file). Both servers run the default settings, the rate limit with a "
+        "limit the load never reaches.",
         "",
     ])
     Path(args.output).write_text(text)
