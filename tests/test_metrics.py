@@ -102,7 +102,7 @@ def test_a_starting_processor_keeps_the_metrics_of_processors_still_running(conf
     gone.wait()
     for pid in (running.pid, gone.pid):
         open(os.path.join(directory, f"histogram_{pid}.db"), "wb").close()
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)     # restored afterwards
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")    # what use_metrics_directory sets is undone after
     try:
         use_metrics_directory(config, PROCESSOR)
         use_metrics_directory(config, PROCESSOR)      # a second processor starting beside it
