@@ -3,38 +3,37 @@
     gunicorn ingestion_api:app                          these settings
     gunicorn -w 4 -b 0.0.0.0:5000 ingestion_api:app     command-line flags override them
 
-Why gthread with two workers per core and four threads each, from the sweep
-in bench/RESULTS.md (2 cores, wrk -t2 -c32 on the same machine, one 150-byte
-event per POST /event, nothing else running):
+Why sync workers, one per core, from the sweep in bench/RESULTS.md (2 cores,
+wrk -t2 -c32 on the same machine, one 150-byte event per POST /event, the
+rate limit and metrics on; requests/s, and the ratio to a bare WSGI app that
+does nothing under the same settings):
 
-    settings                  app requests/s   app p99   bare WSGI app requests/s
-    sync -w 2                       5,313        8 ms        10,551
-    sync -w 4                       5,990        8 ms        11,208
-    gthread -w 2 --threads 8        4,626       17 ms        14,653
-    gthread -w 2 --threads 16       3,751       27 ms        10,460
-    gthread -w 3 --threads 8        5,360       20 ms        14,024
-    gthread -w 4 --threads 4        5,868       25 ms        13,372
-    gthread -w 4 --threads 8        5,759       29 ms        14,008
+    settings                  app requests/s   bare requests/s   ratio
+    sync -w 2                       2,863            3,419         0.84
+    sync -w 4                       2,520            3,325         0.76
+    gthread -w 2 --threads 8        2,310            3,856         0.60
+    gthread -w 4 --threads 4        2,337            3,659         0.64
+    gthread -w 4 --threads 8        2,228            3,633         0.61
 
-- Two workers per core beat one (5,868 against 4,626 requests/s): Python holds
-  one GIL per process, so while one request holds it the other connections of
-  that process wait; a second process per core fills the gap. More threads
-  than 4-8 only add GIL hand-offs (16: 3,751/s).
-- sync -w 4 matched gthread -w 4 --threads 4 in this test (within 2%) with a
-  lower p99, but a sync worker is held for the whole of a slow client's
-  upload and closes every connection; the API faces browsers directly (the
-  README runs gunicorn on 0.0.0.0), where four slow clients would stall it.
-  gthread keeps connections alive and parks idle ones in its poller.
-- Each worker peaked at ~35 MB resident under load, so four cost ~140 MB.
+- An ingest request holds two file locks briefly (the queue's and the rate
+  limit's). In a threaded worker, a thread that takes one must then win the
+  GIL back from the other threads of its process, and holds the lock while
+  it waits; every other process then waits on that lock too. A sync worker
+  has no other thread to wait for: the lock is held only for the write.
+- A sync worker answers one connection at a time and closes it after the
+  answer (no keep-alive), so a client that sends its body slowly holds a
+  worker until `timeout` (30 s). On the open internet, put a reverse proxy
+  that buffers requests in front (nginx, Caddy: the one that terminates TLS
+  does it), or choose threads: GUNICORN_CMD_ARGS="--threads 4" (gunicorn
+  switches to gthread by itself when threads > 1).
 WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 """
 import logging
 import os
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
-worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
-threads = 4
+worker_class = "sync"
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
 
 
 def json_logging(level):

@@ -549,10 +549,10 @@ LIMITS = """\
   remains is the project's own work (parse {parse_us:.1f} us, validate {validate_us:.1f} us, encode
   {encode_us:.1f} us, locked append {append_us:.1f} us) plus the rate-limit count and the metrics.
   Under gunicorn the app adds more CPU per request than it costs in-process (compare the CPU per
-  request rows): worker threads hand the GIL to each other, and the writers' flocks on the queue
-  and on the rate-limit counters are contended across processes, which a single-threaded loop
-  never shows. On 2 cores, which wrk shares, gunicorn's own Python HTTP handling and that
-  contention bound the figure.
+  request rows): the writers' flocks on the queue and on the rate-limit counters are contended
+  across processes, and in threaded workers a thread holding one waits for the GIL (the sweep
+  shows what that costs, and why gunicorn.conf.py runs sync workers). On 2 cores, which wrk
+  shares, gunicorn's own Python HTTP handling and that contention bound the figure.
 - **POST /events.** 100 events per request spread the per-request cost, so the limit becomes
   per-event work: orjson parse, `validate_event` (timestamp parse and reformat) and encode, about
   {validate_us:.1f} us per event, plus one locked append per batch.

@@ -459,7 +459,7 @@ def machine():
         ("Redis", f"{info['redis_version']} (appendonly {persistence})"),
         ("redis-py / psycopg", f"{version('redis')} / {version('psycopg')}"),
         ("gunicorn", f"{version('gunicorn')}: {conf['worker_class']} -w {conf['workers']} "
-                     f"--threads {conf['threads']} (gunicorn.conf.py)"),
+                     f"--threads {conf.get('threads', 1)} (gunicorn.conf.py)"),
         ("wrk", wrk_version),
     ]
 
