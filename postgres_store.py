@@ -63,6 +63,18 @@ MIGRATIONS = [
         value {TEXT} NOT NULL, day {TEXT} NOT NULL, user_id {TEXT} NOT NULL,
         PRIMARY KEY (site_id, property, value, day, user_id))
     """,
+    # a day's users with the hours they were seen in (see rollups.py), replacing the
+    # per-hour set, and the day's count of them (per shard, as every counter)
+    f"""
+    CREATE TABLE daily_users (site_id {TEXT} NOT NULL, day {TEXT} NOT NULL, user_id {TEXT} NOT NULL,
+        hours INTEGER NOT NULL, PRIMARY KEY (site_id, day, user_id));
+    CREATE TABLE daily_totals (site_id {TEXT} NOT NULL, day {TEXT} NOT NULL, users BIGINT NOT NULL,
+        shard INTEGER NOT NULL, PRIMARY KEY (site_id, day, shard));
+    INSERT INTO daily_users SELECT site_id, substr(hour, 1, 10), user_id,
+        bit_or(1 << CAST(substr(hour, 12, 2) AS INTEGER)) FROM hourly_users GROUP BY 1, 2, 3;
+    INSERT INTO daily_totals SELECT site_id, day, count(*), 0 FROM daily_users GROUP BY 1, 2;
+    DROP TABLE hourly_users
+    """,
 ]
 
 NEW_ROWS = rollups.Dialect(

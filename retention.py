@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 log = logging.getLogger("retention")
 
-ROLLUP_TABLES = ("hourly_totals", "hourly_users", "daily_values", "daily_value_users")
+ROLLUP_TABLES = ("hourly_totals", "daily_users", "daily_totals", "daily_values", "daily_value_users")
 MAX_BACKOFF = 300.0
 
 

@@ -7,6 +7,13 @@ batch's new rows for PostgreSQL (fold). Unique users are kept as sets of user
 ids (tables keyed by what they count), so the number of distinct users over
 any range of days is exact, never a sum of daily counts.
 
+A day's users are one set, daily_users: a row per site, day and user, whose
+hours column is a mask of the UTC hours of that day the user was seen in (bit
+h for hour h), so an hour's users are the day's rows with its bit set. The
+number of a day's users is also kept as a counter (daily_totals.users),
+added to whenever a batch brings a user new to that day, so that a one-day
+report reads one row instead of counting the day's users.
+
 A breakdown property is one entry in PROPERTIES: its name and the SQL
 expression over the events table that gives its value ('' shows as null;
 events whose value is NULL are left out of that breakdown). Custom-event
@@ -54,40 +61,8 @@ def property_expression(name, json_value="json_extract(props, '$.\"{key}\"')"):
         return PROPERTIES[name]
     return json_value.format(key=name[6:])      # PROP_KEY admits no quote
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS site_totals (
-    site_id TEXT PRIMARY KEY, views INTEGER NOT NULL, events INTEGER NOT NULL,
-    users INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS site_users (
-    site_id TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (site_id, user_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS hourly_totals (
-    site_id TEXT NOT NULL, hour TEXT NOT NULL, views INTEGER NOT NULL, events INTEGER NOT NULL,
-    PRIMARY KEY (site_id, hour)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS hourly_users (
-    site_id TEXT NOT NULL, hour TEXT NOT NULL, user_id TEXT NOT NULL,
-    PRIMARY KEY (site_id, hour, user_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS daily_values (
-    site_id TEXT NOT NULL, property TEXT NOT NULL, day TEXT NOT NULL, value TEXT NOT NULL,
-    views INTEGER NOT NULL, events INTEGER NOT NULL,
-    PRIMARY KEY (site_id, property, day, value)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS total_values (
-    site_id TEXT NOT NULL, property TEXT NOT NULL, value TEXT NOT NULL,
-    views INTEGER NOT NULL, events INTEGER NOT NULL,
-    PRIMARY KEY (site_id, property, value)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS daily_value_users (
-    site_id TEXT NOT NULL, property TEXT NOT NULL, value TEXT NOT NULL, day TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    PRIMARY KEY (site_id, property, value, day, user_id)
-) WITHOUT ROWID
-"""
-
-TABLES = ("site_totals", "site_users", "hourly_totals", "hourly_users",
+# The schema is made by the stores' migrations (store.py, postgres_store.py).
+TABLES = ("site_totals", "site_users", "hourly_totals", "daily_users", "daily_totals",
           "daily_values", "total_values", "daily_value_users")
 
 VIEW = "count(*) FILTER (WHERE event_type = 'page_view')"
@@ -137,14 +112,32 @@ def _value_statements(name_sql, value_sql, source, dialect):
     ]
 
 
+def _daily_users(dialect):
+    """Add the batch's users to daily_users and count those new to their day into daily_totals.
+
+    An existing row is written only when the batch saw its user in an hour it
+    lacks; xmax = 0 marks the rows the INSERT really inserted.
+    """
+    shard, target = ("", "site_id, day") if dialect.shard is None else (f", {dialect.shard}",
+                                                                        "site_id, day, shard")
+    return (f"WITH seen AS (INSERT INTO daily_users SELECT site_id, substr(timestamp, 1, 10), {USER}, "
+            "bit_or(1 << CAST(substr(timestamp, 12, 2) AS INTEGER)) "
+            f"{dialect.new_events} AND {COUNTED} AND {USER} IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 "
+            "ON CONFLICT (site_id, day, user_id) DO UPDATE SET hours = daily_users.hours | excluded.hours "
+            "WHERE daily_users.hours | excluded.hours != daily_users.hours "
+            "RETURNING site_id, day, xmax = 0 AS inserted) "
+            f"INSERT INTO daily_totals SELECT site_id, day, count(*){shard} FROM seen WHERE inserted "
+            f"GROUP BY 1, 2 ORDER BY 1, 2 ON CONFLICT ({target}) DO UPDATE SET "
+            "users = daily_totals.users + excluded.users")
+
+
 @lru_cache(maxsize=None)
 def fold_statements(dialect):
     new = f"{dialect.new_events} AND {COUNTED}"
     statements = [
         _counts("hourly_totals", f"SELECT site_id, substr(timestamp, 1, 13), {VIEW}, count(*) "
                 f"{new} GROUP BY 1, 2", dialect),
-        f"INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), {USER} "
-        f"{new} AND {USER} IS NOT NULL ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING",
+        _daily_users(dialect),
         _counts("site_totals", f"SELECT site_id, {VIEW}, count(*), 0 AS users {new} GROUP BY 1",
                 dialect, order="1"),
     ]
@@ -201,7 +194,10 @@ class BatchTotals:
         self.hourly, self.sites, self.daily_values = {}, {}, {}
         _tally(self.hourly, zip(sites, hours, views))
         _tally(self.sites, zip(sites, views))
-        self.hourly_users = set(_known(zip(sites, hours, users), users))
+        self.daily_users = {}      # (site, day) -> {user: mask of the hours seen}
+        for site, hour, user in set(_known(zip(sites, hours, users), users)):
+            masks = self.daily_users.setdefault((site, hour[:10]), {})
+            masks[user] = masks.get(user, 0) | 1 << int(hour[11:])
         self.site_users = {}
         for site, user in _known(zip(sites, users), users):
             self.site_users.setdefault(site, set()).add(user)
@@ -280,8 +276,16 @@ def add_totals(connection, totals):
                            [key + tuple(pair) for key, pair in totals.daily_values.items()])
     connection.executemany(_upsert("total_values", COUNT_TARGETS["total_values"], 5),
                            [key + tuple(pair) for key, pair in totals.total_values.items()])
-    connection.executemany("INSERT INTO hourly_users VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                           totals.hourly_users)
+    for (site, day), masks in totals.daily_users.items():
+        rows = [(site, day, user, hours) for user, hours in masks.items()]
+        new_users = connection.executemany(
+            "INSERT INTO daily_users VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows).rowcount
+        if new_users < len(rows):       # some were there: add the hours they lack
+            connection.executemany("UPDATE daily_users SET hours = hours | ?4 WHERE site_id = ?1 "
+                                   "AND day = ?2 AND user_id = ?3 AND hours | ?4 != hours", rows)
+        if new_users:
+            connection.execute("INSERT INTO daily_totals VALUES (?, ?, ?) ON CONFLICT (site_id, day) "
+                               "DO UPDATE SET users = users + excluded.users", (site, day, new_users))
     connection.executemany("INSERT INTO daily_value_users VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            totals.value_users)
     for (site,), (views, events) in totals.sites.items():

@@ -64,7 +64,38 @@ MIGRATIONS = [
         checkpoint TEXT NOT NULL
     );
     """,
-    rollups.SCHEMA,
+    """
+    CREATE TABLE IF NOT EXISTS site_totals (
+        site_id TEXT PRIMARY KEY, views INTEGER NOT NULL, events INTEGER NOT NULL,
+        users INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS site_users (
+        site_id TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (site_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS hourly_totals (
+        site_id TEXT NOT NULL, hour TEXT NOT NULL, views INTEGER NOT NULL, events INTEGER NOT NULL,
+        PRIMARY KEY (site_id, hour)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS hourly_users (
+        site_id TEXT NOT NULL, hour TEXT NOT NULL, user_id TEXT NOT NULL,
+        PRIMARY KEY (site_id, hour, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS daily_values (
+        site_id TEXT NOT NULL, property TEXT NOT NULL, day TEXT NOT NULL, value TEXT NOT NULL,
+        views INTEGER NOT NULL, events INTEGER NOT NULL,
+        PRIMARY KEY (site_id, property, day, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS total_values (
+        site_id TEXT NOT NULL, property TEXT NOT NULL, value TEXT NOT NULL,
+        views INTEGER NOT NULL, events INTEGER NOT NULL,
+        PRIMARY KEY (site_id, property, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS daily_value_users (
+        site_id TEXT NOT NULL, property TEXT NOT NULL, value TEXT NOT NULL, day TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        PRIMARY KEY (site_id, property, value, day, user_id)
+    ) WITHOUT ROWID
+    """,
     """
     ALTER TABLE events ADD COLUMN visitor_id TEXT;
     ALTER TABLE events ADD COLUMN referrer TEXT;
@@ -85,6 +116,22 @@ MIGRATIONS = [
     """
     ALTER TABLE events ADD COLUMN event_id TEXT;
     CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id);
+    """,
+    # a day's users with the hours they were seen in (see rollups.py), replacing the
+    # per-hour set, and the day's count of them
+    """
+    CREATE TABLE daily_users (
+        site_id TEXT NOT NULL, day TEXT NOT NULL, user_id TEXT NOT NULL, hours INTEGER NOT NULL,
+        PRIMARY KEY (site_id, day, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE daily_totals (
+        site_id TEXT NOT NULL, day TEXT NOT NULL, users INTEGER NOT NULL,
+        PRIMARY KEY (site_id, day)
+    ) WITHOUT ROWID;
+    INSERT INTO daily_users SELECT site_id, substr(hour, 1, 10), user_id,
+        sum(1 << CAST(substr(hour, 12, 2) AS INTEGER)) FROM hourly_users GROUP BY 1, 2, 3;
+    INSERT INTO daily_totals SELECT site_id, day, count(*) FROM daily_users GROUP BY 1, 2;
+    DROP TABLE hourly_users;
     """,
 ]
 ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
@@ -255,7 +302,8 @@ class SQLiteStore:
 DATED_TABLES = {
     "events": (("id",), "timestamp"),
     "hourly_totals": (("site_id", "hour"), "hour"),
-    "hourly_users": (("site_id", "hour", "user_id"), "hour"),
+    "daily_users": (("site_id", "day", "user_id"), "day"),
+    "daily_totals": (("site_id", "day"), "day"),
     "daily_values": (("site_id", "property", "day", "value"), "day"),
     "daily_value_users": (("site_id", "property", "value", "day", "user_id"), "day"),
 }

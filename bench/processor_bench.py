@@ -360,7 +360,7 @@ LIMITS = """\
   one statement per batch with one row per distinct key (README, "How it keeps
   events"). Counters collapse (10,000 events touch a few thousand counter rows);
   the exact unique-user sets cannot: every event with a user adds a row to the
-  hourly set, to the all-time set and to the set of every property it has a value
+  daily set (or sets a missing hour bit in it), to the all-time set and to the set of every property it has a value
   for (path, event_type, source; with enrichment also browser, os, device,
   referrer, UTM tags, props) unless that user is already there. With users drawn
   at random, as here, nearly all of those rows are new: about five B-tree inserts

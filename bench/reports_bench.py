@@ -404,8 +404,8 @@ def measure_size(size, seed, data_root, fresh, log):
     plan = "; ".join(row[3] for row in reader.execute(
         f"EXPLAIN QUERY PLAN SELECT count(DISTINCT {rollups.USER}) FROM events "
         f"WHERE site_id = 'x' AND {rollups.COUNTED}"))
-    day_user_rows = reader.execute("SELECT count(*) FROM hourly_users WHERE site_id = ? AND hour BETWEEN ? AND ?",
-                                   (facts["site"], facts["day"] + "T00", facts["day"] + "T23")).fetchone()[0]
+    day_user_rows = reader.execute("SELECT count(*) FROM daily_users WHERE site_id = ? AND day = ?",
+                                   (facts["site"], facts["day"])).fetchone()[0]
     reader.close()
     duck.close()
     log(f"  {checked} answers compared with raw SQL's, {len(differences)} differ"
@@ -489,8 +489,8 @@ def size_section(figures):
             f"- Rollup rows: {rows}.",
             f"- DuckDB loaded the queue file in {figures['duckdb_load']['seconds']:.0f}s (not in its times).",
             f"- Raw SQL plan (all-time users): `{figures['raw_plan']}`.",
-            f"- The day's unique users are counted over {figures['day_user_rows']:,} rows of hourly_users "
-            "(one per user and hour).", ""]
+            f"- The day has {figures['day_user_rows']:,} rows of daily_users (one per user, with the "
+            "hours seen); its unique users are one row of daily_totals.", ""]
 
 
 def write_report(path, saved):
@@ -515,15 +515,14 @@ def write_report(path, saved):
               "rollup queries, JSON. No sockets and no gunicorn (bench/RESULTS.md measures those).",
               "- rollups: the same queries on one open connection; api minus rollups is the "
               "per-request connection and the HTTP/JSON layer.",
-              "- /stats one day, and any unique users over days: exact distinct users are counted at "
-              "read time from the user sets (hourly_users, daily_value_users), so the cost grows with "
-              "the users of the period, not with the size of the answer: ten times the events gives "
-              "about ten times the users of a day. Views and top paths of a day or of all time, and "
-              "all-time users (site_totals, kept at write time), stay flat. Only a per-day distinct-user "
-              "counter kept at write time, as site_totals.users is, would make one day flat too.",
-              "- all-time timeseries and breakdowns: their users are counted over every day's user set "
-              "(hourly_users per bucket, daily_value_users per value), so they grow with the data; "
-              "views and events alone would not.",
+              "- /stats one day: views, top paths and users are read from rows kept at write time "
+              "(hourly_totals, daily_values, daily_totals.users), so it stays flat as events pile up. "
+              "Unique users over several days, per hour, or per value are counted at read time from "
+              "the user sets (daily_users, daily_value_users), so their cost grows with the users of "
+              "the period, not with the size of the answer.",
+              "- all-time timeseries and breakdowns: per-day users are counters (daily_totals), but "
+              "breakdown users are counted over every day's set (daily_value_users per value), so "
+              "they grow with the data; views and events alone would not.",
               "- raw SQL: RawReports with a covering index, so no query touches the table; it still reads "
               "every event of the site (all time) or of the day, and counts distinct users by sorting them.",
               "- DuckDB: in memory, 2 threads, columnar scans of the whole site; the same questions in "

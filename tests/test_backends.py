@@ -148,3 +148,98 @@ def test_an_unreachable_queue_answers_503_and_health_says_unhealthy(config):
     assert health.status_code == 503 and health.get_json()["status"] == "unhealthy"
     with pytest.raises(QueueUnavailable):
         open_queue(broken).append([b"{}\n"])
+
+
+def visit(user, timestamp, site="s"):
+    return encode_event(validate_event({"site_id": site, "event_type": "page_view", "path": "/",
+                                        "user_id": user, "timestamp": timestamp}))
+
+
+def reports_of(config):
+    store = open_store(config)
+    connection = store.connect(readonly=True)
+    return store, connection, store.reports(connection), store.reports(connection, raw=True)
+
+
+def test_a_user_seen_in_several_hours_of_a_day_counts_once_for_the_day_and_once_per_hour(config):
+    day = Period(FIRST_DAY, FIRST_DAY)
+    open_queue(config).append([visit("u1", "2025-03-01T09:10:00Z"), visit("u1", "2025-03-01T09:50:00Z"),
+                               visit("u1", "2025-03-01T14:00:00Z"), visit("u2", "2025-03-01T14:30:00Z")])
+    processor_for(config, batch_size=1).run(once=True)     # the hours arrive in separate batches
+    store, connection, rollup, raw = reports_of(config)
+    hours = {point["date"]: point["unique_users"] for point in rollup.timeseries("s", day, "hour")}
+    assert rollup.stats("s", day)["unique_users"] == 2
+    assert rollup.timeseries("s", day, "day")[0]["unique_users"] == 2
+    assert hours["2025-03-01T09:00:00Z"] == 1 and hours["2025-03-01T14:00:00Z"] == 2
+    assert sum(hours.values()) == 3
+    assert rollup.timeseries("s", day, "hour") == raw.timeseries("s", day, "hour")
+    connection.close()
+    store.close()
+
+
+def test_a_user_seen_on_two_days_counts_once_over_the_range_and_once_each_day(config):
+    open_queue(config).append([visit("u1", "2025-03-01T23:59:00Z"), visit("u1", "2025-03-02T00:01:00Z"),
+                               visit("u2", "2025-03-02T08:00:00Z")])
+    processor_for(config).run(once=True)
+    store, connection, rollup, _ = reports_of(config)
+    both_days = Period(FIRST_DAY, FIRST_DAY + timedelta(days=1))
+    assert rollup.stats("s", both_days)["unique_users"] == 2
+    assert [point["unique_users"] for point in rollup.timeseries("s", both_days, "day")] == [1, 2]
+    connection.close()
+    store.close()
+
+
+def test_each_days_user_count_equals_the_raw_distinct_count_after_batches_that_revisit_users(config):
+    rng = random.Random(5)
+    queue = open_queue(config)
+    for _ in range(6):          # each round revisits the same users in other batches and hours
+        queue.append([visit(f"u{rng.randrange(12)}", f"2025-03-0{rng.randrange(1, 4)}T"
+                            f"{rng.randrange(24):02d}:00:00Z", site=rng.choice(["s", "t"]))
+                      for _ in range(40)])
+        processor_for(config, batch_size=7).run(once=True)
+    store, connection, rollup, raw = reports_of(config)
+    for site in ("s", "t"):
+        for offset in range(4):
+            day = Period(FIRST_DAY + timedelta(days=offset), FIRST_DAY + timedelta(days=offset))
+            assert rollup.stats(site, day) == raw.stats(site, day)
+            assert rollup.timeseries(site, day, "hour") == raw.timeseries(site, day, "hour")
+        days = Period(FIRST_DAY, FIRST_DAY + timedelta(days=3))
+        assert rollup.timeseries(site, days, "day") == raw.timeseries(site, days, "day")
+        assert rollup.stats(site, days) == raw.stats(site, days)
+    connection.close()
+    store.close()
+
+
+def test_migration_from_the_hourly_user_set_keeps_every_report(config):
+    """A store of the previous version kept hourly_users; upgrading builds the day tables from it."""
+    open_queue(config).append(generated_lines(600))
+    processor_for(config).run(once=True)
+    store = open_store(config)
+    latest = store.migrate()
+    with store.atomic() as connection:      # back to the previous version, as it would have been
+        connection.execute("CREATE TABLE hourly_users (site_id TEXT NOT NULL, hour TEXT NOT NULL, "
+                           "user_id TEXT NOT NULL, PRIMARY KEY (site_id, hour, user_id))")
+        connection.execute("INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), "
+                           "coalesce(user_id, visitor_id) FROM events WHERE event_type != 'engagement' "
+                           "AND coalesce(user_id, visitor_id) IS NOT NULL")
+        connection.execute("DROP TABLE daily_users")
+        connection.execute("DROP TABLE daily_totals")
+        set_schema_version(connection, config, latest - 1)
+    assert store.migrate() == latest
+    store.close()
+    store, connection, rollup, raw = reports_of(config)
+    assert connection.execute("SELECT count(*) FROM daily_users").fetchone()[0] > 0
+    for site in ("big", "small"):
+        for period in PERIODS[1:] + [Period(FIRST_DAY + timedelta(days=3), FIRST_DAY + timedelta(days=3))]:
+            assert rollup.stats(site, period) == raw.stats(site, period)
+            for interval in ("day", "hour"):
+                assert rollup.timeseries(site, period, interval) == raw.timeseries(site, period, interval)
+    connection.close()
+    store.close()
+
+
+def set_schema_version(connection, config, version):
+    if config.database_path.startswith("postgresql://"):
+        connection.execute("DELETE FROM schema_version WHERE version > :v", {"v": version})
+    else:
+        connection.execute(f"PRAGMA user_version = {version}")
