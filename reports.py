@@ -172,11 +172,18 @@ class RollupReports(_Reports):
         if interval == "day":
             return _rows(self.connection, f"SELECT day, {USERS} FROM daily_totals WHERE site_id = :site "
                          "AND day BETWEEN :first_day AND :last_day GROUP BY day", params)
-        # an hour's users are the day's users whose mask has the hour's bit
-        hours = ", ".join(f"sum((hours >> {hour}) & 1)" for hour in range(24))
-        days = _rows(self.connection, f"SELECT day, {hours} FROM daily_users WHERE site_id = :site "
-                     "AND day BETWEEN :first_day AND :last_day GROUP BY day", params)
-        return [(f"{day}T{hour:02d}", users) for day, *counts in days for hour, users in enumerate(counts)]
+        # An hour's users are the day's users whose mask has the hour's bit. Most
+        # users share a handful of masks, so count users per mask and spread each
+        # count over its hours here: cheaper than 24 bit sums over every row.
+        masks = _rows(self.connection, "SELECT day, hours, count(*) FROM daily_users WHERE site_id = :site "
+                      "AND day BETWEEN :first_day AND :last_day GROUP BY day, hours", params)
+        users = {}
+        for day, mask, count in masks:
+            for hour in range(24):
+                if mask >> hour & 1:
+                    bucket = f"{day}T{hour:02d}"
+                    users[bucket] = users.get(bucket, 0) + count
+        return list(users.items())
 
 
 class RawReports(_Reports):
