@@ -276,16 +276,11 @@ def add_totals(connection, totals):
                            [key + tuple(pair) for key, pair in totals.daily_values.items()])
     connection.executemany(_upsert("total_values", COUNT_TARGETS["total_values"], 5),
                            [key + tuple(pair) for key, pair in totals.total_values.items()])
-    for (site, day), masks in totals.daily_users.items():
-        rows = [(site, day, user, hours) for user, hours in masks.items()]
-        new_users = connection.executemany(
-            "INSERT INTO daily_users VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows).rowcount
-        if new_users < len(rows):       # some were there: add the hours they lack
-            connection.executemany("UPDATE daily_users SET hours = hours | ?4 WHERE site_id = ?1 "
-                                   "AND day = ?2 AND user_id = ?3 AND hours | ?4 != hours", rows)
-        if new_users:
-            connection.execute("INSERT INTO daily_totals VALUES (?, ?, ?) ON CONFLICT (site_id, day) "
-                               "DO UPDATE SET users = users + excluded.users", (site, day, new_users))
+    # new rows are counted into daily_totals by the trigger daily_users_counted (store.py)
+    connection.executemany("INSERT INTO daily_users VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET hours = hours | excluded.hours WHERE hours | excluded.hours != hours",
+                           [(site, day, user, hours) for (site, day), masks in totals.daily_users.items()
+                            for user, hours in masks.items()])
     connection.executemany("INSERT INTO daily_value_users VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            totals.value_users)
     for (site,), (views, events) in totals.sites.items():

@@ -118,7 +118,9 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id);
     """,
     # a day's users with the hours they were seen in (see rollups.py), replacing the
-    # per-hour set, and the day's count of them
+    # per-hour set, and the day's count of them, kept by SQLite itself: the trigger
+    # fires only for a row really inserted, not for an upsert that adds hours to an
+    # existing one, so one statement per batch adds users and counts the new ones
     """
     CREATE TABLE daily_users (
         site_id TEXT NOT NULL, day TEXT NOT NULL, user_id TEXT NOT NULL, hours INTEGER NOT NULL,
@@ -132,9 +134,24 @@ MIGRATIONS = [
         sum(1 << CAST(substr(hour, 12, 2) AS INTEGER)) FROM hourly_users GROUP BY 1, 2, 3;
     INSERT INTO daily_totals SELECT site_id, day, count(*) FROM daily_users GROUP BY 1, 2;
     DROP TABLE hourly_users;
+    CREATE TRIGGER daily_users_counted AFTER INSERT ON daily_users BEGIN
+        INSERT INTO daily_totals VALUES (new.site_id, new.day, 1)
+        ON CONFLICT (site_id, day) DO UPDATE SET users = users + 1;
+    END;
     """,
 ]
 ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
+
+
+def _statements(script):
+    """The statements of a migration one by one, whole: a trigger's body has semicolons of its own."""
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                yield statement
+            statement = ""
 
 
 def _insert(connection, rows):
@@ -237,7 +254,7 @@ class SQLiteStore:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 log.info("migrating %s to schema version %d", self.path, number)
-                for statement in filter(str.strip, migration.split(";")):
+                for statement in _statements(migration):
                     connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {number}")
             if 0 < version < ROLLUPS_SINCE:
