@@ -6,7 +6,9 @@ every queued line again before it is stored, so both import these rules.
 import random
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Annotated, Optional
 
+import msgspec
 import orjson
 
 EVENT_COLUMNS = ("site_id", "event_type", "path", "user_id", "timestamp")   # a stored row
@@ -42,6 +44,17 @@ def new_event_id():
     return f"{time.time_ns() // 1000:014x}{random.getrandbits(64):016x}"
 
 
+def new_event_ids(count):
+    """Unique ids for events accepted together: one clock reading, consecutive random bits.
+
+    Two batches of the same microsecond collide only if their random ranges
+    overlap, about one chance in 2**53 for batches of 1,000.
+    """
+    stamp = f"{time.time_ns() // 1000:014x}"
+    first = random.getrandbits(63)
+    return [f"{stamp}{first + offset:016x}" for offset in range(count)]
+
+
 def format_timestamp(moment):
     """ISO 8601 in UTC with a Z, fixed width, so text order is time order."""
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
@@ -67,8 +80,13 @@ def parse_timestamp(value, now):
 
 
 def _is_stored_form(value):
-    """True for YYYY-MM-DDTHH:MM:SS.mmmZ, given that value parsed as ISO 8601."""
-    return len(value) == 24 and value[10] == "T" and value[19] == "." and value[23] == "Z"
+    """True for YYYY-MM-DDTHH:MM:SS.mmmZ, given that value parsed as ISO 8601.
+
+    Every separator is checked: an ISO week date such as 2025-W01-1T12:00:00.000Z
+    has the same length and must be rewritten as a calendar date.
+    """
+    return len(value) == 24 and value[4] == "-" and value[7] == "-" and value[10] == "T" \
+        and value[13] == ":" and value[16] == ":" and value[19] == "." and value[23] == "Z"
 
 
 def _check_string(name, value, required):
@@ -110,6 +128,56 @@ def validate_event(data, now=None):
         timestamp = parse_timestamp(timestamp, now)
     return {"id": new_event_id(), "site_id": site_id, "event_type": event_type,
             "path": path or None, "user_id": user_id or None, "timestamp": timestamp}
+
+
+class SubmittedEvent(msgspec.Struct):
+    """The fields of a client's event with their types and lengths, checked in C."""
+    site_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LENGTHS["site_id"])]
+    event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LENGTHS["event_type"])]
+    path: Optional[Annotated[str, msgspec.Meta(max_length=MAX_LENGTHS["path"])]] = None
+    user_id: Optional[Annotated[str, msgspec.Meta(max_length=MAX_LENGTHS["user_id"])]] = None
+    timestamp: Optional[str] = None
+
+
+class QueuedEvent(msgspec.Struct):
+    """One queue line; the field order is the order validate_event's dict has."""
+    id: str
+    site_id: str
+    event_type: str
+    path: Optional[str]
+    user_id: Optional[str]
+    timestamp: str
+
+
+_SUBMITTED_BATCH = list[SubmittedEvent]
+_LINE_ENCODER = msgspec.json.Encoder()
+
+
+def encode_valid_events(items, now):
+    """Queue lines for a batch of parsed events if every one is valid, else None.
+
+    The same rules as validate_event, applied to the whole batch at once so a
+    large batch costs about a microsecond per event instead of several. It
+    never names a problem: when it gives None, validate_event, event by event,
+    finds the first bad one and says what is wrong with it.
+    """
+    try:
+        submitted = msgspec.convert(items, _SUBMITTED_BATCH)
+    except msgspec.ValidationError:
+        return None
+    received = format_timestamp(now)
+    queued = []
+    for event, event_id in zip(submitted, new_event_ids(len(submitted))):
+        site_id, event_type, path, user_id = event.site_id, event.event_type, event.path, event.user_id
+        if not (site_id.strip() and event_type.strip()) or "\x00" in site_id or "\x00" in event_type \
+                or (path and "\x00" in path) or (user_id and "\x00" in user_id):
+            return None
+        try:
+            timestamp = parse_timestamp(event.timestamp, now) if event.timestamp else received
+        except InvalidEvent:
+            return None
+        queued.append(QueuedEvent(event_id, site_id, event_type, path or None, user_id or None, timestamp))
+    return _LINE_ENCODER.encode_lines(queued).splitlines(keepends=True)
 
 
 def encode_event(event):

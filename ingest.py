@@ -21,7 +21,7 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 
-from events import InvalidEvent, encode_event, parse_json, validate_event
+from events import InvalidEvent, encode_event, encode_valid_events, parse_json, validate_event
 from shared_queue import QueueUnavailable
 from store import StoreUnavailable
 from tracking import InvalidPayload, client_ip, is_bot, plausible_events, utc_now
@@ -102,12 +102,14 @@ class Ingest:
             raise ApiError(f"Too many events: {len(items)} in one batch, "
                            f"at most {self.config.max_batch_events}")
         now = utc_now()
-        lines = []
-        for index, item in enumerate(items):
-            try:
-                lines.append(encode_event(validate_event(item, now)))
-            except InvalidEvent as error:
-                raise ApiError(str(error), index=index) from None
+        lines = encode_valid_events(items, now)
+        if lines is None:
+            lines = []
+            for index, item in enumerate(items):
+                try:
+                    lines.append(encode_event(validate_event(item, now)))
+                except InvalidEvent as error:
+                    raise ApiError(str(error), index=index) from None
         self._append("/events", lines)
         return json_answer({"message": "Events received", "count": len(lines)})
 

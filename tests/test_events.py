@@ -1,0 +1,106 @@
+"""One set of rules for what a valid event is, whichever way a batch is checked.
+
+A batch of valid events is checked and encoded in one pass
+(encode_valid_events); anything it turns down is checked event by event
+(validate_event), which names the problem. The two must agree on every input.
+"""
+from datetime import datetime, timezone
+
+import orjson
+import pytest
+
+from events import InvalidEvent, encode_event, encode_valid_events, new_event_ids, validate_event
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+BASE = {"site_id": "s", "event_type": "page_view"}
+
+EVENTS = [
+    BASE,
+    {**BASE, "path": "/a", "user_id": "u1", "timestamp": "2025-05-31T10:00:00.000Z"},
+    {**BASE, "path": "", "user_id": ""},
+    {**BASE, "path": None, "user_id": None, "timestamp": None},
+    {**BASE, "timestamp": ""},
+    {**BASE, "timestamp": "2025-03-01T01:30:00+02:00"},
+    {**BASE, "timestamp": "2025-03-01T01:30:00"},
+    {**BASE, "timestamp": "2025-03-01"},
+    {**BASE, "timestamp": "2025-W01-1T12:00:00.000Z"},
+    {**BASE, "timestamp": "2025-05-31T10:00:00,000Z"},
+    {**BASE, "timestamp": "1999-12-31T23:59:59.999Z"},
+    {**BASE, "timestamp": "2000-01-01T00:00:00.000Z"},
+    {**BASE, "timestamp": "2025-06-02T12:00:00.000Z"},
+    {**BASE, "timestamp": "2025-06-02T12:00:00.001Z"},
+    {**BASE, "timestamp": "2025-02-30T00:00:00.000Z"},
+    {**BASE, "timestamp": "yesterday"},
+    {**BASE, "timestamp": 1700000000},
+    {**BASE, "site_id": "   "},
+    {**BASE, "site_id": "\u3000"},
+    {**BASE, "site_id": ""},
+    {**BASE, "site_id": None},
+    {**BASE, "site_id": 1},
+    {"event_type": "page_view"},
+    {"site_id": "s"},
+    {**BASE, "event_type": ["x"]},
+    {**BASE, "site_id": "a\x00b"},
+    {**BASE, "event_type": "\x00"},
+    {**BASE, "path": "/\x00"},
+    {**BASE, "user_id": "\x00"},
+    {**BASE, "path": {"a": 1}},
+    {**BASE, "user_id": 7},
+    {**BASE, "site_id": "s" * 256, "event_type": "e" * 256, "user_id": "u" * 256, "path": "/" * 2048},
+    {**BASE, "site_id": "s" * 257},
+    {**BASE, "event_type": "e" * 257},
+    {**BASE, "user_id": "u" * 257},
+    {**BASE, "path": "/" * 2049},
+    {**BASE, "site_id": "sité", "path": "/ünï/😀\u2028\n\r\t\"\\"},
+    {**BASE, "extra": {"deep": [1, 2, {"x": None}]}},
+    "page_view",
+    ["s", "page_view"],
+    None,
+]
+
+
+def stored(line):
+    """A queue line without its id, which is new on every call."""
+    event = orjson.loads(line)
+    assert len(event.pop("id")) == 30
+    return event
+
+
+def checked_one_by_one(event):
+    try:
+        return stored(encode_event(validate_event(event, NOW)))
+    except InvalidEvent:
+        return None
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=[repr(e)[:60] for e in EVENTS])
+def test_a_batch_checked_at_once_stores_exactly_what_one_by_one_would(event):
+    lines = encode_valid_events([BASE, event], NOW)
+    expected = checked_one_by_one(event)
+    if expected is None:
+        assert lines is None
+    else:
+        assert [stored(line) for line in lines] == [checked_one_by_one(BASE), expected]
+
+
+def test_one_bad_event_turns_down_the_whole_batch():
+    assert encode_valid_events([BASE] * 50 + [{**BASE, "site_id": 5}] + [BASE] * 49, NOW) is None
+
+
+def test_each_event_of_a_batch_is_one_line_in_order_with_its_own_id():
+    batch = [{**BASE, "path": f"/{n}"} for n in range(1000)]
+    lines = encode_valid_events(batch, NOW)
+    assert [stored(line)["path"] for line in lines] == [f"/{n}" for n in range(1000)]
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
+    ids = [orjson.loads(line)["id"] for line in lines]
+    assert ids == sorted(ids) and len(set(ids)) == 1000
+
+
+def test_ids_of_batches_taken_together_never_repeat():
+    ids = [event_id for _ in range(200) for event_id in new_event_ids(1000)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_an_iso_week_date_is_stored_as_the_calendar_date_it_names():
+    event = validate_event({**BASE, "timestamp": "2025-W01-1T12:00:00.000Z"}, NOW)
+    assert event["timestamp"] == "2024-12-30T12:00:00.000Z"
