@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import os
+import sqlite3
 import time
 
 import orjson
@@ -273,6 +274,11 @@ def register_errors(app):
     @app.errorhandler(HTTPException)
     def handle_error(error):
         return answer_response(error_answer(error))
+
+    @app.errorhandler(sqlite3.DatabaseError)
+    def handle_database_error(error):
+        # a file that is not (or no longer) an SQLite database: an outage, not a bug to answer 500
+        return answer_response(error_answer(StoreUnavailable(f"SQLite: {error}")))
 
 
 def __getattr__(name):

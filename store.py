@@ -211,7 +211,7 @@ class SQLiteStore:
     def connect(self, readonly=False):
         try:
             return self._connect(readonly)
-        except sqlite3.OperationalError as error:      # no file, no directory, locked past the timeout
+        except sqlite3.DatabaseError as error:     # no file or directory, locked past the timeout, not a database
             raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
 
     def _connect(self, readonly):
@@ -295,7 +295,7 @@ class SQLiteStore:
             salt = connection.execute("SELECT salt FROM salts WHERE day = ?", (day,)).fetchone()[0]
             connection.execute("COMMIT")
             return salt
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:
             raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
         finally:
             connection.close()

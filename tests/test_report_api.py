@@ -1,6 +1,7 @@
 """The reporting endpoints: parameters, shapes, API keys and CORS."""
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +189,16 @@ def test_reports_are_readable_from_a_configured_origin(config):
                                  "/stats/breakdown?site_id=s&property=path"])
 def test_reports_answer_503_not_500_when_the_database_cannot_be_opened(client, config, url):
     shutil.rmtree(config.data_dir)
+    response = client.get(url)
+    assert response.status_code == 503
+    assert response.get_json() == {"error": "Database unavailable; retry later"}
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
+                                 "/stats/breakdown?site_id=s&property=path"])
+def test_reports_answer_503_not_500_when_the_database_file_is_not_a_database(client, config, url):
+    Path(config.database_path).write_bytes(b"not a database" * 1000)
     response = client.get(url)
     assert response.status_code == 503
     assert response.get_json() == {"error": "Database unavailable; retry later"}

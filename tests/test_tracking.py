@@ -4,6 +4,7 @@ import os
 import shutil
 import sqlite3
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,14 @@ def test_tracker_script_is_small_javascript(client):
     plain = client.get("/js/script.js")
     assert plain.data.decode() == source
     assert client.get("/js/script.js", headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304
+
+
+def test_event_is_503_not_500_when_the_database_file_is_not_a_database(client, config):
+    Path(config.database_path).write_bytes(b"not a database" * 1000)
+    response = send(client, PAGEVIEW)
+    assert response.status_code == 503
+    assert "error" in response.get_json()
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view"}).status_code == 200
 
 
 def test_event_is_503_not_500_when_the_visitor_salts_cannot_be_read(client, config):
