@@ -205,14 +205,14 @@ def register_reports(app, config, store):
 
     def reports():
         if "db" not in g:
-            g.db = store.connect(readonly=True)
+            g.db = store.reader()
         return store.reports(g.db)
 
     @app.teardown_appcontext
-    def close_connection(exception):
+    def release_connection(exception):
         connection = g.pop("db", None)
         if connection is not None:
-            connection.close()
+            store.release(connection)
 
     @app.get("/stats")
     def get_stats():

@@ -152,6 +152,13 @@ class PostgresStore:
         raw.autocommit = True
         return Connection(raw, release=self.pool.putconn)
 
+    def reader(self):
+        """A connection for reports, from the pool."""
+        return self.connect(readonly=True)
+
+    def release(self, connection):
+        connection.close()              # back to the pool
+
     @property
     def connection(self):
         return self.connect()

@@ -12,7 +12,9 @@ chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
     store.delete_before(table, day, ...)  retention: one window of old rows deleted
 """
 import logging
+import os
 import sqlite3
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from itertools import compress
@@ -204,6 +206,7 @@ class SQLiteStore:
         self.durable = durable
         self.rollups = rollups      # off only to measure what rollups cost
         self._connection = None
+        self._readers = threading.local()
 
     def describe(self):
         return self.path
@@ -225,6 +228,34 @@ class SQLiteStore:
             connection.execute("PRAGMA cache_size=-65536")      # 64 MiB: rollup upserts touch many pages
         connection.execute("PRAGMA busy_timeout=5000")
         return connection
+
+    def reader(self):
+        """A read-only connection for reports, kept by each thread from one request to the next.
+
+        Opening one costs more than a one-day report: SQLite reads the whole
+        schema at a connection's first query. It is opened again when the
+        database file was replaced or removed, so that it never reads a
+        deleted file, and in a forked process.
+        """
+        try:
+            identity = (os.getpid(), os.stat(self.path).st_ino)
+        except OSError:
+            identity = None                 # connect() says what is wrong
+        kept = getattr(self._readers, "kept", None)
+        if kept is not None and kept[0] == identity:
+            return kept[1]
+        self._readers.kept = None
+        if kept is not None and kept[0][0] == os.getpid():
+            kept[1].close()
+        connection = self.connect(readonly=True)
+        if identity is not None:
+            self._readers.kept = (identity, connection)
+        return connection
+
+    def release(self, connection):
+        """The end of a request's use of reader(): the connection stays open for the next one."""
+        if getattr(self._readers, "kept", (None, None))[1] is not connection:
+            connection.close()
 
     @property
     def connection(self):

@@ -17,8 +17,8 @@ store.py are unchanged (--fresh builds it again).
 Then the same questions about the busiest site go to four answerers, in turns:
 
     api        GET /stats... through ingestion_api.create_app's Flask test client
-               (the production path: routing, checks, a read-only connection per
-               request, RollupReports over the rollups, JSON); no sockets
+               (the production path: routing, checks, the read-only connection the
+               thread keeps, RollupReports over the rollups, JSON); no sockets
     rollups    RollupReports on one open connection (the api minus HTTP/JSON)
     raw        RawReports: plain SQL over the events table, with one covering index
                over every column the reports read (built by this benchmark)
@@ -511,10 +511,11 @@ def write_report(path, saved):
         lines.append("")
     lines += ["## What limits each figure", "",
               "- api: one request at a time through the Flask test client in this process: routing, "
-              "parameter checks, a read-only SQLite connection opened and closed per request, the "
-              "rollup queries, JSON. No sockets and no gunicorn (bench/RESULTS.md measures those).",
-              "- rollups: the same queries on one open connection; api minus rollups is the "
-              "per-request connection and the HTTP/JSON layer.",
+              "parameter checks, the read-only SQLite connection the thread keeps between requests "
+              "(a stat of the database file checks it was not replaced), the rollup queries, JSON. "
+              "No sockets and no gunicorn (bench/RESULTS.md measures those).",
+              "- rollups: the same queries on one open connection; api minus rollups is Flask's "
+              "routing, the parameter checks and the JSON.",
               "- /stats one day: views, top paths and users are read from rows kept at write time "
               "(hourly_totals, daily_values, daily_totals.users), so it stays flat as events pile up. "
               "Unique users over several days, per hour, or per value are counted at read time from "

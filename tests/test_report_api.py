@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from ingestion_api import create_app
+from processor import Processor
+from shared_queue import open_queue
+from store import open_store
 
 ALL_BACKENDS = True
 
@@ -180,6 +184,36 @@ def test_reports_are_readable_from_a_configured_origin(config):
     other = client.get("/stats?site_id=s", headers={"Origin": "https://evil.example",
                                                      "Authorization": "Bearer k"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+# -- the connection reports read through ----------------------------------------
+
+def test_reports_see_every_batch_stored_after_the_last_request(loaded, drain):
+    assert get(loaded, "/stats", site_id="s")["total_views"] == 3
+    for expected in (4, 5):
+        assert loaded.post("/event", json={"site_id": "s", "event_type": "page_view"}).status_code == 200
+        drain()
+        assert get(loaded, "/stats", site_id="s")["total_views"] == expected
+
+
+@pytest.mark.embedded
+def test_a_database_file_put_in_place_of_the_old_one_is_read_not_the_deleted_one(client, drain, config,
+                                                                                tmp_path):
+    assert client.post("/events", json=EVENTS).status_code == 200
+    drain().close()
+    assert get(client, "/stats", site_id="s")["total_views"] == 3
+    # a restore from a backup: another database, moved in while the API runs
+    (tmp_path / "backup").mkdir()
+    backup = load_config(environ={}, data_dir=str(tmp_path / "backup"))
+    assert create_app(backup).test_client().post("/events", json=EVENTS[:1]).status_code == 200
+    processor = Processor(open_queue(backup), open_store(backup), backup)
+    processor.start()
+    processor.run(once=True)
+    processor.close()
+    for suffix in ("-wal", "-shm"):
+        Path(config.database_path + suffix).unlink(missing_ok=True)
+    Path(backup.database_path).replace(config.database_path)
+    assert get(client, "/stats", site_id="s")["total_views"] == 1
 
 
 # -- the database out of reach -------------------------------------------------
