@@ -72,6 +72,8 @@ class IngestRateLimit:
             storage_uri=storage_uri(config), strategy="fixed-window", key_prefix=self.prefix,
             headers_enabled=False, default_limits=[], on_breach=self._on_flask_breach,
             swallow_errors=True)     # a storage that fails lets requests in, logged
+        # only ingestion POSTs are limited: spare every other request Flask-Limiter's bookkeeping
+        self.flask_limiter.request_filter(lambda: request.method != "POST")
         self.storage = self.flask_limiter.limiter.storage
         self._keys = lru_cache(maxsize=4096)(self._keys_for)
 
