@@ -2,6 +2,7 @@
 # make test   set up .venv, start PostgreSQL and Redis if they are down, install Chromium and
 #             the npm trackers for the browser tests, then run the whole test suite
 # make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md, PROCESSOR.md, REPORTS.md
+#             and SCALE.md (this one needs PostgreSQL and Redis, started as for the tests)
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -24,3 +25,5 @@ bench: $(VENV)/installed
 	python bench/run.py
 	python bench/processor_bench.py
 	python bench/reports_bench.py
+	.ci/services
+	python bench/scale_bench.py
