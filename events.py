@@ -156,9 +156,9 @@ _LINE_ENCODER = msgspec.json.Encoder()
 def encode_valid_events(items, now):
     """Queue lines for a batch of parsed events if every one is valid, else None.
 
-    The same rules as validate_event, applied to the whole batch at once so a
-    large batch costs about a microsecond per event instead of several. It
-    never names a problem: when it gives None, validate_event, event by event,
+    The same rules as validate_event, applied to the whole batch at once (the
+    types and lengths by msgspec, in C) for about half the cost of checking
+    event by event. It never names a problem: when it gives None, validate_event, event by event,
     finds the first bad one and says what is wrong with it.
     """
     try:

@@ -37,7 +37,7 @@ from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
 from rate_limit import ingest_rate_limit
 from shared_queue import QueueUnavailable, open_queue
-from store import StoreUnavailable, open_store
+from store import StoreUnavailable, open_store, unavailable_or_bug
 from tracking import Visitors
 
 log = logging.getLogger("ingestion_api")
@@ -277,8 +277,11 @@ def register_errors(app):
 
     @app.errorhandler(sqlite3.DatabaseError)
     def handle_database_error(error):
-        # a file that is not (or no longer) an SQLite database: an outage, not a bug to answer 500
-        return answer_response(error_answer(StoreUnavailable(f"SQLite: {error}")))
+        # a report's query on a file that is not (or no longer) a database is an outage: 503
+        outage = unavailable_or_bug(error, app.extensions["analytics"]["config"].database_path)
+        if outage is error:
+            raise error
+        return answer_response(error_answer(outage))
 
 
 def __getattr__(name):

@@ -193,6 +193,18 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now; callers retry or answer 503."""
 
 
+def unavailable_or_bug(error, path):
+    """A sqlite3 error as StoreUnavailable when it says the database cannot be used now.
+
+    That is OperationalError (no file or directory, locked past the timeout)
+    or a plain DatabaseError (not a database, a corrupt file); its other kinds
+    (a wrong statement, a broken constraint) are bugs and stay what they are.
+    """
+    if isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError:
+        return StoreUnavailable(f"SQLite {path}: {error}")
+    return error
+
+
 def open_store(config):
     if config.database_path.startswith(("postgresql://", "postgres://")):
         from postgres_store import PostgresStore
@@ -214,8 +226,8 @@ class SQLiteStore:
     def connect(self, readonly=False):
         try:
             return self._connect(readonly)
-        except sqlite3.DatabaseError as error:     # no file or directory, locked past the timeout, not a database
-            raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
+        except sqlite3.DatabaseError as error:
+            raise unavailable_or_bug(error, self.path) from error
 
     def _connect(self, readonly):
         if readonly:
@@ -254,7 +266,8 @@ class SQLiteStore:
 
     def release(self, connection):
         """The end of a request's use of reader(): the connection stays open for the next one."""
-        if getattr(self._readers, "kept", (None, None))[1] is not connection:
+        kept = getattr(self._readers, "kept", None)
+        if kept is None or kept[1] is not connection:
             connection.close()
 
     @property
@@ -327,7 +340,7 @@ class SQLiteStore:
             connection.execute("COMMIT")
             return salt
         except sqlite3.DatabaseError as error:
-            raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
+            raise unavailable_or_bug(error, self.path) from error
         finally:
             connection.close()
 

@@ -1,6 +1,7 @@
 """The reporting endpoints: parameters, shapes, API keys and CORS."""
 import logging
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from config import load_config
 from ingestion_api import create_app
 from processor import Processor
 from shared_queue import open_queue
-from store import open_store
+from store import StoreUnavailable, open_store, unavailable_or_bug
 
 ALL_BACKENDS = True
 
@@ -236,6 +237,15 @@ def test_reports_answer_503_not_500_when_the_database_file_is_not_a_database(cli
     response = client.get(url)
     assert response.status_code == 503
     assert response.get_json() == {"error": "Database unavailable; retry later"}
+
+
+def test_only_sqlite_errors_that_mean_an_outage_become_503s_never_a_bug_in_a_statement():
+    assert isinstance(unavailable_or_bug(sqlite3.OperationalError("database is locked"), "a.db"),
+                      StoreUnavailable)
+    assert isinstance(unavailable_or_bug(sqlite3.DatabaseError("file is not a database"), "a.db"),
+                      StoreUnavailable)
+    bug = sqlite3.ProgrammingError("Incorrect number of bindings supplied")
+    assert unavailable_or_bug(bug, "a.db") is bug
 
 
 @pytest.mark.parametrize("url", ["/stats?site_id=a%00", "/stats/timeseries?site_id=a%00",
