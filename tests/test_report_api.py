@@ -6,11 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from config import load_config
 from ingestion_api import create_app
-from processor import Processor
-from shared_queue import open_queue
-from store import StoreUnavailable, open_store, unavailable_or_bug
+from store import StoreUnavailable, unavailable_or_bug
 
 ALL_BACKENDS = True
 
@@ -205,12 +202,9 @@ def test_a_database_file_put_in_place_of_the_old_one_is_read_not_the_deleted_one
     assert get(client, "/stats", site_id="s")["total_views"] == 3
     # a restore from a backup: another database, moved in while the API runs
     (tmp_path / "backup").mkdir()
-    backup = load_config(environ={}, data_dir=str(tmp_path / "backup"))
+    backup = config.with_overrides(data_dir=str(tmp_path / "backup"))
     assert create_app(backup).test_client().post("/events", json=EVENTS[:1]).status_code == 200
-    processor = Processor(open_queue(backup), open_store(backup), backup)
-    processor.start()
-    processor.run(once=True)
-    processor.close()
+    drain(data_dir=backup.data_dir).close()
     for suffix in ("-wal", "-shm"):
         Path(config.database_path + suffix).unlink(missing_ok=True)
     Path(backup.database_path).replace(config.database_path)
