@@ -58,6 +58,17 @@ def test_plausible_endpoint_is_limited_and_keeps_its_cors_header(limited):
 
 
 @pytest.mark.embedded
+def test_only_ingestion_is_limited(limited):
+    client = create_app(limited).test_client()
+    for _ in range(4):
+        post(client)
+    assert post(client).status_code == 429
+    for path in ("/health", "/stats?site_id=s", "/stats/sites", "/js/script.js"):
+        for _ in range(4):
+            assert client.get(path, environ_base={"REMOTE_ADDR": "203.0.113.5"}).status_code == 200
+
+
+@pytest.mark.embedded
 def test_each_client_address_has_its_own_limit(limited):
     client = create_app(limited).test_client()
     for _ in range(3):
