@@ -121,6 +121,9 @@ class PostgresStore:
         self._pid = None
         self._lock = threading.Lock()
 
+    def backup(self, destination):
+        raise NotImplementedError("a PostgreSQL store is backed up with pg_dump, not by this command")
+
     def describe(self):
         return re.sub(r"//[^@/]*@", "//", self.url)       # no password in logs
 

@@ -5,6 +5,7 @@
     python processor.py import FILE       store the events of a JSON-lines file
     python processor.py export --site S [--from D --to D] [--format csv]
     python processor.py rebuild-rollups   recompute the rollups from the events
+    python processor.py backup FILE       copy the database while everything runs
 
 Each step reads a batch of lines, stores the valid ones together with the
 queue position in one transaction, and only then tells the queue. Lines that
@@ -175,6 +176,8 @@ def build_parser():
     exporter.add_argument("--to", dest="end", metavar="YYYY-MM-DD")
     exporter.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     commands.add_parser("rebuild-rollups", help="recompute every rollup from the events table")
+    backup = commands.add_parser("backup", help="copy the database while everything runs")
+    backup.add_argument("file", help="the copy to write; must not exist yet")
     return parser
 
 
@@ -185,6 +188,8 @@ def run_command(args, config):
         stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty())
         log.info("import finished file=%s stored=%d rejected=%d", args.file, stored, rejected)
         return 0 if rejected == 0 else 3
+    if args.command == "backup":
+        return back_up(store, args.file)
     if args.command == "export":
         params = {"from": args.start, "to": args.end}
         period = QueryParams({k: v for k, v in params.items() if v}, config).period()
@@ -203,6 +208,18 @@ def run_command(args, config):
     return 0
 
 
+def back_up(store, destination):
+    if os.path.exists(destination):
+        log.error("backup failed: %s exists; name a new file", destination)
+        return 2
+    log.info("backup started database=%s file=%s", store.describe(), destination)
+    started = time.monotonic()
+    store.backup(destination)
+    log.info("backup finished file=%s bytes=%d seconds=%.1f", destination,
+             os.path.getsize(destination), time.monotonic() - started)
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -214,7 +231,7 @@ def main(argv=None):
     if args.command:
         try:
             return run_command(args, config)
-        except (InvalidParameter, OSError) as error:
+        except (InvalidParameter, OSError, NotImplementedError) as error:
             log.error("%s failed: %s", args.command, error)
             return 2
     processor = Processor(open_queue(config), open_store(config), config,

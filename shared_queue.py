@@ -19,13 +19,17 @@ acknowledged); the store ignores event ids it already has, so what is stored
 is still exactly once.
 """
 import fcntl
+import logging
 import mmap
 import os
 import re
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
+
+log = logging.getLogger("queue")
 
 _COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
 _COUNTER = struct.Struct("<Q")     # each side writes only its own: appended at 0, consumed at 8
@@ -36,6 +40,7 @@ _STATE_SIZE = 40
 _ID_PREFIX = b'{"id":"'            # every queued event starts with its id, whose first 14 hex
 _ID_TIME_DIGITS = 14               # digits are the microseconds since 1970 when it was accepted
 _READ_CHUNK = 1024 * 1024
+_TAIL = 64                         # bytes before a position that its checkpoint fingerprints
 
 
 class QueueUnavailable(Exception):
@@ -250,10 +255,12 @@ class FileQueue:
 class FileQueueConsumer:
     """Reads complete lines from a checkpoint; the only reader of its queue.
 
-    A checkpoint is "segment:offset:consumed": the segment number, the byte
-    offset of the next unread line in it, and how many lines were consumed in
-    all. The store keeps it in the same transaction as the rows, so after a
-    crash reading resumes exactly after the last stored event.
+    A checkpoint is "segment:offset:consumed:fingerprint": the segment number,
+    the byte offset of the next unread line in it, how many lines were
+    consumed in all, and a CRC-32 of the bytes just before that offset. The
+    store keeps it in the same transaction as the rows, so after a crash
+    reading resumes exactly after the last stored event. The fingerprint tells
+    whether the queue on disk is the one the checkpoint was taken in.
     """
 
     def __init__(self, queue, checkpoint):
@@ -266,7 +273,7 @@ class FileQueueConsumer:
             raise QueueBusy(f"another processor is already consuming {queue.path}; "
                             f"only one processor may consume a file queue") from None
         queue._ensure_open()
-        self.segment, self.offset, self.consumed = parse_checkpoint(checkpoint)
+        self.segment, self.offset, self.consumed = self._start(checkpoint)
         self._remove_sealed_before(self.segment)
         # the active segment is numbered one past the last sealed one
         self._active_segment = max(self._sealed_segments() + [self.segment - 1]) + 1
@@ -296,12 +303,13 @@ class FileQueueConsumer:
                 end = sum(map(len, lines)) + len(lines)
             items.extend(lines)
             offset += end
-        checkpoint = format_checkpoint(segment, offset, self.consumed + len(items))
+        checkpoint = format_checkpoint(segment, offset, self.consumed + len(items),
+                                       _fingerprint(self._segment_path(segment), offset))
         return Batch(items, checkpoint)
 
     def acknowledge(self, batch):
         """Called after the batch and its checkpoint are committed to the store."""
-        segment, offset, consumed = parse_checkpoint(batch.checkpoint)
+        segment, offset, consumed, _ = parse_checkpoint(batch.checkpoint)
         self.segment, self.offset, self.consumed = segment, offset, consumed
         self._set_consumed(consumed)
         self._remove_sealed_before(segment)
@@ -309,6 +317,35 @@ class FileQueueConsumer:
 
     def close(self):
         os.close(self._guard)
+
+    def _start(self, checkpoint):
+        """(segment, offset, consumed) where reading starts: the checkpoint, if the queue holds it.
+
+        It does not when the database or the queue was replaced since it was
+        taken (a backup restored, a database moved beside a new queue, a
+        queue deleted): its segment is gone, or the bytes before its offset
+        are not the ones it fingerprinted. Reading then starts at the oldest
+        line the queue holds, and the store skips the events it already has
+        by their ids; starting at the checkpoint's offset in another file
+        would skip events, or read half a line.
+        """
+        segment, offset, consumed, fingerprint = parse_checkpoint(checkpoint)
+        sealed = self._sealed_segments()
+        oldest = sealed[0] if sealed else segment
+        if checkpoint is None:
+            return oldest, 0, 0
+        if segment in sealed:
+            path = f"{self.queue.path}.{segment}"
+        elif not sealed or segment > sealed[-1]:
+            path = self.queue.path      # the active segment is numbered past every sealed one
+        else:
+            path = None                 # reclaimed: the checkpoint is older than the queue
+        if path is not None and (fingerprint is None or _fingerprint(path, offset) == fingerprint):
+            return segment, offset, consumed
+        log.warning("queue position %s of the store is not in %s (the database or the queue was "
+                    "replaced since it was stored); reading from the oldest line the queue holds, "
+                    "events already stored are skipped by their ids", checkpoint, self.queue.path)
+        return oldest, 0, consumed
 
     def _segment_path(self, segment):
         sealed = f"{self.queue.path}.{segment}"
@@ -372,14 +409,27 @@ class FileQueueConsumer:
 
 
 def parse_checkpoint(checkpoint):
+    """(segment, offset, consumed, fingerprint); a checkpoint from before fingerprints has None."""
     if not checkpoint:
-        return 0, 0, 0
-    segment, offset, consumed = (int(part) for part in checkpoint.split(":"))
-    return segment, offset, consumed
+        return 0, 0, 0, None
+    segment, offset, consumed, *fingerprint = checkpoint.split(":")
+    return int(segment), int(offset), int(consumed), (fingerprint or [None])[0]
 
 
-def format_checkpoint(segment, offset, consumed):
-    return f"{segment}:{offset}:{consumed}"
+def format_checkpoint(segment, offset, consumed, fingerprint):
+    return f"{segment}:{offset}:{consumed}:{fingerprint}"
+
+
+def _fingerprint(path, offset):
+    """The CRC-32 of the bytes before offset in a segment, or None if it has fewer."""
+    start = max(0, offset - _TAIL)
+    try:
+        with open(path, "rb") as file:
+            file.seek(start)
+            data = file.read(offset - start)
+    except FileNotFoundError:
+        return None
+    return f"{zlib.crc32(data):08x}" if len(data) == offset - start else None
 
 
 def _read_chunk(path, offset):

@@ -352,6 +352,23 @@ class SQLiteStore:
         with self.atomic() as connection:
             _refold(connection, progress)
 
+    def backup(self, destination):
+        """A consistent copy of the database, taken while the processor and the API run.
+
+        One read transaction copies every page (SQLite's online backup): in
+        WAL mode it blocks no writer, and copying in steps would start over
+        whenever the processor commits. The copy is written beside the
+        destination and renamed into place, so a failed backup leaves no
+        half-written file under its name.
+        """
+        partial = f"{destination}.partial"
+        target = sqlite3.connect(partial)
+        try:
+            self.connection.backup(target)
+        finally:
+            target.close()
+        os.replace(partial, destination)
+
     def delete_before(self, table, day, after=None, limit=5000):
         """Delete old rows of one window of a dated table, in one transaction (see delete_window)."""
         with self.atomic() as connection:

@@ -1,12 +1,13 @@
 """The processor, driven one step at a time."""
 import sqlite3
+from pathlib import Path
 
 import orjson
 import pytest
 
 from events import encode_event, validate_event
 from processor import Processor
-from shared_queue import open_queue
+from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
 
 
@@ -37,7 +38,7 @@ def test_each_step_stores_one_batch_with_its_checkpoint(config, queue, processor
     queue.append([event(i) for i in range(10)])
     assert processor.step() == 4
     assert stored_user_ids(config) == ["u0", "u1", "u2", "u3"]
-    assert processor.store.checkpoint("event_queue.jsonl").endswith(":4")
+    assert parse_checkpoint(processor.store.checkpoint("event_queue.jsonl"))[2] == 4
     assert processor.step() == 4
     assert processor.step() == 2
     assert processor.step() == 0
@@ -87,7 +88,7 @@ def test_a_batch_of_only_bad_lines_still_moves_the_checkpoint(config, queue, pro
     queue.append([b"garbage\n"] * 5)
     assert [processor.step(), processor.step(), processor.step()] == [4, 1, 0]
     assert queue.size() == 0
-    assert processor.store.checkpoint("event_queue.jsonl").endswith(":5")
+    assert parse_checkpoint(processor.store.checkpoint("event_queue.jsonl"))[2] == 5
 
 
 def test_migrations_create_the_original_events_table(config, processor):
@@ -128,3 +129,48 @@ def test_an_event_delivered_twice_is_stored_and_counted_once(config, queue, proc
     from reports import Period
     stats = store.reports(store.connection).stats("s", Period())
     assert (stats["total_views"], stats["unique_users"]) == (2, 2)
+
+
+def back_up(config, destination):
+    source, copy = sqlite3.connect(config.database_path), sqlite3.connect(destination)
+    source.backup(copy)
+    source.close()
+    copy.close()
+
+
+def restore(config, backup):
+    for suffix in ("-wal", "-shm"):
+        Path(config.database_path + suffix).unlink(missing_ok=True)
+    Path(backup).replace(config.database_path)
+
+
+def queued_user_ids(config):
+    """The user ids of every line the queue files still hold."""
+    name = Path(config.queue_path).name
+    return {orjson.loads(line)["user_id"] for path in Path(config.data_dir).glob(name + "*")
+            if path.name == name or path.suffix[1:].isdigit()
+            for line in path.read_bytes().splitlines()}
+
+
+@pytest.mark.parametrize("segment_bytes", [1 << 20, 2500], ids=["segment kept", "segment reclaimed"])
+def test_a_restored_backup_gets_what_the_queue_still_holds_once(config, drain, tmp_path, segment_bytes):
+    settings = dict(segment_bytes=segment_bytes, processor_batch_size=3)
+    config = config.with_overrides(**settings)
+    queue = open_queue(config)
+    queue.append([event(i) for i in range(10)])
+    drain(**settings).close()
+    back_up(config, tmp_path / "backup.db")     # its position: in the middle of the first segment
+    queue.append([event(i) for i in range(10, 20)])
+    drain(**settings).close()
+    queue.append([event(i) for i in range(20, 25)])
+    expected = {f"u{i}" for i in range(10)} | queued_user_ids(config)
+    restore(config, tmp_path / "backup.db")
+    drain(**settings).close()
+    if segment_bytes > 2500:    # the backup's position is still in the queue: nothing is missing
+        assert expected == {f"u{i}" for i in range(25)}
+    else:                       # what was read after the backup went with its segment
+        assert {f"u{i}" for i in range(20, 25)} <= expected < {f"u{i}" for i in range(25)}
+    assert sorted(stored_user_ids(config)) == sorted(expected)      # each once
+    store = open_store(config)
+    from reports import Period
+    assert store.reports(store.connection).stats("s", Period())["unique_users"] == len(expected)

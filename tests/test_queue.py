@@ -177,3 +177,67 @@ def test_restart_after_rotation_resumes_in_the_sealed_segment(queue_path):
     # the store still holds the checkpoint into the old, now sealed segment
     restarted = FileQueue(queue_path, segment_bytes=100).consumer(batch.checkpoint)
     assert restarted.read(100).items == [line(i)[:-1] for i in range(5, 8)]
+
+
+def consumed_up_to(queue, count, checkpoint=None):
+    """Read and acknowledge up to count lines from checkpoint, as a processor would; its new checkpoint."""
+    consumer = queue.consumer(checkpoint)
+    while count > 0 and (batch := consumer.read(min(count, 2))).items:
+        count -= len(batch.items)
+        consumer.acknowledge(batch)
+        checkpoint = batch.checkpoint
+    consumer.close()
+    return checkpoint
+
+
+def test_a_fresh_store_reads_sealed_segments_before_the_active_one(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=100)
+    checkpoint = None
+    for round_number in range(3):           # segments 0-2 filled, read and reclaimed
+        queue.append([line(round_number * 10 + i) for i in range(40, 45)])
+        checkpoint = consumed_up_to(queue, 5, checkpoint)
+    queue.append([line(i) for i in range(140, 145)])
+    consumed_up_to(queue, 2, checkpoint)    # rotates: segment 3 is sealed half read
+    queue.append([line(i) for i in range(145, 148)])
+    assert not os.path.exists(queue_path + ".0") and os.path.exists(queue_path + ".3")
+    # the database was deleted: its next processor starts without a checkpoint
+    assert read_all(queue.consumer(None)) == [line(i)[:-1] for i in range(140, 148)]
+
+
+def test_a_checkpoint_into_a_reclaimed_segment_reads_the_oldest_line_kept(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=100)
+    queue.append([line(i) for i in range(5)])
+    restored = consumed_up_to(queue, 3)     # a backup of the database taken here, in segment 0
+    queue.append([line(i) for i in range(5, 10)])
+    consumed_up_to(queue, 100, restored)    # later batches went on and reclaimed segment 0
+    queue.append([line(i) for i in range(10, 12)])
+    assert not os.path.exists(queue_path + ".0")
+    # what the later batches read is gone with its segments: the restored store cannot have it
+    assert read_all(queue.consumer(restored)) == [line(i)[:-1] for i in range(10, 12)]
+
+
+def test_a_checkpoint_still_in_the_queue_resumes_there_after_a_restore(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(5)])
+    restored = consumed_up_to(queue, 3)
+    queue.append([line(i) for i in range(5, 7)])
+    consumed_up_to(queue, 100, restored)
+    assert read_all(queue.consumer(restored)) == [line(i)[:-1] for i in range(3, 7)]
+
+
+def test_a_checkpoint_from_another_queue_reads_this_one_from_its_start(tmp_path, queue_path):
+    old = FileQueue(str(tmp_path / "old.jsonl"))
+    old.append([line(i) for i in range(100, 140)])
+    moved = consumed_up_to(old, 30)         # the database moves to a machine with a new queue
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(40)])
+    # the new queue holds the old offset too: only the fingerprint tells them apart
+    assert os.path.getsize(queue_path) > int(moved.split(":")[1])
+    assert read_all(queue.consumer(moved)) == [line(i)[:-1] for i in range(40)]
+
+
+def test_a_checkpoint_without_a_fingerprint_is_still_followed(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(5)])
+    offset = len(b"".join(line(i) for i in range(3)))
+    assert read_all(queue.consumer(f"0:{offset}:3")) == [line(i)[:-1] for i in range(3, 5)]

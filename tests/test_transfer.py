@@ -107,3 +107,34 @@ def test_rebuild_rollups_command(config, tmp_path):
     assert "rebuild progress events=20 of 20" in result.stderr
     store = open_store(config)
     assert store.reports(store.connection).stats("imp", Period())["total_views"] == 20
+
+
+def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tmp_path):
+    from events import encode_event, validate_event
+    from shared_queue import open_queue, parse_checkpoint
+    queue = open_queue(config)
+    environment = {**os.environ, "DATA_DIR": config.data_dir}
+    processor = subprocess.Popen([sys.executable, "processor.py"], cwd=ROOT, env=environment,
+                                 stderr=subprocess.DEVNULL)
+    backups = [tmp_path / f"backup-{number}.db" for number in range(3)]
+    try:
+        for backup in backups:
+            taking = subprocess.Popen([sys.executable, "processor.py", "backup", str(backup)], cwd=ROOT,
+                                      env=environment, stderr=subprocess.PIPE, text=True)
+            while taking.poll() is None:    # events arrive and are stored all the while
+                queue.append([encode_event(validate_event({"site_id": "b", "event_type": "page_view",
+                                                           "user_id": f"u{i}"})) for i in range(100)])
+            assert taking.returncode == 0 and "backup finished" in taking.stderr.read()
+    finally:
+        processor.terminate()
+        assert processor.wait(timeout=30) == 0
+    for backup in backups:
+        copy = sqlite3.connect(backup)
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        events = copy.execute("SELECT count(*) FROM events").fetchone()[0]
+        (checkpoint,) = copy.execute("SELECT checkpoint FROM queue_checkpoints").fetchone() or (None,)
+        # the events, the rollups and the queue position of one and the same moment
+        assert parse_checkpoint(checkpoint)[2] == events
+        assert copy.execute("SELECT coalesce(sum(views), 0) FROM site_totals").fetchone()[0] == events
+    refused = run_processor(config, "backup", str(backups[0]))
+    assert refused.returncode == 2 and "exists" in refused.stderr
