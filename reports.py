@@ -136,6 +136,8 @@ class RollupReports(_Reports):
             table, days = "total_values", ""
         else:
             table, days = "daily_values", "AND day BETWEEN :first_day AND :last_day"
+            if period.start == period.end:      # an equality lets the ranked index give the order
+                days = "AND day = :first_day"
             params.update(period.day_bounds())
         if self.sharded or period.start != period.end:
             counts, group = f"{VIEWS} AS views, {EVENTS} AS events", "GROUP BY value"
