@@ -243,7 +243,9 @@ class SQLiteStore:
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
-            connection.execute("PRAGMA cache_size=-65536")      # 64 MiB: rollup upserts touch many pages
+            # rollup upserts touch many pages; 48 MiB ran as fast as 64 here, and keeps
+            # the processor under 150 MB with ua-parser's rules loaded
+            connection.execute("PRAGMA cache_size=-49152")
         connection.execute("PRAGMA busy_timeout=5000")
         return connection
 
