@@ -32,6 +32,7 @@ class Config:
     processor_batch_size: int = 10_000
     poll_interval: float = 0.05
     log_file: str = ""           # empty: <data_dir>/processor.log
+    log_max_bytes: int = 10 * 1024 * 1024   # the log file rotates at this size; 0: never (logrotate)
     report_max_days: int = 3660
     api_keys: tuple = ()
     cors_origins: tuple = ()
@@ -84,6 +85,13 @@ def _positive_float(text):
     value = float(text)
     if value <= 0:
         raise ValueError("must be a positive number")
+    return value
+
+
+def _bytes_or_zero(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a number of bytes, or 0 to never rotate")
     return value
 
 
@@ -157,6 +165,7 @@ ENVIRONMENT = {
     "PROCESSOR_BATCH_SIZE": ("processor_batch_size", _positive_int),
     "PROCESSOR_POLL_INTERVAL": ("poll_interval", _positive_float),
     "PROCESSOR_LOG_FILE": ("log_file", str),
+    "PROCESSOR_LOG_MAX_BYTES": ("log_max_bytes", _bytes_or_zero),
     "REPORT_MAX_DAYS": ("report_max_days", _positive_int),
     "API_KEYS": ("api_keys", _word_list),
     "API_KEYS_FILE": ("api_keys", _keys_file),

@@ -13,6 +13,7 @@ are not valid events go to the dead-letter file with their reason.
 """
 import argparse
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -38,6 +39,7 @@ log = logging.getLogger("processor")
 
 MAX_BACKOFF = 30.0
 PROGRESS_EVERY = 5.0
+LOG_BACKUPS = 5             # processor.log.1 ... processor.log.5
 
 
 class Processor:
@@ -144,10 +146,22 @@ class _Progress:
 
 
 def setup_logging(config):
-    handlers = [logging.StreamHandler(), logging.FileHandler(config.processor_log_path)]
+    handlers = [logging.StreamHandler(), log_file_handler(config)]
     for handler in handlers:
         handler.setFormatter(logs.formatter(config.log_format))
     logging.basicConfig(level=config.log_level, handlers=handlers, force=True)
+
+
+def log_file_handler(config):
+    """The log file, kept to PROCESSOR_LOG_MAX_BYTES and LOG_BACKUPS older files.
+
+    With 0 it is never rotated here; it is reopened when moved away, so that
+    logrotate (or any tool that renames it) can take over.
+    """
+    if config.log_max_bytes:
+        return logging.handlers.RotatingFileHandler(config.processor_log_path, backupCount=LOG_BACKUPS,
+                                                    maxBytes=config.log_max_bytes)
+    return logging.handlers.WatchedFileHandler(config.processor_log_path)
 
 
 def install_signal_handlers(processor):

@@ -11,7 +11,7 @@ import requests
 from config import load_config
 from events import encode_event, validate_event
 from logs import AccessJsonFormatter, JsonFormatter
-from processes import Api, run_processor_once, stop
+from processes import Api, run_processor_once, start_processor, stop, wait_for
 from retention import utc_today
 from shared_queue import open_queue
 
@@ -132,3 +132,28 @@ def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(da
     assert {"gunicorn.error", "ingestion_api"} <= {line["logger"] for line in errors}
     first(errors, "Booting worker")
     first(errors, "Shutting down")
+
+
+def test_the_processor_log_rotates_at_its_size_and_keeps_five_old_files(data_dir):
+    queue = open_queue(load_config(environ={}, data_dir=str(data_dir)))
+    queue.append([b"not json\n"] * 300)        # a dead-letter warning of ~100 bytes each
+    queue.close()
+    run_processor_once(data_dir, PROCESSOR_LOG_MAX_BYTES=4000)
+    logs = sorted(data_dir.glob("processor.log*"))
+    assert [path.name for path in logs] == ["processor.log"] + [f"processor.log.{n}" for n in range(1, 6)]
+    assert all(path.stat().st_size <= 4000 for path in logs)
+    assert "processor stopped stored=0 dead_letters=300" in (data_dir / "processor.log").read_text()
+
+
+def test_with_rotation_off_a_log_moved_away_is_written_anew(data_dir):
+    log_file = data_dir / "processor.log"
+    process = start_processor(data_dir, PROCESSOR_LOG_MAX_BYTES=0)
+    try:
+        wait_for(lambda: log_file.exists() and "processor started" in log_file.read_text(), 30,
+                 "the processor did not start")
+        log_file.rename(data_dir / "processor.log.old")     # as logrotate does
+        assert stop(process, signal.SIGTERM) == 0
+    finally:
+        stop(process)
+    assert "processor stopped" in log_file.read_text()
+    assert "processor stopped" not in (data_dir / "processor.log.old").read_text()
