@@ -340,7 +340,8 @@ class FileQueueConsumer:
             path = self.queue.path      # the active segment is numbered past every sealed one
         else:
             path = None                 # reclaimed: the checkpoint is older than the queue
-        if path is not None and (fingerprint is None or _fingerprint(path, offset) == fingerprint):
+        held = _fingerprint(path, offset) if path is not None else None    # None: fewer bytes
+        if held is not None and fingerprint in (None, held):    # None: a checkpoint from before
             return segment, offset, consumed
         log.warning("queue position %s of the store is not in %s (the database or the queue was "
                     "replaced since it was stored); reading from the oldest line the queue holds, "

@@ -241,3 +241,9 @@ def test_a_checkpoint_without_a_fingerprint_is_still_followed(queue_path):
     queue.append([line(i) for i in range(5)])
     offset = len(b"".join(line(i) for i in range(3)))
     assert read_all(queue.consumer(f"0:{offset}:3")) == [line(i)[:-1] for i in range(3, 5)]
+
+
+def test_a_checkpoint_without_a_fingerprint_past_the_end_of_the_queue_reads_it_from_the_start(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(3)])       # a new queue, shorter than the old one was
+    assert read_all(queue.consumer("0:5000:40")) == [line(i)[:-1] for i in range(3)]
