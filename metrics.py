@@ -19,8 +19,11 @@ shows the batches of a processor on the same machine too. prometheus-client
 reads that variable when it is first imported, hence the imports below are
 made only after it is set (or known to be unset).
 """
+import atexit
+import bisect
 import contextlib
 import os
+import threading
 import time
 
 API = "api"
@@ -28,6 +31,7 @@ PROCESSOR = "processor"
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
 BATCH_SIZES = (1, 10, 100, 1000, 2500, 5000, 10_000, 25_000, 50_000)
 BATCH_SECONDS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+FLUSH_EVERY = 0.5       # seconds an API process keeps its counts before writing them out
 
 
 def use_metrics_directory(config, role):
@@ -68,21 +72,21 @@ def _is_alive(pid):
     return True
 
 
-def _child(children, metric, label):
-    """metric.labels(label), kept: labels() costs more than the inc() or observe() after it."""
-    child = children.get(label)
-    if child is None:
-        child = children[label] = metric.labels(label)
-    return child
-
-
 def _reason(status):
     return {400: "invalid", 413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(
         status, "error")
 
 
 class ApiMetrics:
-    """What the API counts, and /metrics."""
+    """What the API counts, and /metrics.
+
+    A request adds to plain counts in memory; a thread writes them to
+    prometheus-client's metrics every FLUSH_EVERY seconds, and at exit. In
+    multiprocess mode each write to a metric is a write to its memory-mapped
+    file, and three of them per request cost as much as the rest of the
+    rate limit and metrics together. So a scrape may miss the last
+    half-second of another worker's requests; it never counts one twice.
+    """
 
     def __init__(self, config, queue):
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -99,21 +103,74 @@ class ApiMetrics:
                                ["reason"], registry=self.registry)
         self.latency = Histogram("analytics_request_duration_seconds", "Time to answer a request",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._accepted, self._latency = {}, {}     # endpoint -> its child metric
+        self._lock = threading.Lock()
+        self._pending = _Pending()
+        self._flusher = None
+        os.register_at_fork(after_in_child=self._forget_flusher)
+        atexit.register(self.flush)
 
     def events_accepted(self, endpoint, count):
-        _child(self._accepted, self.accepted, endpoint).inc(count)
+        with self._lock:
+            self._start_flusher()
+            counts = self._pending.accepted
+            counts[endpoint] = counts.get(endpoint, 0) + count
 
     def event_dropped(self, reason):
-        self.dropped.labels(reason).inc()
+        with self._lock:
+            self._start_flusher()
+            counts = self._pending.dropped
+            counts[reason] = counts.get(reason, 0) + 1
 
     def answered(self, endpoint, status, seconds, ingest=False):
-        _child(self._latency, self.latency, endpoint).observe(seconds)
-        if ingest and status >= 400:
-            self.rejected.labels(endpoint, _reason(status)).inc()
+        with self._lock:
+            self._start_flusher()
+            latency = self._pending.latency.get(endpoint)
+            if latency is None:
+                latency = self._pending.latency[endpoint] = [0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+            latency[0] += seconds
+            latency[1][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1     # the last one: +Inf
+            if ingest and status >= 400:
+                key = (endpoint, _reason(status))
+                self._pending.rejected[key] = self._pending.rejected.get(key, 0) + 1
+
+    def flush(self):
+        """Write the counts kept in memory to the metrics."""
+        with self._lock:
+            pending, self._pending = self._pending, _Pending()
+        for endpoint, count in pending.accepted.items():
+            self.accepted.labels(endpoint).inc(count)
+        for labels, count in pending.rejected.items():
+            self.rejected.labels(*labels).inc(count)
+        for reason, count in pending.dropped.items():
+            self.dropped.labels(reason).inc(count)
+        for endpoint, (total, buckets) in pending.latency.items():
+            # what observe() does, once per bucket instead of once per request
+            # (prometheus-client's Histogram keeps a value per bucket and one for the sum)
+            histogram = self.latency.labels(endpoint)
+            histogram._sum.inc(total)
+            for value, count in zip(histogram._buckets, buckets):
+                if count:
+                    value.inc(count)
+
+    def _start_flusher(self):
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_forever, name="metrics", daemon=True)
+            self._flusher.start()
+
+    def _flush_forever(self):
+        while True:
+            time.sleep(FLUSH_EVERY)
+            self.flush()
+
+    def _forget_flusher(self):
+        # a forked worker has no thread of its parent's, and its own counts start empty
+        self._lock = threading.Lock()
+        self._pending = _Pending()
+        self._flusher = None
 
     def exposition(self):
         """(body, content type) of GET /metrics: every process's values, then the live ones."""
+        self.flush()
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -128,6 +185,14 @@ class ApiMetrics:
         if os.path.isdir(processor_dir) and processor_dir != multiprocess_dir:
             registry = _Both(registry, processor_dir)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Pending:
+    """Counts not yet written to the metrics."""
+
+    def __init__(self):
+        self.accepted, self.rejected, self.dropped = {}, {}, {}
+        self.latency = {}       # endpoint -> [sum of seconds, requests per bucket]
 
 
 class _Both:

@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from metrics import PROCESSOR, ProcessorMetrics, use_metrics_directory
-from processes import Api, run_processor_once
+from metrics import (FLUSH_EVERY, LATENCY_BUCKETS, PROCESSOR, ApiMetrics, ProcessorMetrics,
+                     use_metrics_directory)
+from processes import Api, run_processor_once, wait_for
 from processor import Processor
 from shared_queue import open_queue
 from store import open_store
@@ -58,6 +59,36 @@ def test_latency_is_a_histogram_per_endpoint(client):
     assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/event") == 5
     assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/health") == 1
     assert value(metrics, "analytics_request_duration_seconds_bucket", endpoint="/event", le="+Inf") == 5
+
+
+def latency_samples(registry):
+    from prometheus_client import generate_latest
+    return {key: count for key, count in samples(generate_latest(registry).decode()).items()
+            if key[0].startswith("analytics_request_duration") and not key[0].endswith("_created")}
+
+
+def test_counts_written_in_bulk_equal_one_observation_per_request(config):
+    from prometheus_client import CollectorRegistry, Histogram
+    metrics = ApiMetrics(config, open_queue(config))
+    registry = CollectorRegistry()
+    reference = Histogram("analytics_request_duration_seconds", "", ["endpoint"], buckets=LATENCY_BUCKETS,
+                          registry=registry)
+    durations = [0.0, 0.0004, 0.0005, 0.0007, 0.001, 0.3, 5.0, 9.0, 0.0005]   # bounds, between, past the last
+    for seconds in durations:
+        metrics.answered("/event", 200, seconds, ingest=True)
+        reference.labels("/event").observe(seconds)
+    metrics.flush()
+    assert latency_samples(metrics.registry) == latency_samples(registry)
+    assert value(latency_samples(registry), "analytics_request_duration_seconds_count", endpoint="/event") == 9
+
+
+def test_counts_reach_the_metrics_within_the_flush_interval_without_a_scrape(config):
+    from prometheus_client import generate_latest
+    metrics = ApiMetrics(config, open_queue(config))
+    metrics.events_accepted("/event", 7)
+    wait_for(lambda: value(samples(generate_latest(metrics.registry).decode()),
+                           "analytics_events_accepted_total", endpoint="/event") == 7,
+             FLUSH_EVERY * 10, "the counts were never written")
 
 
 def test_queue_size_and_processor_lag_follow_the_queue(client, drain):
@@ -134,6 +165,10 @@ def test_gunicorn_workers_and_the_processor_add_up_in_one_scrape(tmp_path):
         assert len(counting_workers(data_dir)) > 1, "all requests went to one worker: the sum proves nothing"
         assert requests.post(api.url + "/event", data=b"{").status_code == 400
         run_processor_once(data_dir, PROCESSOR_BATCH_SIZE=sent // 3)
+        # each worker writes out what it counted within FLUSH_EVERY
+        wait_for(lambda: value(samples(requests.get(api.url + "/metrics").text),
+                               "analytics_request_duration_seconds_count", endpoint="/event") == sent + 1,
+                 10, "the workers' counts did not all reach /metrics")
         for _ in range(6):      # whichever worker answers, it answers for all
             metrics = samples(requests.get(api.url + "/metrics").text)
             assert value(metrics, "analytics_events_accepted_total", endpoint="/event") == sent
