@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 import rollups
 from reports import RawReports, RollupReports
-from store import REBUILD_CHUNK, ROW_COLUMNS, StoreUnavailable, delete_window
+from store import REBUILD_CHUNK, ROW_COLUMNS, NotForThisStore, StoreUnavailable, delete_window
 
 log = logging.getLogger("store")
 SHARDS = 16
@@ -122,7 +122,7 @@ class PostgresStore:
         self._lock = threading.Lock()
 
     def backup(self, destination):
-        raise NotImplementedError("a PostgreSQL store is backed up with pg_dump, not by this command")
+        raise NotForThisStore("a PostgreSQL store is backed up with pg_dump, not by this command")
 
     def describe(self):
         return re.sub(r"//[^@/]*@", "//", self.url)       # no password in logs

@@ -32,7 +32,7 @@ from events import InvalidEvent, parse_line
 from query_params import InvalidParameter, QueryParams
 from retention import Retention
 from shared_queue import QueueBusy, open_queue
-from store import open_store
+from store import NotForThisStore, open_store
 from transfer import export_events, import_file
 
 log = logging.getLogger("processor")
@@ -245,7 +245,7 @@ def main(argv=None):
     if args.command:
         try:
             return run_command(args, config)
-        except (InvalidParameter, OSError, NotImplementedError) as error:
+        except (InvalidParameter, OSError, NotForThisStore) as error:
             log.error("%s failed: %s", args.command, error)
             return 2
     processor = Processor(open_queue(config), open_store(config), config,

@@ -135,9 +135,9 @@ class RollupReports(_Reports):
         if period.all_time:
             table, days = "total_values", ""
         else:
-            table, days = "daily_values", "AND day BETWEEN :first_day AND :last_day"
-            if period.start == period.end:      # an equality lets the ranked index give the order
-                days = "AND day = :first_day"
+            # for one day, an equality lets the ranked index give the order
+            table, days = "daily_values", ("AND day = :first_day" if period.start == period.end
+                                           else "AND day BETWEEN :first_day AND :last_day")
             params.update(period.day_bounds())
         if self.sharded or period.start != period.end:
             counts, group = f"{VIEWS} AS views, {EVENTS} AS events", "GROUP BY value"

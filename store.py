@@ -199,6 +199,10 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now; callers retry or answer 503."""
 
 
+class NotForThisStore(Exception):
+    """A command this kind of store leaves to its own tools; the message names them."""
+
+
 def unavailable_or_bug(error, path):
     """A sqlite3 error as StoreUnavailable when it says the database cannot be used now.
 

@@ -138,3 +138,12 @@ def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tm
         assert copy.execute("SELECT coalesce(sum(views), 0) FROM site_totals").fetchone()[0] == events
     refused = run_processor(config, "backup", str(backups[0]))
     assert refused.returncode == 2 and "exists" in refused.stderr
+
+
+def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path, postgres_database):
+    result = subprocess.run([sys.executable, "processor.py", "backup", str(tmp_path / "copy.db")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATA_DIR": str(tmp_path), "DATABASE_URL": postgres_database})
+    assert result.returncode == 2
+    assert "pg_dump" in result.stderr
+    assert not (tmp_path / "copy.db").exists()
