@@ -11,7 +11,10 @@ pair of the message as a field of its own, with the value that was logged
 A record with an exception adds "exception", its traceback. The processor
 uses formatter(); gunicorn.conf.py gives gunicorn these formatters.
 """
+import fcntl
 import logging
+import logging.handlers
+import os
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -24,6 +27,47 @@ RESERVED = frozenset({"time", "level", "logger", "pid", "message", "exception", 
 CONVERSION = re.compile(r"(?:(\w+)=)?%(?:\((\w+)\))?[-#0 +]*\d*(?:\.(\d+))?([diouxXeEfFgGcrsa%])")
 # key=value written out in the message itself, such as reason=bot
 LITERAL = re.compile(r"(?<![\w.])(\w+)=([^\s%'\"=]+)(?=\s|$)")
+
+
+class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler for a log that several processes write (processors sharing DATA_DIR).
+
+    The standard handler rotates on its own count: when two processes share
+    the file, one renames it while the other still writes to the old one,
+    which the other then rotates again, and lines fall off the end. Here every
+    write takes an exclusive lock on a file beside the log (NAME.lock), first
+    reopens the log if another process has rotated it, and only then checks
+    the size and writes (the size is the file's own, as the handler seeks to
+    its end first). The lock file is hidden, .NAME.lock, so that globs for the
+    log and its older files (NAME*) leave it out.
+    """
+
+    def __init__(self, filename, **options):
+        super().__init__(filename, **options)
+        folder, name = os.path.split(self.baseFilename)
+        self._lock_fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+
+    def emit(self, record):
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if self.stream is not None and self._rotated_elsewhere():
+                self.stream.close()
+                self.stream = self._open()
+            super().emit(record)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _rotated_elsewhere(self):
+        try:
+            return os.stat(self.baseFilename).st_ino != os.fstat(self.stream.fileno()).st_ino
+        except FileNotFoundError:
+            return True
+
+    def close(self):
+        super().close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def formatter(log_format):

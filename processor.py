@@ -22,7 +22,6 @@ import time
 from datetime import datetime, timezone
 
 import orjson
-from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 from tqdm import tqdm
 
@@ -156,15 +155,16 @@ def setup_logging(config):
 def log_file_handler(config):
     """The log file, kept to PROCESSOR_LOG_MAX_BYTES and LOG_BACKUPS older files.
 
-    Processors of a Redis queue on one machine share it: the rotating handler
-    takes a lock file (.__processor.lock beside it) to write and to rotate, so
-    that one process never renames the file another is still writing to.
+    Processors of a Redis queue on one machine, and the processor's commands
+    (import, backup, ...) run beside it, share it: logs.SharedRotatingFileHandler
+    writes and rotates under a lock, so that no process renames the file
+    another is still writing to.
     With 0 it is never rotated here; it is reopened when moved away, so that
     logrotate (or any tool that renames it) can take over.
     """
     if config.log_max_bytes:
-        return ConcurrentRotatingFileHandler(config.processor_log_path, backupCount=LOG_BACKUPS,
-                                             maxBytes=config.log_max_bytes)
+        return logs.SharedRotatingFileHandler(config.processor_log_path, backupCount=LOG_BACKUPS,
+                                              maxBytes=config.log_max_bytes)
     return logging.handlers.WatchedFileHandler(config.processor_log_path)
 
 
