@@ -69,7 +69,7 @@ def on_starting(server):
     database is already in WAL and each worker's own migrate() is a no-op.
     """
     from config import ConfigurationError, load_config
-    from store import open_store
+    from store import StoreUnavailable, open_store
 
     try:
         config = load_config()
@@ -78,6 +78,8 @@ def on_starting(server):
         raise SystemExit(f"configuration error: {error}") from None
     try:
         store.migrate()
+    except StoreUnavailable as error:
+        raise SystemExit(f"cannot start: {error}") from None
     finally:
         store.close()
     if config.metrics:

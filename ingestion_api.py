@@ -294,4 +294,8 @@ def __getattr__(name):
 
 if __name__ == "__main__":
     settings = load_config()
-    create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
+    try:
+        application = create_app(settings)
+    except StoreUnavailable as error:
+        raise SystemExit(f"cannot start: {error}") from None
+    application.run(host=settings.host, port=settings.port, threaded=True)

@@ -245,7 +245,12 @@ def main(argv=None):
     except ConfigurationError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    setup_logging(config)
+    try:
+        setup_logging(config)
+    except OSError as error:
+        print(f"cannot open the log file {config.processor_log_path} (PROCESSOR_LOG_FILE): "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 2
     if args.command:
         try:
             return run_command(args, config)

@@ -6,6 +6,8 @@ an event acknowledged with a 200 must be stored exactly once, whatever was kille
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import orjson
@@ -14,7 +16,7 @@ import pytest
 from config import load_config
 from events import encode_event, validate_event
 from processes import (
-    Api, Load, committed_checkpoint, duplicated_user_ids, exit_code, log_tail, queue_counters,
+    REPO, Api, Load, environment, free_port, committed_checkpoint, duplicated_user_ids, exit_code, log_tail, queue_counters,
     queue_files, run_processor_once, start_processor, stop, stored_count, stored_user_ids, wait_for)
 from shared_queue import open_queue, parse_checkpoint
 
@@ -272,3 +274,14 @@ def test_once_drains_the_queue_exits_0_and_logs_to_processor_log(data_dir, child
     log = (data_dir / "processor.log").read_text()
     assert "processor started" in log
     assert "processor stopped stored=200" in log
+
+
+@pytest.mark.parametrize("command", [["ingestion_api.py"], ["-m", "gunicorn", "ingestion_api:app"]],
+                         ids=["python", "gunicorn"])
+def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, command):
+    missing = tmp_path / "no such folder"
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env=environment(missing, PORT=free_port()))
+    assert result.returncode != 0
+    assert f"cannot start: SQLite {missing / 'analytics.db'}: unable to open database file\n" in result.stderr
+    assert "Traceback" not in result.stderr

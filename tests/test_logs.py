@@ -13,7 +13,7 @@ import requests
 from config import load_config
 from events import encode_event, validate_event
 from logs import AccessJsonFormatter, JsonFormatter
-from processes import REPO, Api, run_processor_once, start_processor, stop, wait_for
+from processes import REPO, Api, environment, run_processor_once, start_processor, stop, wait_for
 from retention import utc_today
 from shared_queue import open_queue
 
@@ -187,3 +187,12 @@ def test_processors_that_share_the_log_file_rotate_it_without_losing_a_line(data
     written = sorted((writer, number) for writer in range(3) for number in range(100))
     assert sorted((int(line.split("writer=")[1].split()[0]), int(line.split("line=")[1]))
                   for line in lines) == written
+
+
+def test_a_log_file_that_cannot_be_opened_is_named_in_one_line_not_a_traceback(data_dir):
+    missing = data_dir / "no such folder" / "processor.log"
+    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=missing))
+    assert result.returncode == 2
+    assert result.stderr == (f"cannot open the log file {missing} (PROCESSOR_LOG_FILE): "
+                             "No such file or directory\n")
