@@ -12,6 +12,7 @@ import time
 
 import orjson
 import pytest
+import requests
 
 from config import load_config
 from events import encode_event, validate_event
@@ -285,3 +286,33 @@ def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, comm
     assert result.returncode != 0
     assert f"cannot start: SQLite {missing / 'analytics.db'}: unable to open database file\n" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_cleanly(data_dir):
+    # what `make run` starts: honcho with the Procfile, the virtual environment first on PATH
+    port = free_port()
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=REPO,
+                              env=environment(data_dir, PORT=port, PATH=path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url + "/health"), 60, "the API did not start")
+        sent = requests.post(url + "/event", json={"site_id": "procfile.example", "event_type": "page_view",
+                                                   "path": "/"}, timeout=10)
+        assert sent.status_code == 200
+        wait_for(lambda: requests.get(url + "/stats", params={"site_id": "procfile.example"},
+                                      timeout=10).json()["total_views"] == 1, 30, "the event was not stored")
+        os.killpg(honcho.pid, signal.SIGINT)       # Ctrl-C in the terminal signals the whole group
+        output = honcho.communicate(timeout=60)[0]
+    finally:
+        stop(honcho)
+    assert "processor stopped stored=1" in output, output        # its batch finished, not killed
+    assert "processor.1 stopped (rc=0)" in output and "api.1 stopped (rc=0)" in output, output
+
+
+def _answers(url):
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
