@@ -248,8 +248,9 @@ def main(argv=None):
     try:
         setup_logging(config)
     except OSError as error:
-        print(f"cannot open the log file {config.processor_log_path} (PROCESSOR_LOG_FILE): "
-              f"{error.strerror or error}", file=sys.stderr)
+        # the file named is the log or the lock file beside it, whichever failed
+        print(f"cannot open the log file (PROCESSOR_LOG_FILE): {error.filename}: {error.strerror}",
+              file=sys.stderr)
         return 2
     if args.command:
         try:

@@ -194,5 +194,14 @@ def test_a_log_file_that_cannot_be_opened_is_named_in_one_line_not_a_traceback(d
     result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=missing))
     assert result.returncode == 2
-    assert result.stderr == (f"cannot open the log file {missing} (PROCESSOR_LOG_FILE): "
-                             "No such file or directory\n")
+    assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {missing}: No such file or directory\n"
+
+
+def test_a_lock_file_that_cannot_be_made_is_the_file_named(data_dir):
+    log_file = data_dir / "processor.log"
+    lock = data_dir / ".processor.log.lock"
+    lock.mkdir()        # a directory cannot be opened for writing, even by root
+    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=log_file))
+    assert result.returncode == 2
+    assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {lock}: Is a directory\n"
