@@ -35,11 +35,11 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
     The standard handler rotates on its own count: when two processes share
     the file, one renames it while the other still writes to the old one,
     which the other then rotates again, and lines fall off the end. Here every
-    write takes an exclusive lock on a file beside the log (NAME.lock), first
-    reopens the log if another process has rotated it, and only then checks
-    the size and writes (the size is the file's own, as the handler seeks to
-    its end first). The lock file is hidden, .NAME.lock, so that globs for the
-    log and its older files (NAME*) leave it out.
+    write takes an exclusive lock on a file beside the log, first reopens the
+    log if another process has rotated it, and only then checks the size and
+    writes (the size is the file's own, as the handler seeks to its end
+    first). The lock file is hidden, .NAME.lock, so that globs for the log
+    and its older files (NAME*) leave it out.
     """
 
     def __init__(self, filename, **options):

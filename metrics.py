@@ -21,6 +21,7 @@ made only after it is set (or known to be unset).
 """
 import atexit
 import bisect
+import collections
 import contextlib
 import os
 import threading
@@ -112,14 +113,12 @@ class ApiMetrics:
     def events_accepted(self, endpoint, count):
         with self._lock:
             self._start_flusher()
-            counts = self._pending.accepted
-            counts[endpoint] = counts.get(endpoint, 0) + count
+            self._pending.accepted[endpoint] += count
 
     def event_dropped(self, reason):
         with self._lock:
             self._start_flusher()
-            counts = self._pending.dropped
-            counts[reason] = counts.get(reason, 0) + 1
+            self._pending.dropped[reason] += 1
 
     def answered(self, endpoint, status, seconds, ingest=False):
         with self._lock:
@@ -130,8 +129,7 @@ class ApiMetrics:
             latency[0] += seconds
             latency[1][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1     # the last one: +Inf
             if ingest and status >= 400:
-                key = (endpoint, _reason(status))
-                self._pending.rejected[key] = self._pending.rejected.get(key, 0) + 1
+                self._pending.rejected[endpoint, _reason(status)] += 1
 
     def flush(self):
         """Write the counts kept in memory to the metrics."""
@@ -191,7 +189,7 @@ class _Pending:
     """Counts not yet written to the metrics."""
 
     def __init__(self):
-        self.accepted, self.rejected, self.dropped = {}, {}, {}
+        self.accepted, self.rejected, self.dropped = (collections.Counter() for _ in range(3))
         self.latency = {}       # endpoint -> [sum of seconds, requests per bucket]
 
 

@@ -93,6 +93,14 @@ def log_tail(data_dir, log_name, size=2000):
     return path.read_text(errors="replace")[-size:] if path.exists() else ""
 
 
+def is_healthy(url):
+    """Whether the API at url answers /health with 200 now."""
+    try:
+        return requests.get(url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:   # not listening yet, or still booting
+        return False
+
+
 class Api:
     """gunicorn serving ingestion_api:app on a free loopback port."""
 
@@ -118,11 +126,8 @@ class Api:
     def _wait_ready(self):
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    return True
-            except requests.RequestException:   # not listening yet, or still booting
-                pass
+            if is_healthy(self.url):
+                return True
             time.sleep(0.05)
         return False
 

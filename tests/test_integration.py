@@ -17,8 +17,9 @@ import requests
 from config import load_config
 from events import encode_event, validate_event
 from processes import (
-    REPO, Api, Load, environment, free_port, committed_checkpoint, duplicated_user_ids, exit_code, log_tail, queue_counters,
-    queue_files, run_processor_once, start_processor, stop, stored_count, stored_user_ids, wait_for)
+    REPO, Api, Load, committed_checkpoint, duplicated_user_ids, environment, exit_code, free_port,
+    is_healthy, log_tail, queue_counters, queue_files, run_processor_once, start_processor, stop,
+    stored_count, stored_user_ids, wait_for)
 from shared_queue import open_queue, parse_checkpoint
 
 SEGMENT_BYTES = 20_000
@@ -297,7 +298,7 @@ def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_clea
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(url + "/health"), 60, "the API did not start")
+        wait_for(lambda: is_healthy(url), 60, "the API did not start")
         sent = requests.post(url + "/event", json={"site_id": "procfile.example", "event_type": "page_view",
                                                    "path": "/"}, timeout=10)
         assert sent.status_code == 200
@@ -309,10 +310,3 @@ def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_clea
         stop(honcho)
     assert "processor stopped stored=1" in output, output        # its batch finished, not killed
     assert "processor.1 stopped (rc=0)" in output and "api.1 stopped (rc=0)" in output, output
-
-
-def _answers(url):
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False

@@ -189,10 +189,14 @@ def test_processors_that_share_the_log_file_rotate_it_without_losing_a_line(data
                   for line in lines) == written
 
 
+def processor_once(data_dir, log_file):
+    return subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=log_file))
+
+
 def test_a_log_file_that_cannot_be_opened_is_named_in_one_line_not_a_traceback(data_dir):
     missing = data_dir / "no such folder" / "processor.log"
-    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=missing))
+    result = processor_once(data_dir, missing)
     assert result.returncode == 2
     assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {missing}: No such file or directory\n"
 
@@ -201,7 +205,6 @@ def test_a_lock_file_that_cannot_be_made_is_the_file_named(data_dir):
     log_file = data_dir / "processor.log"
     lock = data_dir / ".processor.log.lock"
     lock.mkdir()        # a directory cannot be opened for writing, even by root
-    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60, env=environment(data_dir, PROCESSOR_LOG_FILE=log_file))
+    result = processor_once(data_dir, log_file)
     assert result.returncode == 2
     assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {lock}: Is a directory\n"
