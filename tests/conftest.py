@@ -6,6 +6,7 @@ import redis
 
 from config import load_config
 from ingestion_api import create_app
+from processes import Api, stop
 from processor import Processor
 from shared_queue import open_queue
 from store import open_store
@@ -85,3 +86,19 @@ def drain(config):
         processor.run(once=True)
         return processor
     return drain_queue
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def children():
+    """Processes a test starts; all are killed (whole process groups) when it ends."""
+    started = []
+    yield started
+    for child in reversed(started):
+        stop(child.process if isinstance(child, Api) else child)

@@ -36,22 +36,6 @@ CLAIM_IDLE = 1          # seconds before a live processor takes over a dead one'
 PG_CLUSTER = ("15", "main")
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def children():
-    """Processes a test starts; all are killed (whole process groups) when it ends."""
-    started = []
-    yield started
-    for child in reversed(started):
-        stop(child.process if isinstance(child, Api) else child)
-
-
 # -- looking at the store and the queue directly ------------------------------
 
 class PostgresEvents:

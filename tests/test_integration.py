@@ -25,22 +25,6 @@ from shared_queue import open_queue, parse_checkpoint
 SEGMENT_BYTES = 20_000
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def children():
-    """Processes a test starts; all are killed (whole process groups) when it ends."""
-    started = []
-    yield started
-    for child in reversed(started):
-        stop(child.process if isinstance(child, Api) else child)
-
-
 def assert_exactly_once(data_dir, acknowledged, failed=frozenset()):
     """Every acknowledged id stored once; nothing stored that was never sent."""
     assert duplicated_user_ids(data_dir) == [], "events stored more than once"

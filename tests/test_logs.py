@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 
 import orjson
-import pytest
 import requests
 
 from config import load_config
@@ -18,13 +17,6 @@ from retention import utc_today
 from shared_queue import open_queue
 
 BASIC_FIELDS = {"time", "level", "logger", "pid", "message"}
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
 
 
 def formatted(msg, *args, exc_info=None, formatter=JsonFormatter()):
