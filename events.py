@@ -63,6 +63,8 @@ def format_timestamp(moment):
 def parse_timestamp(value, now):
     if not isinstance(value, str):
         raise InvalidEvent("Invalid field type: timestamp must be a string")
+    if "\x00" in value:        # fromisoformat reads only up to it
+        raise InvalidEvent("Invalid field: timestamp contains a NUL character")
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

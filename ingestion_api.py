@@ -28,7 +28,7 @@ import orjson
 import yaml
 from flask import Flask, Response, g, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import load_config
 from events import InvalidEvent
@@ -85,13 +85,13 @@ def register_ingestion(app, config, queue, ingest, rate_limit):
     @app.post("/event")
     @rate_limit.limit
     def post_event():
-        return answer_response(ingest.event(request.get_data(cache=False)))
+        return answer_response(ingest.event(whole_body()))
 
     @app.post("/events")
     @rate_limit.limit
     def post_events():
         request.max_content_length = config.max_batch_bytes
-        return answer_response(ingest.events(request.get_data(cache=False), request.mimetype))
+        return answer_response(ingest.events(whole_body(), request.mimetype))
 
     @app.get("/health")
     def get_health():
@@ -105,6 +105,19 @@ def register_ingestion(app, config, queue, ingest, rate_limit):
         return json_response(body)
 
 
+def whole_body():
+    """The request body, or 413 when it is over request.max_content_length, chunked or not.
+
+    For a body without a Content-Length, werkzeug reads up to the limit and stops
+    there without a word: a body cut at the limit reads one byte more.
+    """
+    body = request.get_data(cache=False)
+    if not request.content_length and len(body) >= request.max_content_length \
+            and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return body
+
+
 def register_tracking(app, ingest, rate_limit):
     script = TrackerScript(os.path.join(app.root_path, "static", "script.js"))
 
@@ -114,7 +127,7 @@ def register_tracking(app, ingest, rate_limit):
         if request.method == "OPTIONS":
             return plausible_response(b"", 204)
         answer = ingest.plausible(request.headers.get("User-Agent", ""),
-                                  lambda: request.get_data(cache=False),
+                                  whole_body,
                                   request.remote_addr, request.headers)
         return answer_response(answer)
 

@@ -48,7 +48,8 @@ class QueryParams:
         text = self.args.get("limit")
         if text is None:
             return 10
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        # the length first: int() refuses strings of over 4,300 digits with a ValueError
+        if not (text.isascii() and text.isdigit() and len(text) <= 9) or not 1 <= int(text) <= MAX_LIMIT:
             raise InvalidParameter(f"Invalid limit: expected a whole number from 1 to {MAX_LIMIT}")
         return int(text)
 

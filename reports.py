@@ -26,9 +26,10 @@ class Period:
         return {"first_day": self.start.isoformat(), "last_day": self.end.isoformat()}
 
     def timestamp_bounds(self):
-        after = self.end + timedelta(days=1)
+        # inclusive: stored timestamps are fixed-width milliseconds (events.format_timestamp),
+        # and the day after the last may not exist (9999-12-31)
         return {"first_ts": f"{self.start.isoformat()}T00:00:00.000Z",
-                "after_ts": f"{after.isoformat()}T00:00:00.000Z"}
+                "last_ts": f"{self.end.isoformat()}T23:59:59.999Z"}
 
 
 # counters may be kept in several rows (per processor shard); a sum of integers stays one
@@ -198,7 +199,7 @@ class RawReports(_Reports):
     def _where(self, site_id, period):
         if period.all_time:
             return f"site_id = :site AND {COUNTED}", {"site": site_id}
-        return (f"site_id = :site AND {COUNTED} AND timestamp >= :first_ts AND timestamp < :after_ts",
+        return (f"site_id = :site AND {COUNTED} AND timestamp >= :first_ts AND timestamp <= :last_ts",
                 {"site": site_id, **period.timestamp_bounds()})
 
     def totals(self, site_id, period):

@@ -72,8 +72,8 @@ def export_events(connection, out, site_id, period, fmt="jsonl"):
     params = [site_id]
     if not period.all_time:
         bounds = period.timestamp_bounds()
-        sql += " AND timestamp >= ? AND timestamp < ?"
-        params += [bounds["first_ts"], bounds["after_ts"]]
+        sql += " AND timestamp >= ? AND timestamp <= ?"
+        params += [bounds["first_ts"], bounds["last_ts"]]
     cursor = connection.execute(sql + " ORDER BY timestamp, id", params)
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:

@@ -182,7 +182,8 @@ def test_invalid_date_is_rejected(client, day):
     assert response.get_json() == {"error": "Invalid date format. Expected YYYY-MM-DD"}
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "1.5", "\u0663", "\uff11"])
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "1.5", "\u0663", "\uff11",
+                                   "1" * 4301, "0" * 4300 + "5"])
 def test_invalid_limit_is_rejected(client, limit):
     response = client.get("/stats", query_string={"site_id": "s", "limit": limit})
     assert response.status_code == 400

@@ -77,10 +77,15 @@ def test_both_paths_queue_the_same_events(app, fast_path):
     assert app.extensions["analytics"]["queue"].size() == 2
 
 
+def post_chunked(app, path, body, content_type="application/json", **headers):
+    """A body without a Content-Length, as a chunked upload arrives."""
+    return app.test_client().post(path, input_stream=io.BytesIO(body), content_type=content_type,
+                                  headers=headers, environ_overrides={"wsgi.input_terminated": True,
+                                                                      "CONTENT_LENGTH": ""})
+
+
 def test_a_body_without_content_length_goes_to_flask_and_is_accepted(app):
-    body = b'{"site_id":"s","event_type":"v"}'
-    response = app.test_client().post("/event", input_stream=io.BytesIO(body),
-                                      environ_overrides={"wsgi.input_terminated": True})
+    response = post_chunked(app, "/event", b'{"site_id":"s","event_type":"v"}')
     assert response.status_code == 200
     assert app.extensions["analytics"]["queue"].size() == 1
 
@@ -99,3 +104,34 @@ def test_a_content_length_of_other_than_ascii_digits_is_a_400_not_a_500(client, 
                            environ_overrides={"CONTENT_LENGTH": length})
     assert response.status_code == 400
     assert response.is_json
+
+
+def test_a_content_length_too_long_for_int_is_a_413(client):
+    response = client.post("/event", data=b'{"site_id":"s","event_type":"v"}',
+                           environ_overrides={"CONTENT_LENGTH": "1" * 5000})
+    assert response.status_code == 413
+    assert response.is_json
+
+
+NDJSON_LINE = b'{"site_id":"s","event_type":"v","path":"/' + b"p" * 1100 + b'"}\n'    # 975 are over 1 MiB
+
+
+@pytest.mark.parametrize("path,body,content_type", [
+    ("/event", b'{"site_id":"s","event_type":"v","x":"' + b"x" * 70_000 + b'"}', "application/json"),
+    ("/events", NDJSON_LINE * 975, "application/x-ndjson"),
+    ("/api/event", PAGEVIEW[:-1] + b',"p":"' + b"x" * 70_000 + b'"}', "text/plain"),
+], ids=["event", "events", "api/event"])
+def test_a_chunked_body_over_the_limit_is_a_413_and_nothing_is_queued(app, path, body, content_type):
+    response = post_chunked(app, path, body, content_type, **{"User-Agent": CHROME})
+    assert response.status_code == 413
+    assert response.is_json
+    assert app.extensions["analytics"]["queue"].size() == 0
+
+
+def test_a_chunked_batch_of_exactly_the_limit_is_accepted_whole(app, config):
+    lines = config.max_batch_bytes // len(NDJSON_LINE)
+    body = NDJSON_LINE * lines
+    body += b" " * (config.max_batch_bytes - len(body))      # blank NDJSON space up to the limit
+    response = post_chunked(app, "/events", body, "application/x-ndjson")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["count"] == lines == app.extensions["analytics"]["queue"].size()

@@ -42,6 +42,8 @@ HOSTILE = [
     ("nul escape in site_id", "/event", b'{"site_id":"a\\u0000b","event_type":"v"}', None, 400),
     ("nul escape in path", "/event", b'{"site_id":"s","event_type":"v","path":"/\\u0000"}', None, 400),
     ("raw nul byte", "/event", b'{"site_id":"s\x00","event_type":"v"}', None, 400),
+    ("nul escape in timestamp", "/event",
+     b'{"site_id":"s","event_type":"v","timestamp":"2025-01-15T10:00:00Z\\u0000 trailing"}', None, 400),
     ("deeply nested array", "/event", DEEP_SINGLE, None, 400),
     ("deeply nested object", "/events", DEEP_OBJECT, None, 400),
     ("nested value in unknown field", "/event", b'{"site_id":"s","event_type":"v","x":' + b"[" * 2000 + b"]" * 2000 + b"}", None, 400),

@@ -48,7 +48,7 @@ def both(database):
 
 PERIODS = [Period(), Period(FIRST_DAY, FIRST_DAY), Period(FIRST_DAY, FIRST_DAY + timedelta(days=2)),
            Period(FIRST_DAY + timedelta(days=4), FIRST_DAY + timedelta(days=9)),
-           Period(date(2024, 1, 1), date(2024, 1, 3))]
+           Period(date(2024, 1, 1), date(2024, 1, 3)), Period(date.max, date.max)]
 SITES = ["big", "small", "tiny", "absent"]
 
 

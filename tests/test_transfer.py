@@ -88,6 +88,13 @@ def test_export_streams_json_lines_for_a_range(config, tmp_path):
     assert set(lines[0]) == {"site_id", "event_type", "path", "user_id", "timestamp"}
 
 
+def test_export_of_the_last_day_there_is(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 4)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    result = run_processor(config, "export", "--site", "imp", "--from", "9999-12-31", "--to", "9999-12-31")
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+
+
 def test_export_as_csv_round_trips_every_event(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 30)
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
