@@ -53,7 +53,8 @@ def _referrer_source(site, referrer):
 
 @lru_cache(maxsize=4096)
 def _utm(query):
-    values = parse_qs(query, max_num_fields=50)
+    # no max_num_fields: it raises past the limit, and the API keeps queries short (tracking.MAX_URL)
+    values = parse_qs(query)
     return tuple(values[tag][0][:256] if tag in values else None for tag in UTM_TAGS)
 
 

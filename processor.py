@@ -75,7 +75,7 @@ class Processor:
             except InvalidEvent as error:
                 rejected.append((line, str(error)))
                 continue
-            rows.append(row + (data.get("id"),) + (enrich(data) if self.enrichment else NOTHING))
+            rows.append(row + (data.get("id"),) + (self._enriched(data) if self.enrichment else NOTHING))
         if rejected:
             self._dead_letter(rejected)
         self.store.write(rows, self.queue.name, batch.checkpoint)
@@ -86,6 +86,15 @@ class Processor:
         if self.on_batch:
             self.on_batch(len(batch.items), seconds)
         return len(batch.items)
+
+    @staticmethod
+    def _enriched(data):
+        """enrich(data); an event it fails on is stored as it came, never retried forever."""
+        try:
+            return enrich(data)
+        except Exception:
+            log.exception("enrichment failed; event stored without it: %.200r", data)
+            return (data.get("visitor_id"),) + NOTHING[1:]
 
     def run(self, once=False):
         """Repeat step() until stopped (or, with once, until the queue is empty)."""

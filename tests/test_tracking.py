@@ -187,6 +187,29 @@ def test_sources_utm_tags_and_devices_are_worked_out_by_the_processor(client, dr
     assert breakdown("device") == {"desktop": 2, "mobile": 1}
 
 
+def test_a_page_with_many_query_fields_is_stored_with_its_utm_tags(client, drain):
+    fields = "&".join(f"f{number}=1" for number in range(60))
+    send(client, PAGEVIEW.replace('/"', f'/?{fields}&utm_source=mail"'))
+    send(client, PAGEVIEW)
+    drain()
+    assert client.get("/stats?site_id=example.test").get_json()["total_views"] == 2
+    breakdown = client.get("/stats/breakdown?site_id=example.test&property=utm_source").get_json()
+    assert [(row["value"], row["views"]) for row in breakdown["results"]] == [("mail", 1)]
+
+
+def test_an_event_enrichment_fails_on_is_stored_without_it(client, drain, monkeypatch, caplog):
+    import enrich
+
+    def broken(user_agent):
+        raise RuntimeError("a rule that cannot parse this User-Agent")
+    monkeypatch.setattr(enrich, "describe_user_agent", broken)
+    send(client, PAGEVIEW)
+    drain()
+    stats = client.get("/stats?site_id=example.test").get_json()
+    assert (stats["total_views"], stats["unique_users"]) == (1, 1)
+    assert "enrichment failed" in caplog.text
+
+
 def test_tracker_script_is_small_javascript(client):
     response = client.get("/js/script.js", headers={"Accept-Encoding": "gzip"})
     assert response.status_code == 200
