@@ -113,10 +113,8 @@ class FileQueue:
                 self._ensure_open()
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
                 try:
-                    size = self._reopen_if_rotated()
-                    size = self._terminate_torn_line(size)
-                    _write_all(self._fd, data)
-                    self._add_appended(len(lines), size + len(data))
+                    end = self._write_whole(data, self._reopen_if_rotated())
+                    self._add_appended(len(lines), end)
                 finally:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 self._sync_by_policy()
@@ -217,6 +215,23 @@ class FileQueue:
         os.close(self._fd)
         self._open_active()
         return os.fstat(self._fd).st_size
+
+    def _write_whole(self, data, size):
+        """Under the lock: append data to the active segment of size bytes, or nothing at all.
+
+        A write cut short (the disk filled up) would leave the first lines of
+        a batch the client is told to send again: stored twice. So the segment
+        is cut back to its size before this write, torn-line newline included;
+        the state file still says where the last whole write ended, and the
+        queue is exactly as it was. Returns where the segment now ends.
+        """
+        try:
+            size_with_line_ended = self._terminate_torn_line(size)
+            _write_all(self._fd, data)
+        except OSError:
+            os.ftruncate(self._fd, size)
+            raise
+        return size_with_line_ended + len(data)
 
     def _terminate_torn_line(self, size):
         """Under the lock: if a writer died mid-line, end that fragment first.

@@ -1,10 +1,13 @@
-"""The file queue: whole lines under concurrency, torn tails, rotation, one consumer."""
+"""The file queue: whole lines under concurrency, torn tails, rotation, one consumer, a full disk."""
 import multiprocessing
 import os
+import resource
+import signal
 
 import pytest
 
-from shared_queue import FileQueue, QueueBusy
+from ingestion_api import create_app
+from shared_queue import FileQueue, QueueBusy, QueueUnavailable
 
 
 def line(i):
@@ -247,3 +250,77 @@ def test_a_checkpoint_without_a_fingerprint_past_the_end_of_the_queue_reads_it_f
     queue = FileQueue(queue_path)
     queue.append([line(i) for i in range(3)])       # a new queue, shorter than the old one was
     assert read_all(queue.consumer("0:5000:40")) == [line(i)[:-1] for i in range(3)]
+
+
+def in_a_child_that_may_not_write_past(limit, action):
+    """action()'s result, run in a child process that may not write past byte limit of any file.
+
+    As on a disk that fills up: a write across the limit is cut short there and
+    the next one fails (EFBIG here, ENOSPC there), with no root needed. The
+    signal that would kill the child at the limit is ignored, as the error is
+    what a full disk gives.
+    """
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+
+    def child():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        results.put(action())
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    return results.get()
+
+
+def appended_or_error(queue_path, lines):
+    try:
+        FileQueue(queue_path).append(lines)
+    except QueueUnavailable as error:
+        return str(error)
+    return "appended"
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"n":2,"pa'], ids=["after a whole line", "after a torn line"])
+def test_an_append_cut_short_by_a_full_disk_leaves_the_queue_as_it_was(queue_path, tail):
+    queue = FileQueue(queue_path)
+    queue.append([line(1)])
+    with open(queue_path, "ab") as file:
+        file.write(tail)
+    before = open(queue_path, "rb").read()
+    batch = [line(i) for i in range(10, 30)]
+    room_for_half = len(before) + len(b"".join(batch)) // 2
+
+    error = in_a_child_that_may_not_write_past(room_for_half, lambda: appended_or_error(queue_path, batch))
+
+    assert error == "cannot write to the queue: File too large"
+    assert open(queue_path, "rb").read() == before
+    assert queue.size() == 1
+    queue.append([line(3)])         # the next writer still ends the torn line first
+    assert queue.consumer().read(100).items == [line(1)[:-1]] + ([tail] if tail else []) + [line(3)[:-1]]
+
+
+def page_views(path, count):
+    return [{"site_id": "s", "event_type": "page_view", "path": path} for _ in range(count)]
+
+
+def test_a_batch_cut_short_by_a_full_disk_is_not_stored_and_its_retry_is_stored_once(config, drain):
+    client = create_app(config).test_client()
+    assert client.post("/events", json=page_views("/before", 4)).status_code == 200
+    queued = os.path.getsize(config.queue_path)
+    room_for_five_and_a_half_lines = queued + queued * 11 // 8     # "/failed" lines are as long
+
+    status = in_a_child_that_may_not_write_past(
+        room_for_five_and_a_half_lines,
+        lambda: client.post("/events", json=page_views("/failed", 20)).status_code)
+
+    assert status == 503
+    drain()
+    assert client.get("/stats?site_id=s").get_json()["top_paths"] == [{"path": "/before", "views": 4}]
+    assert client.post("/events", json=page_views("/failed", 20)).status_code == 200   # the retry
+    drain()
+    assert client.get("/stats?site_id=s").get_json()["top_paths"] == [
+        {"path": "/failed", "views": 20}, {"path": "/before", "views": 4}]
+    assert not os.path.exists(config.dead_letter_path)
