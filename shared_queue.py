@@ -73,7 +73,7 @@ class FileQueue:
     Files beside the queue path P:
       P            the active segment, where writers append
       P.<seq>      a sealed segment the consumer is finishing (at most one)
-      P.lock       the writers' lock; the consumer takes it only to rotate
+      P.lock       the writers' lock; the consumer takes it to rotate, and shared to read P
       P.state      two counters (appended, consumed) for an O(1) queue size, and
                    where the last whole write ended (so a torn tail is found without a read)
       P.consumer   held by the one processor that consumes the queue
@@ -304,7 +304,7 @@ class FileQueueConsumer:
         segment, offset = self.segment, self.offset
         while len(items) < max_items:
             path = self._segment_path(segment)
-            chunk = _read_chunk(path, offset)
+            chunk = self._read_whole_writes(path, offset)
             end = chunk.rfind(b"\n") + 1
             if end == 0:
                 if path == self.queue.path:
@@ -332,6 +332,22 @@ class FileQueueConsumer:
 
     def close(self):
         os.close(self._guard)
+
+    def _read_whole_writes(self, path, offset):
+        """A chunk of a segment from offset, never lines of a write that may still be cut back.
+
+        A writer whose write fails (the disk is full) truncates what it wrote
+        while holding the writers' lock; reading the active segment under a
+        shared hold of that lock keeps such lines from being stored, and the
+        position from landing past the end the segment is cut back to.
+        """
+        if path != self.queue.path:
+            return _read_chunk(path, offset)
+        fcntl.flock(self.queue._lock_fd, fcntl.LOCK_SH)
+        try:
+            return _read_chunk(path, offset)
+        finally:
+            fcntl.flock(self.queue._lock_fd, fcntl.LOCK_UN)
 
     def _start(self, checkpoint):
         """(segment, offset, consumed) where reading starts: the checkpoint, if the queue holds it.

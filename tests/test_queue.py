@@ -1,8 +1,10 @@
 """The file queue: whole lines under concurrency, torn tails, rotation, one consumer, a full disk."""
+import fcntl
 import multiprocessing
 import os
 import resource
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -324,3 +326,25 @@ def test_a_batch_cut_short_by_a_full_disk_is_not_stored_and_its_retry_is_stored_
     assert client.get("/stats?site_id=s").get_json()["top_paths"] == [
         {"path": "/failed", "views": 20}, {"path": "/before", "views": 4}]
     assert not os.path.exists(config.dead_letter_path)
+
+
+def test_the_consumer_never_reads_a_write_that_may_still_be_cut_back(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(1)])
+    consumer = queue.consumer()
+    consumer.acknowledge(consumer.read(10))
+    writers_lock = os.open(queue_path + ".lock", os.O_RDWR)
+    fcntl.flock(writers_lock, fcntl.LOCK_EX)        # a writer is appending a batch ...
+    size = os.path.getsize(queue_path)
+    with open(queue_path, "ab") as file:
+        file.write(line(2) + b'{"n":3,')
+    with ThreadPoolExecutor(1) as reader:
+        read = reader.submit(consumer.read, 10)
+        with pytest.raises(TimeoutError):
+            read.result(timeout=0.5)                # the consumer waits for the writer ...
+        os.truncate(queue_path, size)               # ... whose write the full disk cut short
+        fcntl.flock(writers_lock, fcntl.LOCK_UN)
+        assert read.result(timeout=10).items == []
+    os.close(writers_lock)
+    queue.append([line(4)])
+    assert consumer.read(10).items == [line(4)[:-1]]
