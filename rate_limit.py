@@ -31,6 +31,7 @@ from limits import parse_many
 from limits.storage import Storage
 
 from ingest import ApiError
+from shared_queue import open_for_mapping
 
 SCOPE = "ingest"
 log = logging.getLogger("ingestion_api")
@@ -231,10 +232,8 @@ class SharedFileStorage(Storage):
         if self._pid != os.getpid():
             self._fd, self._map, self._pid = None, None, os.getpid()
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             size = _SLOTS * _SLOT.size
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
+            fd = open_for_mapping(self.path, size)     # a full disk: OSError, the request let in
             self._map = mmap.mmap(fd, size)
             self._fd = fd
 

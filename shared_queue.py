@@ -18,6 +18,7 @@ A queue may deliver an event again after a crash (Redis does, before it is
 acknowledged); the store ignores event ids it already has, so what is stored
 is still exactly once.
 """
+import errno
 import fcntl
 import logging
 import mmap
@@ -182,8 +183,9 @@ class FileQueue:
             self._fd = self._lock_fd = self._state = None
             self._pid = os.getpid()
         if self._fd is None:
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            # the state first: when the disk is too full for it, no descriptor is left open
             self._state = _map_counters(self.path + ".state")
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
             self._open_active()
 
     def _open_active(self):
@@ -495,13 +497,51 @@ def _count_lines(path, offset):
 
 
 def _map_counters(path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_for_mapping(path, _STATE_SIZE)
     try:
-        if os.fstat(fd).st_size < _STATE_SIZE:
-            os.ftruncate(fd, _STATE_SIZE)
         return mmap.mmap(fd, _STATE_SIZE)
     finally:
         os.close(fd)
+
+
+def open_for_mapping(path, length):
+    """A descriptor of path (created if missing) whose first length bytes have their blocks on disk.
+
+    For a file that is memory-mapped: grown with ftruncate it would be sparse,
+    and the first store into a page without a block on a full disk is a
+    SIGBUS that kills the process. Reserved here, a full disk is an OSError
+    (ENOSPC) when the file is opened, which the caller can answer.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _reserve(fd, path, length)
+    except OSError as error:
+        os.close(fd)
+        error.filename = path
+        raise
+    return fd
+
+
+def _reserve(fd, path, length):
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):     # the file system cannot
+            raise
+        _append_zeros_up_to(path, length)
+
+
+def _append_zeros_up_to(path, length):
+    """Where blocks cannot be reserved, write them: zeros from the end of the file up to length.
+
+    Appended, never written at an offset: another process may be doing the
+    same and already storing into the bytes past the end seen here. The file
+    may then grow longer than length, which does no harm.
+    """
+    with open(path, "ab") as file:
+        missing = length - file.tell()
+        if missing > 0:
+            file.write(bytes(missing))
 
 
 def _write_all(fd, data):

@@ -2,14 +2,22 @@
 import fcntl
 import multiprocessing
 import os
+import errno
 import resource
+import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from ingestion_api import create_app
-from shared_queue import FileQueue, QueueBusy, QueueUnavailable
+import shared_queue
+from shared_queue import FileQueue, QueueBusy, QueueUnavailable, open_for_mapping
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def line(i):
@@ -348,3 +356,70 @@ def test_the_consumer_never_reads_a_write_that_may_still_be_cut_back(queue_path)
     os.close(writers_lock)
     queue.append([line(4)])
     assert consumer.read(10).items == [line(4)[:-1]]
+
+
+FILL_THE_DISK = """
+import sys
+full = sys.argv[1]
+
+def fill_the_disk():
+    with open(full + "/filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(bytes(4096))
+        except OSError:         # ENOSPC
+            pass
+"""
+
+
+def run_on_a_full_disk(tmp_path, code):
+    """Run Python code in a child in which the directory `full` is a small file system of its own.
+
+    The code finds its path in sys.argv[1] and calls fill_the_disk() when no
+    space should be left. The tmpfs is mounted in a user namespace, so no
+    root is needed; where those are not allowed, the test is skipped.
+    """
+    full = tmp_path / "full"
+    full.mkdir()
+    mount_and_run = ["unshare", "--user", "--map-root-user", "--mount",
+                     "sh", "-c", 'mount -t tmpfs -o size=256k tmpfs "$0" && exec "$@"', str(full)]
+    probe = subprocess.run(mount_and_run + ["true"], capture_output=True, text=True) \
+        if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a small file system in a user namespace: {probe and probe.stderr}")
+    return subprocess.run(mount_and_run + [sys.executable, "-c", FILL_THE_DISK + textwrap.dedent(code),
+                                           str(full)],
+                          cwd=REPOSITORY, capture_output=True, text=True, timeout=60)
+
+
+def test_an_append_on_a_disk_too_full_for_the_state_file_is_unavailable_not_a_crash(tmp_path):
+    child = run_on_a_full_disk(tmp_path, """
+        from shared_queue import FileQueue, QueueUnavailable
+        queue_path = full + "/event_queue.jsonl"
+        with open(queue_path, "wb") as file:
+            file.write(b'{"n":1}\\n')     # queued before the state file was lost
+        fill_the_disk()
+        try:
+            FileQueue(queue_path).append([b'{"n":2}\\n'])
+        except QueueUnavailable as error:
+            print(error)
+        print(open(queue_path, "rb").read())
+    """)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines() == ["cannot write to the queue: No space left on device",
+                                         repr(b'{"n":1}\n')]
+
+
+@pytest.mark.parametrize("unsupported", [errno.EOPNOTSUPP, errno.EINVAL])
+def test_where_blocks_cannot_be_reserved_they_are_written_keeping_what_the_file_holds(
+        tmp_path, monkeypatch, unsupported):
+    def posix_fallocate(fd, offset, length):
+        raise OSError(unsupported, os.strerror(unsupported))
+    monkeypatch.setattr(shared_queue.os, "posix_fallocate", posix_fallocate)
+    path = tmp_path / "counters"
+    path.write_bytes(b"held")
+
+    os.close(open_for_mapping(str(path), 64 * 1024))
+
+    assert path.read_bytes() == b"held" + bytes(64 * 1024 - 4)
+    assert os.stat(path).st_blocks * 512 >= 64 * 1024      # written, not sparse

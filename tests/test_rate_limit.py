@@ -5,6 +5,7 @@ import pytest
 
 from config import ConfigurationError, load_config
 from ingestion_api import create_app
+from test_queue import run_on_a_full_disk
 
 ALL_BACKENDS = True
 EVENT = b'{"site_id":"s","event_type":"page_view"}'
@@ -95,6 +96,27 @@ def test_the_limit_is_shared_by_every_api_process_of_the_install(limited):
     assert [post(client).status_code for client in (first, second, first)] == [200, 200, 200]
     assert post(second).status_code == 429
     assert post(first, chunked=True).status_code == 429
+
+
+@pytest.mark.embedded
+def test_counters_file_on_a_full_disk_lets_requests_in_and_logs_why(tmp_path):
+    child = run_on_a_full_disk(tmp_path, f"""
+        import io
+        from config import load_config
+        from ingestion_api import create_app
+        config = load_config(environ={{}}, data_dir={str(tmp_path)!r}, rate_limit="3/minute",
+                             rate_limit_storage_url="sharedfile://" + full + "/ratelimit")
+        client = create_app(config).test_client()
+        fill_the_disk()
+        fast = client.post("/event", data={EVENT!r})
+        routed = client.post("/event", input_stream=io.BytesIO({EVENT!r}),
+                             environ_overrides={{"wsgi.input_terminated": True}})
+        print(fast.status_code, routed.status_code)
+    """)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["200", "200"]
+    assert "rate limit storage failed; request let in" in child.stderr
+    assert "No space left on device" in child.stderr
 
 
 @pytest.mark.embedded
