@@ -156,11 +156,22 @@ class PostgresStore:
         return Connection(raw, release=self.pool.putconn)
 
     def reader(self):
-        """A connection for reports, from the pool."""
-        return self.connect(readonly=True)
+        """A connection for reports, from the pool, in one snapshot until release().
+
+        A report asks several questions; in one REPEATABLE READ transaction
+        they all see the same commits of the processors.
+        """
+        connection = self.connect(readonly=True)
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        return connection
 
     def release(self, connection):
-        connection.close()              # back to the pool
+        try:
+            connection.execute("ROLLBACK")      # the snapshot's end
+        except StoreUnavailable:
+            pass                                # the pool checks a broken connection before reuse
+        finally:
+            connection.close()                  # back to the pool
 
     @property
     def connection(self):

@@ -254,7 +254,18 @@ class SQLiteStore:
         return connection
 
     def reader(self):
-        """A read-only connection for reports, kept by each thread from one request to the next.
+        """A read-only connection for reports, in one snapshot until release().
+
+        A report asks several questions (totals, then top paths); in one read
+        transaction they all see the same commits of the processor.
+        """
+        connection = self._kept_reader()
+        if not connection.in_transaction:
+            connection.execute("BEGIN")
+        return connection
+
+    def _kept_reader(self):
+        """A read-only connection, kept by each thread from one request to the next.
 
         Opening one costs more than a one-day report: SQLite reads the whole
         schema at a connection's first query. It is opened again when the
@@ -277,7 +288,13 @@ class SQLiteStore:
         return connection
 
     def release(self, connection):
-        """The end of a request's use of reader(): the connection stays open for the next one."""
+        """The end of a request's use of reader(): the connection stays open for the next one.
+
+        Its snapshot ends here: an open read transaction would keep SQLite from
+        checkpointing the write-ahead log past it.
+        """
+        if connection.in_transaction:
+            connection.rollback()
         kept = getattr(self._readers, "kept", None)
         if kept is None or kept[1] is not connection:
             connection.close()

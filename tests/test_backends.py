@@ -92,6 +92,23 @@ def test_an_event_delivered_twice_is_stored_once(config):
     assert counted == raw
 
 
+def test_a_report_connection_sees_one_snapshot_until_it_is_released(config):
+    queue = open_queue(config)
+    queue.append(generated_lines(40, seed=5))
+    processor = processor_for(config, batch_size=20)
+    processor.step()
+    store = open_store(config)
+    reader = store.reader()
+    first = store.reports(reader).stats("big", Period())
+    processor.run(once=True)                        # commits while the report is under way
+    assert store.reports(reader).stats("big", Period()) == first
+    store.release(reader)
+    reader = store.reader()
+    assert store.reports(reader).stats("big", Period())["total_views"] > first["total_views"]
+    store.release(reader)
+    store.close()
+
+
 def test_queue_size_counts_what_is_not_yet_stored(config):
     queue = open_queue(config)
     queue.append(generated_lines(25))
