@@ -392,6 +392,15 @@ def test_our_script_tag_end_to_end(visit, api):
     assert [row["value"] for row in api.breakdown("browser")] == ["Chrome"]
 
 
+def test_a_custom_event_sent_before_our_script_loads_is_queued_and_sent(visit, api):
+    page, traffic = visit("script-tag-inline-event.html")      # README's snippet
+    traffic.wait_for_sent(2)
+    assert traffic.sent() == [("Signup", "/script-tag-inline-event.html", {"plan": "pro"}),
+                              ("pageview", "/script-tag-inline-event.html", None)]
+    traffic.assert_no_errors()
+    traffic.assert_every_event_accepted()
+
+
 @pytest.mark.parametrize("page_name,host,init_script,reason", [
     ("script-tag.html", SITE, "localStorage.analytics_ignore = 'true'", "opted out"),
     ("script-tag-defaults.html", SITE, None, "automation"),
