@@ -69,11 +69,12 @@ class QueryParams:
         return self._checked(_date(start, "from"), _date(end, "to"), self.max_days)
 
     def series_period(self, interval):
-        """Like period(), but never all time: by default the last 30 days, or today by the hour."""
+        """Like period(), but never all time: by default the last 30 days (or fewer if that
+        is the most REPORT_MAX_DAYS allows), or today by the hour."""
         period = self.period()
         if period.all_time:
             today = datetime.now(timezone.utc).date()
-            days = 30 if interval == "day" else 1
+            days = min(30, self.max_days) if interval == "day" else 1
             period = Period(today - timedelta(days=days - 1), today)
         if interval == "hour":
             self._checked(period.start, period.end, MAX_HOURLY_DAYS, "with interval=hour")

@@ -123,6 +123,8 @@ def test_range_limit_is_configurable(config):
     client = create_app(config.with_overrides(report_max_days=7)).test_client()
     body = get(client, "/stats", status=400, site_id="s", **{"from": "2025-05-01", "to": "2025-05-08"})
     assert "at most 7" in body["error"]
+    # the default daily series (30 days) shrinks to the limit rather than break it
+    assert len(get(client, "/stats/timeseries", site_id="s")["points"]) == 7
 
 
 # -- API keys ----------------------------------------------------------------
