@@ -203,6 +203,13 @@ class NotForThisStore(Exception):
     """A command this kind of store leaves to its own tools; the message names them."""
 
 
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def unavailable_or_bug(error, path):
     """A sqlite3 error as StoreUnavailable when it says the database cannot be used now.
 
@@ -269,11 +276,12 @@ class SQLiteStore:
 
         Opening one costs more than a one-day report: SQLite reads the whole
         schema at a connection's first query. It is opened again when the
-        database file was replaced or removed, so that it never reads a
-        deleted file, and in a forked process.
+        database file or its write-ahead log was replaced or removed (a backup
+        copied over the file keeps its inode, but a restore removes the log),
+        so that it never reads a deleted file, and in a forked process.
         """
         try:
-            identity = (os.getpid(), os.stat(self.path).st_ino)
+            identity = (os.getpid(), os.stat(self.path).st_ino, _inode(self.path + "-wal"))
         except OSError:
             identity = None                 # connect() says what is wrong
         kept = getattr(self._readers, "kept", None)

@@ -1,4 +1,5 @@
 """The processor, driven one step at a time."""
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -174,3 +175,22 @@ def test_a_restored_backup_gets_what_the_queue_still_holds_once(config, drain, t
     store = open_store(config)
     from reports import Period
     assert store.reports(store.connection).stats("s", Period())["unique_users"] == len(expected)
+
+
+def test_the_api_reads_a_backup_copied_over_the_database(config, drain, tmp_path):
+    """README's restore with cp, which keeps the database's inode: the API must not read the old log."""
+    from ingestion_api import create_app
+    client = create_app(config).test_client()
+    queue = open_queue(config)
+    queue.append([event(i) for i in range(3)])
+    drain().close()
+    back_up(config, tmp_path / "backup.db")
+    queue.append([event(i) for i in range(3, 6)])
+    drain().close()
+    assert client.get("/stats?site_id=s").get_json()["unique_users"] == 6     # its reader is open
+    for suffix in ("-wal", "-shm"):
+        Path(config.database_path + suffix).unlink()
+    shutil.copyfile(tmp_path / "backup.db", config.database_path)
+    queue.append([event(i) for i in range(6, 8)])
+    drain().close()                 # the queue still holds 3..5 and now 6..7
+    assert client.get("/stats?site_id=s").get_json()["unique_users"] == 8
