@@ -13,6 +13,12 @@ The counters live where every API process can see them:
 - otherwise a small file of counters beside the queue (SharedFileStorage),
   shared by the gunicorn workers of one machine, as the file queue is.
 RATE_LIMIT_STORAGE_URL names any storage the limits library knows instead.
+
+A client is counted under a keyed hash of its address, never the address: the
+counters' keys reach Redis (and its AOF on disk) or the counters file, and the
+client IP itself is written nowhere. The hash key is a random secret kept in
+the store, which every API process and node already shares for the visitor
+salts, so that they all count a client under the same key.
 """
 import fcntl
 import hashlib
@@ -34,6 +40,9 @@ from ingest import ApiError
 from shared_queue import open_for_mapping
 
 SCOPE = "ingest"
+# The secret shares the visitor salts' table under a name that is no UTC day,
+# so that it is never among the salts deleted after 48 hours.
+SECRET_NAME = "rate-limit key"
 log = logging.getLogger("ingestion_api")
 
 
@@ -44,10 +53,11 @@ class RateLimited(ApiError):
                          headers=(("Retry-After", str(retry_after)),))
 
 
-def ingest_rate_limit(app, config, client_address):
+def ingest_rate_limit(app, config, client_address, store):
     if not config.rate_limit:
         return NoRateLimit()
-    return IngestRateLimit(app, config, client_address)
+    secret = store.daily_salt(SECRET_NAME, os.urandom(32), forget_before="")
+    return IngestRateLimit(app, config, client_address, secret)
 
 
 class NoRateLimit:
@@ -63,13 +73,15 @@ class NoRateLimit:
 class IngestRateLimit:
     """The ingest limit: a decorator for Flask routes and hit() for the fast path."""
 
-    def __init__(self, app, config, client_address):
-        """client_address(remote_addr, headers) gives the address a client is counted by."""
+    def __init__(self, app, config, client_address, secret):
+        """client_address(remote_addr, headers) gives the address a client is counted by,
+        under its hash keyed with secret."""
+        self.secret = secret
         self.items = sorted(parse_many(config.rate_limit))
         self.limit_text = config.rate_limit
         self.prefix = _key_prefix(config)
         self.flask_limiter = Limiter(
-            lambda: client_address(request.remote_addr, request.headers), app=app,
+            lambda: self.client_key(client_address(request.remote_addr, request.headers)), app=app,
             storage_uri=storage_uri(config), strategy="fixed-window", key_prefix=self.prefix,
             headers_enabled=False, default_limits=[], on_breach=self._on_flask_breach,
             swallow_errors=True)     # a storage that fails lets requests in, logged
@@ -106,8 +118,15 @@ class IngestRateLimit:
             if not allowed:
                 raise RateLimited(item, _seconds_until(reset))
 
+    def client_key(self, address):
+        """What the counters know a client by; "" (no address: not counted) stays ""."""
+        if not address:
+            return ""
+        return hashlib.blake2b(address.encode(), key=self.secret, digest_size=16).hexdigest()
+
     def _keys_for(self, address):
-        identifiers = (self.prefix, address, SCOPE) if self.prefix else (address, SCOPE)
+        client = self.client_key(address)
+        identifiers = (self.prefix, client, SCOPE) if self.prefix else (client, SCOPE)
         return tuple((item, item.key_for(*identifiers)) for item in self.items)
 
     def _on_flask_breach(self, request_limit):

@@ -2,9 +2,11 @@
 import io
 
 import pytest
+import redis
 
 from config import ConfigurationError, load_config
 from ingestion_api import create_app
+from conftest import REDIS
 from test_queue import run_on_a_full_disk
 
 ALL_BACKENDS = True
@@ -96,6 +98,22 @@ def test_the_limit_is_shared_by_every_api_process_of_the_install(limited):
     assert [post(client).status_code for client in (first, second, first)] == [200, 200, 200]
     assert post(second).status_code == 429
     assert post(first, chunked=True).status_code == 429
+
+
+def test_redis_never_holds_the_client_address_in_a_counter_key(tmp_path, redis_stream):
+    """The counters' keys reach Redis's AOF on disk: a client is known there by a keyed hash."""
+    config = load_config(environ={}, data_dir=str(tmp_path), queue_url=redis_stream, rate_limit="3/minute")
+    client = create_app(config).test_client()
+    for chunked in (False, True):       # the fast path and Flask-Limiter build their keys apart
+        assert post(client, address="203.0.113.77", chunked=chunked).status_code == 200
+    server = redis.Redis.from_url(REDIS)
+    keys = [key.decode() for key in server.scan_iter(f"LIMITS:*{redis_stream.split('stream=')[1]}*")]
+    try:
+        assert len(keys) == 1, keys         # both counted in one bucket
+        assert "203.0.113.77" not in keys[0]
+    finally:
+        if keys:
+            server.delete(*keys)
 
 
 @pytest.mark.embedded
