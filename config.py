@@ -5,11 +5,13 @@ value stops the program at start with a message that says how to fix it.
 """
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, replace
 
 FSYNC_POLICIES = ("never", "batch", "always")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRAILING_COMMENT = re.compile(r"\s+#.*")
 
 
 class ConfigurationError(Exception):
@@ -127,12 +129,21 @@ def _word_list(text):
 def _keys_file(path):
     try:
         with open(path) as file:
-            keys = tuple(line.strip() for line in file if line.strip() and not line.startswith("#"))
+            keys = tuple(key for key in map(_key_in_line, file) if key)
     except OSError as error:
         raise ValueError(f"cannot read it ({error.strerror})") from None
     if not keys:
         raise ValueError("it holds no keys (one key per line)")
     return keys
+
+
+def _key_in_line(line):
+    """A line's key: "" for a comment line, and a trailing comment is cut, so that neither
+    a commented-out key nor "key  # whose" is a key. A # inside a key is part of it."""
+    text = line.strip()
+    if text.startswith("#"):
+        return ""
+    return TRAILING_COMMENT.sub("", text)
 
 
 def _networks(text):

@@ -238,3 +238,28 @@ def test_fifty_thousand_levels_of_nesting_is_a_400_not_a_recursion_error(config)
     response = client.post("/event", data=b"[" * 50_000 + b"]" * 50_000)
     assert response.status_code == 400
     assert response.get_json() == {"error": "Invalid JSON"}
+
+
+KEYS_FILE = """# dashboard
+  # old key, removed: secret0
+secret1
+secret2  # ops team
+\tsecret3\t# staging
+key#4
+"""
+
+# token -> status of GET /stats with it
+STATUS_BY_TOKEN = {"secret1": 200, "secret2": 200, "secret3": 200, "key#4": 200,
+                   "# old key, removed: secret0": 401, "secret0": 401, "secret2  # ops team": 401}
+
+
+def test_api_keys_file_comments_are_whole_lines_or_after_whitespace(tmp_path):
+    from config import load_config
+    from ingestion_api import create_app
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(KEYS_FILE)
+    config = load_config(environ={"DATA_DIR": str(tmp_path), "API_KEYS_FILE": str(keys_file)})
+    client = create_app(config).test_client()
+    statuses = {token: client.get("/stats?site_id=s", headers={"Authorization": f"Bearer {token}"})
+                .status_code for token in STATUS_BY_TOKEN}
+    assert statuses == STATUS_BY_TOKEN
