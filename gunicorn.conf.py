@@ -69,10 +69,12 @@ def on_starting(server):
     database is already in WAL and each worker's own migrate() is a no-op.
     """
     from config import ConfigurationError, load_config
+    from rate_limit import check_storage
     from store import StoreUnavailable, open_store
 
     try:
         config = load_config()
+        check_storage(config)
         store = open_store(config)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None

@@ -30,7 +30,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config import load_config
+from config import ConfigurationError, load_config
 from events import InvalidEvent
 from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, Ingest, error_answer
 from metrics import ApiMetrics, NoMetrics
@@ -306,9 +306,11 @@ def __getattr__(name):
 
 
 if __name__ == "__main__":
-    settings = load_config()
     try:
+        settings = load_config()
         application = create_app(settings)
+    except ConfigurationError as error:      # in the words gunicorn.conf.py uses
+        raise SystemExit(f"configuration error: {error}") from None
     except StoreUnavailable as error:
         raise SystemExit(f"cannot start: {error}") from None
     application.run(host=settings.host, port=settings.port, threaded=True)

@@ -30,12 +30,15 @@ import struct
 import threading
 import time
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from flask import request
 from flask_limiter import Limiter
 from limits import parse_many
-from limits.storage import Storage
+from limits.errors import ConfigurationError as StorageNotUsable
+from limits.storage import Storage, storage_from_string
 
+from config import ConfigurationError
 from ingest import ApiError
 from shared_queue import open_for_mapping
 
@@ -56,6 +59,7 @@ class RateLimited(ApiError):
 def ingest_rate_limit(app, config, client_address, store):
     if not config.rate_limit:
         return NoRateLimit()
+    check_storage(config)
     secret = store.daily_salt(SECRET_NAME, os.urandom(32), forget_before="")
     return IngestRateLimit(app, config, client_address, secret)
 
@@ -135,6 +139,30 @@ class IngestRateLimit:
 
 def _seconds_until(moment):
     return max(1, math.ceil(moment - time.time()))
+
+
+def check_storage(config):
+    """Stop at start, in one line, on a RATE_LIMIT_STORAGE_URL the limits library cannot use:
+    an unknown scheme, a storage whose client library is not installed, a malformed URL.
+    Nothing is connected to: a server that is down lets requests in, as at any other time."""
+    url = config.rate_limit_storage_url
+    if not (config.rate_limit and url):
+        return
+    try:
+        storage_from_string(url)
+    except StorageNotUsable as error:
+        problem = str(error).split(" See https://")[0]      # not its link to the library's docs
+        if problem.startswith("unknown storage scheme"):     # which ends with the URL, password and all
+            problem = f"unknown storage scheme {urlsplit(url).scheme!r}"
+        raise _not_usable(problem) from None
+    except ValueError as error:
+        raise _not_usable(error) from None
+
+
+def _not_usable(problem):
+    return ConfigurationError(
+        f"RATE_LIMIT_STORAGE_URL cannot be used: {str(problem).rstrip('.')}. Unset it to use "
+        f"the default, or see RATE_LIMIT_STORAGE_URL in the settings table of README.md.")
 
 
 def storage_uri(config):

@@ -273,6 +273,23 @@ def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, comm
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("url,problem", [
+    ("bogus://user:password@x", "unknown storage scheme 'bogus'"),
+    ("memcached://host:11211", "'pymemcache' prerequisite not available"),
+    ("redis://host:port/0", "Port could not be cast to integer value as 'port'")])
+@pytest.mark.parametrize("command", [["ingestion_api.py"], ["-m", "gunicorn", "ingestion_api:app"]],
+                         ids=["python", "gunicorn"])
+def test_a_rate_limit_storage_url_that_cannot_be_used_is_named_in_one_line(
+        data_dir, command, url, problem):
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env=environment(data_dir, PORT=free_port(),
+                                                        RATE_LIMIT_STORAGE_URL=url))
+    assert result.returncode != 0
+    assert f"configuration error: RATE_LIMIT_STORAGE_URL cannot be used: {problem}. Unset it" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and "password" not in result.stderr
+
+
 def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_cleanly(data_dir):
     # what `make run` starts: honcho with the Procfile, the virtual environment first on PATH
     port = free_port()
