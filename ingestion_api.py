@@ -68,7 +68,7 @@ def create_app(config=None):
     app.extensions["analytics"] = {"config": config, "queue": queue, "store": store}
     if config.metrics:
         register_metrics(app, metrics)     # first, so that its clock starts before any other hook
-    rate_limit = ingest_rate_limit(app, config, ingest.client_address, store)
+    rate_limit = ingest_rate_limit(config, ingest.client_address, store)
     register_ingestion(app, config, queue, ingest, rate_limit)
     register_tracking(app, ingest, rate_limit)
     register_reports(app, config, store)

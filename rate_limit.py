@@ -1,11 +1,11 @@
-"""Rate limiting of ingestion per client IP, through Flask-Limiter.
+"""Rate limiting of ingestion per client IP: a fixed window over the limits library's storages.
 
 One limit (RATE_LIMIT, for example "100/second") counts the requests of each
-client address over POST /event, /events and /api/event together. The Flask
-routes are limited by Flask-Limiter itself; the WSGI fast path in front of
-Flask (ingest.FastPath) asks the same limiter's storage with the
-same key, so both count into one bucket. A request over the limit gets 429
-with a JSON error and Retry-After.
+client address over POST /event, /events and /api/event together. One check,
+IngestRateLimit.hit(), serves the WSGI fast path in front of Flask
+(ingest.FastPath) and, as a decorator, the Flask routes that answer the rest
+(chunked uploads): the same keys in the same storage, so one bucket, and the
+same answer over the limit, 429 with a JSON error and Retry-After.
 
 The counters live where every API process can see them:
 - Redis, when the queue is on Redis (QUEUE_URL=redis://...): shared by every
@@ -29,11 +29,10 @@ import os
 import struct
 import threading
 import time
-from functools import lru_cache
+from functools import lru_cache, wraps
 from urllib.parse import urlsplit
 
 from flask import request
-from flask_limiter import Limiter
 from limits import parse_many
 from limits.errors import ConfigurationError as StorageNotUsable
 from limits.storage import Storage, storage_from_string
@@ -56,12 +55,11 @@ class RateLimited(ApiError):
                          headers=(("Retry-After", str(retry_after)),))
 
 
-def ingest_rate_limit(app, config, client_address, store):
+def ingest_rate_limit(config, client_address, store):
     if not config.rate_limit:
         return NoRateLimit()
-    check_storage(config)
     secret = store.daily_salt(SECRET_NAME, os.urandom(32), forget_before="")
-    return IngestRateLimit(app, config, client_address, secret)
+    return IngestRateLimit(config, client_address, secret)
 
 
 class NoRateLimit:
@@ -75,35 +73,31 @@ class NoRateLimit:
 
 
 class IngestRateLimit:
-    """The ingest limit: a decorator for Flask routes and hit() for the fast path."""
+    """The ingest limit: hit() for the fast path, and limit() to decorate Flask routes with it."""
 
-    def __init__(self, app, config, client_address, secret):
+    def __init__(self, config, client_address, secret):
         """client_address(remote_addr, headers) gives the address a client is counted by,
         under its hash keyed with secret."""
+        self.client_address = client_address
         self.secret = secret
         self.items = sorted(parse_many(config.rate_limit))
-        self.limit_text = config.rate_limit
         self.prefix = _key_prefix(config)
-        self.flask_limiter = Limiter(
-            lambda: self.client_key(client_address(request.remote_addr, request.headers)), app=app,
-            storage_uri=storage_uri(config), strategy="fixed-window", key_prefix=self.prefix,
-            headers_enabled=False, default_limits=[], on_breach=self._on_flask_breach,
-            swallow_errors=True)     # a storage that fails lets requests in, logged
-        # Only the routes decorated with limit() are limited, and the decorator checks
-        # them itself: Flask-Limiter's check before every request would find nothing
-        # to do, at a tenth of the time of a one-day report.
-        app.before_request_funcs[None].remove(self.flask_limiter._check_request_limit)
-        self.storage = self.flask_limiter.limiter.storage
+        self.storage = open_storage(config)
         self._keys = lru_cache(maxsize=4096)(self._keys_for)
 
     def limit(self, view):
-        """Flask-Limiter's own check on a Flask route, in the shared bucket."""
-        return self.flask_limiter.shared_limit(self.limit_text, scope=SCOPE, methods=["POST"])(view)
+        """The fast path's check on a Flask route; OPTIONS preflights are not counted."""
+        @wraps(view)
+        def limited(*args, **kwargs):
+            if request.method == "POST":
+                self.hit(lambda: self.client_address(request.remote_addr, request.headers))
+            return view(*args, **kwargs)
+        return limited
 
     def hit(self, client_address):
         """Count one request of client_address(); raise RateLimited if that is over the limit.
 
-        The same keys, storage and order as Flask-Limiter's fixed window: each
+        The keys, storage and order of the limits library's fixed window: each
         limit from the shortest window up, stopping at the first one breached;
         a client without an address is not counted. The storage is called
         directly with keys cached per address: building a key the way the
@@ -116,16 +110,14 @@ class IngestRateLimit:
             try:
                 allowed = self.storage.incr(key, item.get_expiry()) <= item.amount
                 reset = allowed or self.storage.get_expiry(key)
-            except Exception:       # as Flask-Limiter's swallow_errors: the limit must not stop ingestion
+            except Exception:       # the limit must not stop ingestion
                 log.exception("rate limit storage failed; request let in")
                 return
             if not allowed:
                 raise RateLimited(item, _seconds_until(reset))
 
     def client_key(self, address):
-        """What the counters know a client by; "" (no address: not counted) stays ""."""
-        if not address:
-            return ""
+        """What the counters know a client by."""
         return hashlib.blake2b(address.encode(), key=self.secret, digest_size=16).hexdigest()
 
     def _keys_for(self, address):
@@ -133,23 +125,25 @@ class IngestRateLimit:
         identifiers = (self.prefix, client, SCOPE) if self.prefix else (client, SCOPE)
         return tuple((item, item.key_for(*identifiers)) for item in self.items)
 
-    def _on_flask_breach(self, request_limit):
-        raise RateLimited(request_limit.limit, _seconds_until(request_limit.reset_at))
-
 
 def _seconds_until(moment):
     return max(1, math.ceil(moment - time.time()))
 
 
 def check_storage(config):
-    """Stop at start, in one line, on a RATE_LIMIT_STORAGE_URL the limits library cannot use:
-    an unknown scheme, a storage whose client library is not installed, a malformed URL.
-    Nothing is connected to: a server that is down lets requests in, as at any other time."""
-    url = config.rate_limit_storage_url
-    if not (config.rate_limit and url):
-        return
+    """Stop at start, in one line, on a RATE_LIMIT_STORAGE_URL the limits library cannot use
+    (gunicorn's master calls this before any worker builds the app)."""
+    if config.rate_limit:
+        open_storage(config)
+
+
+def open_storage(config):
+    """The counters' storage; ConfigurationError for an unknown scheme, a storage whose client
+    library is not installed, or a malformed URL. Nothing is connected to yet: a server that
+    is down lets requests in, as at any other time."""
+    url = storage_uri(config)
     try:
-        storage_from_string(url)
+        return storage_from_string(url)
     except StorageNotUsable as error:
         problem = str(error).split(" See https://")[0]      # not its link to the library's docs
         if problem.startswith("unknown storage scheme"):     # which ends with the URL, password and all
