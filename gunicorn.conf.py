@@ -69,6 +69,7 @@ def on_starting(server):
     database is already in WAL and each worker's own migrate() is a no-op.
     """
     from config import ConfigurationError, load_config
+    from logs import log_to_stderr
     from rate_limit import check_storage
     from store import StoreUnavailable, open_store
 
@@ -78,6 +79,7 @@ def on_starting(server):
         store = open_store(config)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None
+    log_to_stderr(config)      # workers inherit it
     try:
         store.migrate()
     except StoreUnavailable as error:

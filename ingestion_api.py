@@ -33,6 +33,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from config import ConfigurationError, load_config
 from events import InvalidEvent
 from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, Ingest, error_answer
+from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
 from rate_limit import ingest_rate_limit
@@ -308,6 +309,7 @@ def __getattr__(name):
 if __name__ == "__main__":
     try:
         settings = load_config()
+        log_to_stderr(settings)
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses
         raise SystemExit(f"configuration error: {error}") from None

@@ -9,7 +9,8 @@ pair of the message as a field of its own, with the value that was logged
      "message": "progress stored=1200 rate=240/s", "stored": 1200, "rate": 240.5}
 
 A record with an exception adds "exception", its traceback. The processor
-uses formatter(); gunicorn.conf.py gives gunicorn these formatters.
+uses formatter(); gunicorn.conf.py gives gunicorn these formatters, and the
+API's own lines go through log_to_stderr() in either format.
 """
 import fcntl
 import logging
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-TEXT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+TEXT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 RESERVED = frozenset({"time", "level", "logger", "pid", "message", "exception", "stack"})
 # a printf conversion, with the key= written before it if any
 CONVERSION = re.compile(r"(?:(\w+)=)?%(?:\((\w+)\))?[-#0 +]*\d*(?:\.(\d+))?([diouxXeEfFgGcrsa%])")
@@ -72,6 +73,19 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def formatter(log_format):
     return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT)
+
+
+def log_to_stderr(config):
+    """The API's lines (and its libraries') on stderr at LOG_LEVEL, in LOG_FORMAT.
+
+    gunicorn configures only its own loggers unless given a logging config, and
+    one given in text mode would also turn its access log on, client address
+    and all; without this the app's lines fell to Python's last-resort
+    handler: warnings only, without time or level.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(config.log_format))
+    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
 
 
 def message_fields(message, args):

@@ -1,5 +1,6 @@
 """LOG_FORMAT=json: one JSON object per line, carrying the fields each line was logged with."""
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import requests
 from config import load_config
 from events import encode_event, validate_event
 from logs import AccessJsonFormatter, JsonFormatter
-from processes import REPO, Api, environment, run_processor_once, start_processor, stop, wait_for
+from processes import (REPO, Api, environment, free_port, is_healthy, run_processor_once, start_processor,
+                       stop, wait_for)
 from retention import utc_today
 from shared_queue import open_queue
 
@@ -126,6 +128,48 @@ def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(da
     assert {"gunicorn.error", "ingestion_api"} <= {line["logger"] for line in errors}
     first(errors, "Booting worker")
     first(errors, "Shutting down")
+
+
+TEXT_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} %s ingestion_api \[%s\] %s"
+BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+def send_bot_event(url):
+    response = requests.post(url + "/api/event", headers={"User-Agent": BOT}, timeout=10,
+                             json={"name": "pageview", "url": "https://example.test/", "domain": "example.test"})
+    assert response.headers["X-Analytics-Dropped"] == "bot"
+
+
+def assert_text_lines_of_the_app(text, pid):
+    """INFO lines are there, and every line has its time, level, logger and process id."""
+    assert re.search(TEXT_LINE % ("INFO", pid, "dropped event reason=bot user_agent='Mozilla"), text, re.M), text
+    assert re.search(TEXT_LINE % ("WARNING", r"\d+", "no API keys are set"), text, re.M), text
+    assert not re.search(r"^no API keys", text, re.M), text
+
+
+def test_gunicorn_in_text_mode_logs_the_apps_info_lines_with_time_level_logger_and_pid(data_dir):
+    api = Api(data_dir, workers=1)
+    try:
+        send_bot_event(api.url)
+        [worker] = api.worker_pids()
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    assert_text_lines_of_the_app((data_dir.parent / "logs" / "gunicorn.err").read_text(), worker)
+
+
+def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_and_pid(data_dir):
+    port = free_port()
+    log_file = data_dir.parent / "api.err"
+    with open(log_file, "w") as err:
+        api = subprocess.Popen([sys.executable, "ingestion_api.py"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=err, env=environment(data_dir, PORT=port), start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: is_healthy(url), 30, "the API did not start")
+        send_bot_event(url)
+    finally:
+        stop(api, signal.SIGTERM)
+    assert_text_lines_of_the_app(log_file.read_text(), api.pid)
 
 
 def test_the_processor_log_rotates_at_its_size_and_keeps_five_old_files(data_dir):
