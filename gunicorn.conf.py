@@ -34,6 +34,11 @@ import os
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
 worker_class = "sync"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
+# gunicorn 25.1+ opens a control socket (for gunicornc) at one path per user,
+# $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl, whatever the
+# instance: a second instance takes it over and the first one to stop deletes
+# it from under the other. Nothing here uses gunicornc, so there is none.
+control_socket_disable = True
 
 
 def json_logging(level):

@@ -11,6 +11,7 @@ import sys
 import time
 
 import orjson
+import psutil
 import pytest
 import requests
 
@@ -288,6 +289,14 @@ def test_a_rate_limit_storage_url_that_cannot_be_used_is_named_in_one_line(
     assert f"configuration error: RATE_LIMIT_STORAGE_URL cannot be used: {problem}. Unset it" \
         in result.stderr
     assert "Traceback" not in result.stderr and "password" not in result.stderr
+
+
+def test_gunicorn_opens_no_control_socket_that_other_instances_would_share(data_dir, children):
+    api = Api(data_dir, workers=1)
+    children.append(api)
+    sockets = [connection.laddr for connection in psutil.Process(api.process.pid).net_connections("unix")]
+    assert not [path for path in sockets if path.endswith(".ctl")], sockets
+    assert "Control socket" not in log_tail(data_dir, "gunicorn")
 
 
 def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_cleanly(data_dir):
