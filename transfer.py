@@ -3,10 +3,15 @@
 An import stores its position in the file with every batch (the same way the
 processor stores its queue position), so running it again after an
 interruption goes on where it stopped and never counts an event twice.
+The position carries a CRC-32 of every byte before it: imported lines get
+new event ids, so only the very bytes already stored may be skipped, and a
+file rewritten in place (the shell's > keeps its inode) starts again from
+its first line.
 """
 import csv
 import logging
 import os
+import zlib
 
 import orjson
 from tqdm import tqdm
@@ -16,6 +21,7 @@ from events import EVENT_COLUMNS, InvalidEvent, parse_json, validate_event
 
 log = logging.getLogger("transfer")
 IMPORT_BATCH = 10_000
+READ_CHUNK = 1024 * 1024
 
 
 def import_source(path):
@@ -27,34 +33,78 @@ def import_source(path):
 def import_file(store, path, show_progress=True):
     """Validate each line like POST /event and store the valid ones; returns (stored, rejected)."""
     source = import_source(path)
-    offset, line_number = (int(part) for part in (store.checkpoint(source) or "0:0").split(":"))
+    with open(path, "rb") as file:
+        position = _resume_point(file, store.checkpoint(source), path)
+        with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
+                  disable=not show_progress, desc="import") as bar:
+            return _import_from(store, source, file, position, bar)
+
+
+def _import_from(store, source, file, position, bar):
+    file.seek(position.offset)
     stored = rejected = 0
-    with open(path, "rb") as file, tqdm(total=os.path.getsize(path), initial=offset, unit="B",
-                                        unit_scale=True, disable=not show_progress,
-                                        desc="import") as bar:
-        file.seek(offset)
-        while True:
-            rows, consumed = [], 0
-            for line in _lines(file, IMPORT_BATCH):
-                consumed += len(line)
-                line_number += 1
-                if not line.strip():
-                    continue
-                try:
-                    event = validate_event(parse_json(line))
-                except InvalidEvent as error:
-                    rejected += 1
-                    log.warning("import line %d rejected: %s", line_number, error)
-                    continue
-                rows.append(tuple(event[column] for column in EVENT_COLUMNS) + (event["id"],) + NOTHING)
-            if consumed == 0:
-                break
-            offset += consumed
-            store.write(rows, source, f"{offset}:{line_number}")
-            stored += len(rows)
-            bar.update(consumed)
-            bar.set_postfix(events=stored, rejected=rejected)
-    return stored, rejected
+    while True:
+        rows, start = [], position.offset
+        for line in _lines(file, IMPORT_BATCH):
+            position.advance(line)
+            if not line.strip():
+                continue
+            try:
+                event = validate_event(parse_json(line))
+            except InvalidEvent as error:
+                rejected += 1
+                log.warning("import line %d rejected: %s", position.line_number, error)
+                continue
+            rows.append(tuple(event[column] for column in EVENT_COLUMNS) + (event["id"],) + NOTHING)
+        if position.offset == start:
+            return stored, rejected
+        store.write(rows, source, str(position))
+        stored += len(rows)
+        bar.update(position.offset - start)
+        bar.set_postfix(events=stored, rejected=rejected)
+
+
+class _Position:
+    """How far an import has read: bytes, lines, and the CRC-32 of those bytes."""
+
+    def __init__(self, offset=0, line_number=0, crc=0):
+        self.offset, self.line_number, self.crc = offset, line_number, crc
+
+    def advance(self, line):
+        self.offset += len(line)
+        self.line_number += 1
+        self.crc = zlib.crc32(line, self.crc)
+
+    def __str__(self):
+        return f"{self.offset}:{self.line_number}:{self.crc:08x}"
+
+
+def _resume_point(file, checkpoint, path):
+    """The _Position to go on from: the saved one if file still holds the bytes it was taken after.
+
+    A position saved before positions had a CRC is trusted if the file reaches it.
+    """
+    if checkpoint is None:
+        return _Position()
+    offset, line_number, *fingerprint = checkpoint.split(":")
+    crc = _prefix_crc(file, int(offset))
+    if crc is None or fingerprint not in ([], [f"{crc:08x}"]):
+        log.info("import of %s starts from its first line: it is not the file imported before "
+                 "under this name", path)
+        return _Position()
+    return _Position(int(offset), int(line_number), crc)
+
+
+def _prefix_crc(file, offset):
+    """The CRC-32 of the first offset bytes of file, or None if it is shorter."""
+    file.seek(0)
+    crc, left = 0, offset
+    while left:
+        chunk = file.read(min(left, READ_CHUNK))
+        if not chunk:
+            return None
+        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return crc
 
 
 def _lines(file, count):

@@ -16,13 +16,13 @@ from store import open_store
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def events_file(path, count, bad_every=0):
-    with open(path, "wb") as file:
+def events_file(path, count, bad_every=0, site="imp"):
+    with open(path, "wb") as file:      # an existing file is truncated in place, as the shell's > does
         for i in range(count):
             if bad_every and i % bad_every == 0:
                 file.write(b'{"site_id": 5}\n')
             else:
-                file.write(orjson.dumps({"site_id": "imp", "event_type": "page_view",
+                file.write(orjson.dumps({"site_id": site, "event_type": "page_view",
                                          "path": f"/p{i % 4}", "user_id": f"u{i}",
                                          "timestamp": f"2025-02-{1 + i % 28:02d}T12:00:00Z"}) + b"\n")
 
@@ -75,6 +75,23 @@ def test_an_interrupted_import_resumes_where_it_stopped(config, tmp_path, monkey
     assert users == (95, 95)
     stats = store.reports(store.connection).stats("imp", Period())
     assert (stats["total_views"], stats["unique_users"]) == (95, 95)
+
+
+@pytest.mark.parametrize("new_count", [20, 80], ids=["shorter", "longer"])
+def test_a_file_rewritten_in_place_is_imported_from_its_beginning(config, tmp_path, new_count):
+    path = tmp_path / "in.jsonl"
+    events_file(path, 50)
+    store = open_store(config)
+    store.migrate()
+    assert transfer.import_file(store, str(path), show_progress=False) == (50, 0)
+    inode = path.stat().st_ino
+    events_file(path, new_count, site="rewritten")
+    assert path.stat().st_ino == inode
+    assert transfer.import_file(store, str(path), show_progress=False) == (new_count, 0)
+    assert transfer.import_file(store, str(path), show_progress=False) == (0, 0)
+    sites = sqlite3.connect(config.database_path).execute(
+        "SELECT site_id, count(*) FROM events GROUP BY 1 ORDER BY 1").fetchall()
+    assert sites == [("imp", 50), ("rewritten", new_count)]
 
 
 def test_export_streams_json_lines_for_a_range(config, tmp_path):
