@@ -118,12 +118,12 @@ def _lines(file, count):
 
 def export_events(connection, out, site_id, period, fmt="jsonl"):
     """Stream the events of a site (and period) in id order; returns how many."""
-    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE site_id = ?"
-    params = [site_id]
+    # :name parameters, the one form both stores take (postgres_store.to_pyformat)
+    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE site_id = :site_id"
+    params = {"site_id": site_id}
     if not period.all_time:
-        bounds = period.timestamp_bounds()
-        sql += " AND timestamp >= ? AND timestamp <= ?"
-        params += [bounds["first_ts"], bounds["last_ts"]]
+        sql += " AND timestamp >= :first_ts AND timestamp <= :last_ts"
+        params.update(period.timestamp_bounds())
     cursor = connection.execute(sql + " ORDER BY timestamp, id", params)
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:

@@ -5,11 +5,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+from datetime import date
 
 import orjson
 import pytest
 
 import transfer
+from postgres_store import PostgresStore
 from reports import Period
 from store import open_store
 
@@ -110,6 +112,22 @@ def test_export_of_the_last_day_there_is(config, tmp_path):
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
     result = run_processor(config, "export", "--site", "imp", "--from", "9999-12-31", "--to", "9999-12-31")
     assert (result.returncode, result.stdout) == (0, ""), result.stderr
+
+
+def test_export_from_a_postgresql_store(tmp_path, postgres_database):
+    events_file(tmp_path / "in.jsonl", 56)
+    store = PostgresStore(postgres_database)
+    store.migrate()
+    transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False)
+    out, connection = io.StringIO(), store.connect(readonly=True)
+    try:
+        period = Period(date(2025, 2, 1), date(2025, 2, 2))
+        assert transfer.export_events(connection, out, "imp", period) == 4
+    finally:
+        connection.close()
+        store.close()
+    assert {orjson.loads(line)["timestamp"][:10] for line in out.getvalue().splitlines()} == {
+        "2025-02-01", "2025-02-02"}
 
 
 def test_export_as_csv_round_trips_every_event(config, tmp_path):
