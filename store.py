@@ -396,15 +396,24 @@ class SQLiteStore:
         WAL mode it blocks no writer, and copying in steps would start over
         whenever the processor commits. The copy is written beside the
         destination and renamed into place, so a failed backup leaves no
-        half-written file under its name.
+        half-written file under its name. Missing directories of the
+        destination are made; anything else that stops the copy being
+        written is an OSError naming the destination.
         """
         partial = f"{destination}.partial"
-        target = sqlite3.connect(partial)
+        source = self.connection        # a database that cannot be opened is StoreUnavailable
         try:
-            self.connection.backup(target)
-        finally:
-            target.close()
-        os.replace(partial, destination)
+            os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+            os.replace(partial, destination)
+        except (OSError, sqlite3.Error) as error:
+            if os.path.isfile(partial):
+                os.remove(partial)      # a copy cut short (a full disk) is of no use
+            raise OSError(f"cannot write {destination}: {error}") from error
 
     def delete_before(self, table, day, after=None, limit=5000):
         """Delete old rows of one window of a dated table, in one transaction (see delete_window)."""

@@ -182,6 +182,28 @@ def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tm
     assert refused.returncode == 2 and "exists" in refused.stderr
 
 
+def test_backup_creates_the_directories_it_names(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 4)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    copy = tmp_path / "backups" / "2025" / "analytics-2025-03-01.db"
+    result = run_processor(config, "backup", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert sqlite3.connect(copy).execute("SELECT count(*) FROM events").fetchone() == (4,)
+
+
+@pytest.mark.parametrize("obstacle", ["a file where its directory goes", "a directory where it is written"])
+def test_a_backup_that_cannot_be_written_fails_in_one_line_naming_the_file(config, tmp_path, obstacle):
+    copy = tmp_path / "backups" / "copy.db"
+    if obstacle.startswith("a file"):
+        (tmp_path / "backups").write_text("")
+    else:
+        (tmp_path / "backups" / "copy.db.partial").mkdir(parents=True)
+    result = run_processor(config, "backup", str(copy))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"backup failed: cannot write {copy}: " in result.stderr.splitlines()[-1]
+
+
 def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path, postgres_database):
     result = subprocess.run([sys.executable, "processor.py", "backup", str(tmp_path / "copy.db")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60,
