@@ -32,7 +32,7 @@ from events import InvalidEvent, parse_line
 from query_params import InvalidParameter, QueryParams
 from retention import Retention
 from shared_queue import QueueBusy, open_queue
-from store import NotForThisStore, open_store
+from store import NotForThisStore, StoreUnavailable, open_store
 from transfer import export_events, import_file
 
 log = logging.getLogger("processor")
@@ -40,6 +40,9 @@ log = logging.getLogger("processor")
 MAX_BACKOFF = 30.0
 PROGRESS_EVERY = 5.0
 LOG_BACKUPS = 5             # processor.log.1 ... processor.log.5
+# SQLite's answers to opening a file that no wait will change: no such directory or
+# no permission, not a database, a corrupt one (a busy database, by contrast, frees up)
+SQLITE_LASTING = frozenset({"SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
 class Processor:
@@ -264,8 +267,8 @@ def main(argv=None):
     if args.command:
         try:
             return run_command(args, config)
-        except (InvalidParameter, OSError, NotForThisStore) as error:
-            log.error("%s failed: %s", args.command, error)
+        except (InvalidParameter, OSError, NotForThisStore, StoreUnavailable) as error:
+            log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2
     processor = Processor(open_queue(config), open_store(config), config,
                           on_batch=batch_metrics(config))
@@ -276,6 +279,9 @@ def main(argv=None):
     except QueueBusy as error:
         log.error("%s", error)
         return 1
+    except StoreUnavailable as error:
+        log.error("cannot start: %s", error)
+        return 2
     processor.run(once=args.once)
     return 0
 
@@ -294,7 +300,7 @@ def start_when_reachable(processor):
 
     A processor started together with its database (compose, systemd) must
     wait for it rather than exit. Only a queue taken by another processor
-    is final.
+    and a SQLite file that cannot be opened are final.
     """
     backoff = 0.5
     while not processor.stopping.is_set():
@@ -304,10 +310,23 @@ def start_when_reachable(processor):
         except QueueBusy:
             raise
         except Exception as error:
+            if lasting(error):
+                raise
             log.warning("cannot start yet: %s; retrying in %.1fs", error, backoff)
             processor.stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
     return False
+
+
+def lasting(error):
+    """Whether a store that failed to start would fail the same way however long we waited.
+
+    A PostgreSQL server may still be starting; a SQLite file that cannot be
+    opened stays so until someone acts. The sqlite3 error is the cause
+    StoreUnavailable carries (store.unavailable_or_bug).
+    """
+    return (isinstance(error, StoreUnavailable)
+            and getattr(error.__cause__, "sqlite_errorname", None) in SQLITE_LASTING)
 
 
 if __name__ == "__main__":

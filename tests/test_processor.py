@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from events import encode_event, validate_event
+from processes import exit_code, log_tail, start_processor
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
@@ -194,3 +195,11 @@ def test_the_api_reads_a_backup_copied_over_the_database(config, drain, tmp_path
     queue.append([event(i) for i in range(6, 8)])
     drain().close()                 # the queue still holds 3..5 and now 6..7
     assert client.get("/stats?site_id=s").get_json()["unique_users"] == 8
+
+
+def test_a_sqlite_database_that_cannot_be_opened_stops_the_processor_at_start(data_dir, children):
+    processor = start_processor(data_dir, DATABASE_URL="/nonexistent/dir/a.db")
+    children.append(processor)
+    assert exit_code(processor, timeout=30) == 2
+    assert ("ERROR processor cannot start: SQLite /nonexistent/dir/a.db: unable to open database file"
+            in log_tail(data_dir, "processor"))

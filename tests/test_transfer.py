@@ -12,6 +12,7 @@ import pytest
 
 import transfer
 from postgres_store import PostgresStore
+from processes import free_port
 from reports import Period
 from store import open_store
 
@@ -29,9 +30,11 @@ def events_file(path, count, bad_every=0, site="imp"):
                                          "timestamp": f"2025-02-{1 + i % 28:02d}T12:00:00Z"}) + b"\n")
 
 
-def run_processor(config, *args):
+def run_processor(config, *args, **environment):
+    """processor.py in config's DATA_DIR, with more environment variables if given."""
     return subprocess.run([sys.executable, "processor.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "DATA_DIR": config.data_dir})
+                          text=True, timeout=60,
+                          env={**os.environ, "DATA_DIR": config.data_dir, **environment})
 
 
 def count_events(config):
@@ -202,6 +205,27 @@ def test_a_backup_that_cannot_be_written_fails_in_one_line_naming_the_file(confi
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"backup failed: cannot write {copy}: " in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [["import", "in.jsonl"], ["export", "--site", "imp"], ["rebuild-rollups"],
+                                     ["backup", "copy.db"]], ids=lambda command: command[0])
+def test_a_command_whose_sqlite_store_cannot_be_opened_fails_in_one_line(config, tmp_path, command):
+    events_file(tmp_path / "in.jsonl", 4)
+    args = [str(tmp_path / arg) if arg.endswith(("jsonl", ".db")) else arg for arg in command]
+    result = run_processor(config, *args, DATABASE_URL="/nonexistent/dir/a.db")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        f"{command[0]} failed: SQLite /nonexistent/dir/a.db: unable to open database file")
+
+
+def test_a_command_whose_postgresql_server_does_not_answer_fails_in_one_line(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 4)
+    result = run_processor(config, "import", str(tmp_path / "in.jsonl"),
+                           DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "import failed: PostgreSQL: " in result.stderr.splitlines()[-1]
 
 
 def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path, postgres_database):
