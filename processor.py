@@ -270,6 +270,11 @@ def main(argv=None):
         except (InvalidParameter, OSError, NotForThisStore, StoreUnavailable) as error:
             log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2
+        except KeyboardInterrupt:
+            # the open transaction rolled back; an import keeps the position of its last batch
+            resume = "; run it again to resume where it stopped" if args.command == "import" else ""
+            log.warning("%s interrupted%s", args.command, resume)
+            return 130
     processor = Processor(open_queue(config), open_store(config), config,
                           on_batch=batch_metrics(config))
     install_signal_handlers(processor)

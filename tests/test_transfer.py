@@ -2,6 +2,7 @@
 import csv
 import io
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 import transfer
 from postgres_store import PostgresStore
-from processes import free_port
+from processes import free_port, wait_for
 from reports import Period
 from store import open_store
 
@@ -235,3 +236,22 @@ def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path, postgres_datab
     assert result.returncode == 2
     assert "pg_dump" in result.stderr
     assert not (tmp_path / "copy.db").exists()
+
+
+def test_ctrl_c_stops_an_import_in_one_line_and_running_it_again_resumes(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 100_000)
+    store = open_store(config)
+    store.migrate()
+    importing = subprocess.Popen([sys.executable, "processor.py", "import", str(tmp_path / "in.jsonl")],
+                                 cwd=ROOT, env={**os.environ, "DATA_DIR": config.data_dir},
+                                 stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: count_events(config) > 0, 30, "the import's first batch")
+    importing.send_signal(signal.SIGINT)
+    assert importing.wait(timeout=30) == 130
+    stderr = importing.stderr.read()
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1].endswith("import interrupted; run it again to resume where it stopped")
+    assert count_events(config) < 100_000
+    assert run_processor(config, "import", str(tmp_path / "in.jsonl")).returncode == 0
+    assert sqlite3.connect(config.database_path).execute(
+        "SELECT count(DISTINCT user_id), count(*) FROM events").fetchone() == (100_000, 100_000)
