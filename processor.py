@@ -3,7 +3,7 @@
     python processor.py                   run until SIGTERM / SIGINT
     python processor.py --once            drain what is queued now, then exit
     python processor.py import FILE       store the events of a JSON-lines file
-    python processor.py export --site S [--from D --to D] [--format csv]
+    python processor.py export --site S [--from D] [--to D] [--format csv]
     python processor.py rebuild-rollups   recompute the rollups from the events
     python processor.py backup FILE       copy the database while everything runs
 
@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import orjson
 
@@ -29,7 +29,8 @@ import logs
 from config import ConfigurationError, load_config
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
-from query_params import InvalidParameter, QueryParams
+from query_params import DATE, InvalidParameter
+from reports import Period
 from retention import Retention
 from shared_queue import QueueBusy, open_queue
 from store import NotForThisStore, StoreUnavailable, open_store
@@ -202,13 +203,38 @@ def build_parser():
     importer.add_argument("file")
     exporter = commands.add_parser("export", help="write a site's events to standard output")
     exporter.add_argument("--site", required=True)
-    exporter.add_argument("--from", dest="start", metavar="YYYY-MM-DD")
-    exporter.add_argument("--to", dest="end", metavar="YYYY-MM-DD")
+    exporter.add_argument("--from", dest="start", metavar="YYYY-MM-DD", type=day,
+                          help="the first day (default: the first there is)")
+    exporter.add_argument("--to", dest="end", metavar="YYYY-MM-DD", type=day,
+                          help="the last day (default: the last there is)")
     exporter.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     commands.add_parser("rebuild-rollups", help="recompute every rollup from the events table")
     backup = commands.add_parser("backup", help="copy the database while everything runs")
     backup.add_argument("file", help="the copy to write; must not exist yet")
     return parser
+
+
+def day(text):
+    """A --from or --to argument: a real day, written YYYY-MM-DD."""
+    try:
+        if DATE.fullmatch(text):
+            return date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}")
+
+
+def export_period(args):
+    """The days an export covers: any range (REPORT_MAX_DAYS bounds reports, not exports).
+
+    --from alone runs to the last day there is, --to alone from the first.
+    """
+    if args.start is None and args.end is None:
+        return Period()
+    start, end = args.start or date.min, args.end or date.max
+    if start > end:
+        raise InvalidParameter(f"--to {end} is before --from {start}")
+    return Period(start, end)
 
 
 def run_command(args, config):
@@ -221,9 +247,8 @@ def run_command(args, config):
     if args.command == "backup":
         return back_up(store, args.file)
     if args.command == "export":
-        params = {"from": args.start, "to": args.end}
-        period = QueryParams({k: v for k, v in params.items() if v}, config).period()
-        count = export_events(store.connect(readonly=True), sys.stdout, args.site, period, args.format)
+        count = export_events(store.connect(readonly=True), sys.stdout, args.site, export_period(args),
+                              args.format)
         log.info("export finished site=%s events=%d", args.site, count)
         return 0
     with tqdm(total=None, unit="events", unit_scale=True, desc="rebuild",

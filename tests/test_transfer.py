@@ -111,6 +111,30 @@ def test_export_streams_json_lines_for_a_range(config, tmp_path):
     assert set(lines[0]) == {"site_id", "event_type", "path", "user_id", "timestamp"}
 
 
+@pytest.mark.parametrize("bounds, first_day, last_day", [
+    (["--from", "2025-02-27"], "2025-02-27", "2025-02-28"),
+    (["--to", "2025-02-02"], "2025-02-01", "2025-02-02"),
+    (["--from", "2000-01-01", "--to", "2099-12-31"], "2025-02-01", "2025-02-28"),
+], ids=["from alone: to the last day", "to alone: from the first day", "longer than any report"])
+def test_export_takes_any_range_and_either_end_alone(config, tmp_path, bounds, first_day, last_day):
+    events_file(tmp_path / "in.jsonl", 56)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    result = run_processor(config, "export", "--site", "imp", *bounds)
+    assert result.returncode == 0, result.stderr
+    days = sorted(orjson.loads(line)["timestamp"][:10] for line in result.stdout.splitlines())
+    assert (days[0], days[-1]) == (first_day, last_day) and len(days) == len(set(days)) * 2
+
+
+@pytest.mark.parametrize("bounds, error", [
+    (["--from", "2025-02-03", "--to", "2025-02-01"], "--to 2025-02-01 is before --from 2025-02-03"),
+    (["--from", "2025-02-30"], "argument --from: expected a date as YYYY-MM-DD, got '2025-02-30'"),
+])
+def test_export_refuses_a_bad_range_in_the_words_of_its_options(config, bounds, error):
+    result = run_processor(config, "export", "--site", "imp", *bounds)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(error)
+
+
 def test_export_of_the_last_day_there_is(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 4)
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
