@@ -118,6 +118,7 @@ class Processor:
                 self.retention.step()       # one small window, when due
                 if consumed == 0:
                     if once:
+                        self.retention.finish_pass(self.stopping)
                         break
                     self.stopping.wait(self.config.poll_interval)
         finally:

@@ -10,7 +10,8 @@ A pass walks each dated table by its key, one window of RETENTION_BATCH_SIZE
 rows per transaction and at most one window every RETENTION_INTERVAL
 seconds, between the processor's own batches: neither ingestion (which
 writes only the queue) nor the processor ever waits on more than one small
-transaction. A pass runs at start and again when the date moves the cutoff.
+transaction. A pass runs at start and again when the date moves the cutoff;
+processor --once finishes the one it started before it exits.
 """
 import logging
 import time
@@ -20,6 +21,7 @@ log = logging.getLogger("retention")
 
 ROLLUP_TABLES = ("hourly_totals", "daily_users", "daily_totals", "daily_values", "daily_value_users")
 MAX_BACKOFF = 300.0
+PROGRESS_EVERY = 5.0
 
 
 def utc_today():
@@ -86,6 +88,22 @@ class Retention:
         if self.after is None:
             self._table_done(table, day)
         return deleted
+
+    def finish_pass(self, stopping):
+        """Run the pass in progress to its end, still one window per interval, unless stopping is set.
+
+        For processor --once, which would otherwise exit after one window.
+        Windows that delete nothing log nothing, so where the walk is gets
+        logged every few seconds.
+        """
+        reported = self.clock()
+        while self.in_pass and not stopping.is_set():
+            stopping.wait(max(0.0, self.next_time - self.clock()))
+            self.step()
+            if self.in_pass and self.clock() - reported >= PROGRESS_EVERY:
+                log.info("retention progress table=%s deleted=%d tables_left=%d", self.remaining[0][0],
+                         self.deleted, len(self.remaining))
+                reported = self.clock()
 
     def _table_done(self, table, day):
         log.info("retention finished table=%s deleted=%d before=%s", table, self.deleted, day)

@@ -1,6 +1,8 @@
 """Retention deletes old events and rollup rows in small batches, on every store."""
 import itertools
 import logging
+import re
+import threading
 from datetime import date, timedelta
 
 import pytest
@@ -194,6 +196,37 @@ def test_the_processor_deletes_old_events_between_its_batches(config):
     store = open_store(config)
     assert event_days(store) == [recent.isoformat()]
     store.close()
+
+
+def test_once_finishes_the_retention_pass_on_every_table_before_exiting(config, caplog):
+    today = utc_today()
+    old, recent = today - timedelta(days=30), today - timedelta(days=1)
+    open_queue(config).append([encode_event(validate_event({
+        "site_id": "s", "event_type": "page_view", "user_id": f"u{n}",
+        "timestamp": f"{day.isoformat()}T12:00:00Z"})) for n in range(20) for day in (old, recent)])
+    settings = config.with_overrides(retention_days=7, rollup_retention_days=7, retention_batch_size=3,
+                                     retention_interval=0.001)
+    processor = Processor(open_queue(settings), open_store(settings), settings)
+    processor.start()
+    with caplog.at_level(logging.INFO, logger="retention"):
+        processor.run(once=True)
+    store = open_store(config)
+    assert event_days(store) == [recent.isoformat()]
+    for table in ROLLUP_TABLES:
+        assert rollup_days(store, table) == [recent.isoformat()], table
+    store.close()
+    for table in ("events",) + ROLLUP_TABLES:
+        assert f"retention finished table={table} " in caplog.text
+
+
+def test_a_pass_run_to_its_end_logs_where_it_is_every_few_seconds(config, store, caplog):
+    retention = Retention(store, config.with_overrides(retention_days=1, retention_batch_size=10),
+                          today=lambda: TODAY, clock=itertools.count(step=10).__next__)   # 10 s a window
+    retention.step()
+    with caplog.at_level(logging.INFO, logger="retention"):
+        retention.finish_pass(threading.Event())
+    assert event_days(store) == days(1, 0)
+    assert re.search(r"retention progress table=events deleted=\d+ tables_left=1", caplog.text)
 
 
 @pytest.mark.embedded
