@@ -201,5 +201,6 @@ def test_a_sqlite_database_that_cannot_be_opened_stops_the_processor_at_start(da
     processor = start_processor(data_dir, DATABASE_URL="/nonexistent/dir/a.db")
     children.append(processor)
     assert exit_code(processor, timeout=30) == 2
-    assert ("ERROR processor cannot start: SQLite /nonexistent/dir/a.db: unable to open database file"
-            in log_tail(data_dir, "processor"))
+    log = log_tail(data_dir, "processor")
+    assert "ERROR processor" in log
+    assert "cannot start: SQLite /nonexistent/dir/a.db: unable to open database file" in log
