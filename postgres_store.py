@@ -81,12 +81,13 @@ NEW_ROWS = rollups.Dialect(
     new_events="FROM new_events AS e WHERE TRUE",
     props_join="FROM new_events AS e, jsonb_each_text(e.props::jsonb) AS prop(key, value) "
                "WHERE e.props IS NOT NULL")
-_NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+# a string literal (left as it is: a prop key such as 'x :y' is no parameter), or a :name
+_NAMED = re.compile(r"('(?:[^']|'')*')|(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 
 def to_pyformat(sql):
     """:name parameters (the form every shared query is written in) as psycopg's %(name)s."""
-    return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+    return _NAMED.sub(lambda match: match[1] or f"%({match[2]})s", sql.replace("%", "%%"))
 
 
 class Connection:

@@ -260,6 +260,19 @@ def test_migration_from_the_hourly_user_set_keeps_every_report(config):
     store.close()
 
 
+@pytest.mark.parametrize("key", ["x :y", ":y", "a.b:c-d e"])
+def test_every_valid_props_key_is_reported_alike_from_rollups_and_raw_events(client, drain, config, key):
+    event = {"n": "Signup", "d": "a.test", "u": "http://a.test/", "p": {key: "pro"}}
+    assert client.post("/api/event", json=event, headers={"User-Agent": CHROME}).status_code == 202
+    drain()
+    store, connection, rollup, raw = reports_of(config)
+    expected = [{"value": "pro", "views": 0, "events": 1, "unique_users": 1}]
+    assert rollup.breakdown("a.test", "props." + key, Period()) == expected
+    assert raw.breakdown("a.test", "props." + key, Period()) == expected
+    connection.close()
+    store.close()
+
+
 def set_schema_version(connection, config, version):
     if config.database_path.startswith("postgresql://"):
         connection.execute("DELETE FROM schema_version WHERE version > :v", {"v": version})
