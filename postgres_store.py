@@ -25,7 +25,8 @@ from store import REBUILD_CHUNK, ROW_COLUMNS, NotForThisStore, StoreUnavailable,
 
 log = logging.getLogger("store")
 SHARDS = 16
-JSON_VALUE = "(props::jsonb ->> '{key}')"
+# compared in byte order, as the rollup columns are, whatever the database's collation
+JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
 MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
 
 COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
