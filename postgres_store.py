@@ -76,6 +76,33 @@ MIGRATIONS = [
     INSERT INTO daily_totals SELECT site_id, day, count(*), 0 FROM daily_users GROUP BY 1, 2;
     DROP TABLE hourly_users
     """,
+    # The value tables are keyed by value_key(value) instead of the value: a B-tree entry
+    # holds at most 2,704 bytes, less than a value may take in UTF-8 (a 2,048-character
+    # path of CJK is 6 KB), and inserting such a row failed the batch for good. A value of
+    # up to 256 bytes is its own key, as before; a longer one is keyed by its SHA-256 (of
+    # its bytes: decode reads them back once every backslash is doubled), in hex padded to
+    # 257 bytes so that it never equals a shorter value. The longest key left, in
+    # daily_value_users with a site_id and a user_id of 256 four-byte characters, is about
+    # 2,400 bytes. The rows stay as they were, text included; the keys are unique indexes
+    # on the expression (a primary key cannot hold one). Hashing only long values keeps
+    # the processor as fast as it was: hashing every value cost PostgreSQL ~15% more CPU.
+    # value_key is immutable, as an index needs, and not STRICT: PostgreSQL inlines only
+    # a strict function whose body is strict, which a CASE is not, and the call of a SQL
+    # function that is not inlined cost 3 µs a row. Safe to run again.
+    r"""
+    CREATE OR REPLACE FUNCTION value_key(value TEXT) RETURNS TEXT LANGUAGE sql
+        IMMUTABLE PARALLEL SAFE
+        RETURN CASE WHEN octet_length(value) <= 256 THEN value
+            ELSE lpad(encode(sha256(decode(replace(value, E'\\', E'\\\\'), 'escape')), 'hex'), 257, '#') END;
+    ALTER TABLE daily_values DROP CONSTRAINT IF EXISTS daily_values_pkey;
+    CREATE UNIQUE INDEX IF NOT EXISTS daily_values_key
+        ON daily_values (site_id, property, day, value_key(value), shard);
+    ALTER TABLE total_values DROP CONSTRAINT IF EXISTS total_values_pkey;
+    CREATE UNIQUE INDEX IF NOT EXISTS total_values_key ON total_values (site_id, property, value_key(value), shard);
+    ALTER TABLE daily_value_users DROP CONSTRAINT IF EXISTS daily_value_users_pkey;
+    CREATE UNIQUE INDEX IF NOT EXISTS daily_value_users_key
+        ON daily_value_users (site_id, property, value_key(value), day, user_id)
+    """,
 ]
 
 NEW_ROWS = rollups.Dialect(
@@ -112,6 +139,23 @@ class Connection:
         if self._release:
             self._release(self.raw)
             self._release = None
+
+
+class KeyedReports(RollupReports):
+    """The rollup reports, finding values by value_key(value), the key of the value tables (MIGRATIONS)."""
+
+    def value_users(self, site_id, prop, period, values):
+        """The distinct users of each of values, as RollupReports.value_users (an index range per value)."""
+        if not values:
+            return {}
+        days, params = "", {"site": site_id, "property": prop, "values": list(values)}
+        if not period.all_time:
+            days = "AND day BETWEEN :first_day AND :last_day"
+            params.update(period.day_bounds())
+        return dict(self.connection.execute(
+            "SELECT value, count(DISTINCT user_id) FROM daily_value_users WHERE site_id = :site "
+            "AND property = :property AND value_key(value) = ANY(ARRAY(SELECT value_key(wanted.value) "
+            f"FROM unnest(CAST(:values AS TEXT[])) AS wanted(value))) {days} GROUP BY value", params).fetchall())
 
 
 class PostgresStore:
@@ -221,7 +265,8 @@ class PostgresStore:
                     {"queue": queue, "checkpoint": checkpoint})
 
     def _dialect(self):
-        return rollups.Dialect(NEW_ROWS.new_events, NEW_ROWS.props_join, shard=self.shard)
+        return rollups.Dialect(NEW_ROWS.new_events, NEW_ROWS.props_join, shard=self.shard,
+                               value_key="value_key(value)")
 
     def checkpoint(self, queue):
         with self.atomic() as connection:
@@ -238,7 +283,7 @@ class PostgresStore:
                                             {"day": day}).fetchone()[0])
 
     def reports(self, connection, raw=False):
-        return RawReports(connection, JSON_VALUE) if raw else RollupReports(connection, sharded=True)
+        return RawReports(connection, JSON_VALUE) if raw else KeyedReports(connection, sharded=True)
 
     def rebuild_rollups(self, progress=None):
         with self.atomic() as connection:

@@ -80,18 +80,25 @@ class Dialect:
     shard: None, or this processor's shard number: counter rows are then kept
     per shard (and summed by reports), so that concurrent processors never
     wait on each other's counter rows.
+    value_key: the SQL for value in the unique keys of the value tables
+    (PostgreSQL's key a long value by its digest: see postgres_store.py).
     """
     new_events: str
     props_join: str
     shard: int = None
+    value_key: str = "value"
 
 
-def _counts(table, select, dialect, order="1, 2"):
+def _counts(table, select, dialect):
     """Upsert counts: views and events added to what the row holds.
 
-    Rows go in key order, so concurrent writers lock rows in the same order.
+    Rows go in the order of their whole key (by value where the key is a
+    function of it: still one total order), so that concurrent writers of
+    one shard lock rows in the same order.
     """
     target = COUNT_TARGETS[table]
+    order = ", ".join(str(number) for number in range(1, target.count(",") + 2))
+    target = target.replace("value", dialect.value_key)
     if dialect.shard is not None:
         select = select.replace(" FROM ", f", {dialect.shard} FROM ", 1)   # the last column
         target += ", shard"
@@ -138,8 +145,7 @@ def fold_statements(dialect):
         _counts("hourly_totals", f"SELECT site_id, substr(timestamp, 1, 13), {VIEW}, count(*) "
                 f"{new} GROUP BY 1, 2", dialect),
         _daily_users(dialect),
-        _counts("site_totals", f"SELECT site_id, {VIEW}, count(*), 0 AS users {new} GROUP BY 1",
-                dialect, order="1"),
+        _counts("site_totals", f"SELECT site_id, {VIEW}, count(*), 0 AS users {new} GROUP BY 1", dialect),
     ]
     for name, value in PROPERTIES.items():
         statements += _value_statements(f"'{name}'", value, f"{new} AND {value} IS NOT NULL", dialect)

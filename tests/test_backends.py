@@ -1,13 +1,14 @@
 """The contract every queue and store keeps, run on each combination with the real services."""
 import random
 import sys
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
 from events import encode_event, validate_event
 from processor import Processor
 from reports import Period
+from rollups import PROPERTIES
 from shared_queue import QueueUnavailable, open_queue
 from store import StoreUnavailable, open_store
 
@@ -256,6 +257,42 @@ def test_migration_from_the_hourly_user_set_keeps_every_report(config):
             assert rollup.stats(site, period) == raw.stats(site, period)
             for interval in ("day", "hour"):
                 assert rollup.timeseries(site, period, interval) == raw.timeseries(site, period, interval)
+    connection.close()
+    store.close()
+
+
+def wide(count, first=0x20000):
+    """count different characters of four bytes each in UTF-8 (CJK Extension B)."""
+    return "".join(chr(first + offset) for offset in range(count))
+
+
+def test_the_longest_values_the_apis_accept_are_stored_and_reported_exactly(client, config):
+    """Every key of a rollup row holding them would be kilobytes long: a batch must still be stored."""
+    site, user, key = wide(256), wide(256, 0x21000), "k" * 64
+    path = "/" + wide(2047, 0x22000)
+    assert client.post("/event", json={"site_id": site, "event_type": "page_view", "path": path,
+                                       "user_id": user}).status_code == 200
+    assert client.post("/event", json={"site_id": site, "event_type": wide(256, 0x23000),
+                                       "user_id": user}).status_code == 200
+    utm = "&".join(f"utm_{tag}={wide(256, first)}" for tag, first in
+                   (("source", 0x24000), ("medium", 0x25000), ("campaign", 0x26000)))
+    browser_event = {"n": "Signup", "d": site, "u": f"http://a.test/{wide(1150, 0x27000)}?{utm}",
+                     "r": f"http://{wide(1990, 0x28000)}/", "p": {key: wide(256, 0x29000)}}
+    assert client.post("/api/event", json=browser_event, headers={"User-Agent": CHROME}).status_code == 202
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view", "path": "/"}).status_code == 200
+    assert processor_for(config).step() == 4        # one batch, whose failure would be raised here
+    store, connection, rollup, raw = reports_of(config)
+    assert connection.execute("SELECT count(*) FROM events").fetchone()[0] == 4
+    assert rollup.stats(site, Period()) == {"total_views": 1, "unique_users": 2,
+                                            "top_paths": [{"path": path, "views": 1}]}
+    assert rollup.stats("s", Period())["total_views"] == 1
+    assert rollup.breakdown(site, "props." + key, Period()) == [
+        {"value": wide(256, 0x29000), "views": 0, "events": 1, "unique_users": 1}]
+    today = Period(datetime.now(timezone.utc).date(), datetime.now(timezone.utc).date())
+    for prop in list(PROPERTIES) + ["props." + key]:
+        for period in (Period(), today):
+            assert rollup.breakdown(site, prop, period) == raw.breakdown(site, prop, period)
+    assert rollup.timeseries(site, today, "hour") == raw.timeseries(site, today, "hour")
     connection.close()
     store.close()
 

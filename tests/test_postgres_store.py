@@ -1,4 +1,4 @@
-"""What only the PostgreSQL store has: databases whose collation is not C."""
+"""What only the PostgreSQL store has: its own migrations, and databases whose collation is not C."""
 import uuid
 
 import psycopg
@@ -7,16 +7,72 @@ import pytest
 from config import load_config
 from conftest import POSTGRES
 from ingestion_api import create_app
+from postgres_store import MIGRATIONS
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
 from store import open_store
+
+VALUE_TABLES = {"daily_values": "site_id, property, day, value, shard",
+                "total_values": "site_id, property, value, shard",
+                "daily_value_users": "site_id, property, value, day, user_id"}
+
+
+@pytest.fixture
+def backend():
+    return "file+postgresql"
 
 
 def signup(client, site, props):
     event = {"n": "Signup", "d": site, "u": f"http://{site}/pricing", "p": props}
     assert client.post("/api/event", json=event, headers={"User-Agent": "Mozilla/5.0 Firefox/140.0"},
                        environ_base={"REMOTE_ADDR": "203.0.113.7"}).status_code == 202
+
+
+def value_tables(connection):
+    return {table: connection.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
+            for table, key in VALUE_TABLES.items()}
+
+
+def test_upgrading_to_keys_of_any_length_keeps_the_value_rows_and_adds_to_them(config, client, drain):
+    for number in range(40):
+        event = {"site_id": "s", "event_type": ["page_view", "click"][number % 2], "path": f"/p{number % 5}",
+                 "user_id": f"u{number % 7}"}
+        assert client.post("/event", json=event).status_code == 200
+    signup(client, "s", {"plan": "pro"})
+    drain()
+    store = open_store(config)
+    latest = store.migrate()
+    keyed = next(number for number, migration in enumerate(MIGRATIONS) if "value_key" in migration)
+    with store.atomic() as connection:      # back to the version before, as a database of that version is
+        before = value_tables(connection)
+        connection.execute("DROP INDEX daily_values_key, total_values_key, daily_value_users_key")
+        connection.execute("DROP FUNCTION value_key")
+        for table, key in VALUE_TABLES.items():
+            connection.execute(f"ALTER TABLE {table} ADD PRIMARY KEY ({key})")
+        connection.execute("DELETE FROM schema_version WHERE version > :v", {"v": keyed})
+    assert store.migrate() == latest
+    with store.atomic() as connection:
+        assert value_tables(connection) == before
+    store.close()
+
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view", "path": "/p0",
+                                       "user_id": "u0"}).status_code == 200
+    long_path = "/" + "".join(chr(0x20000 + number) for number in range(2047))      # 8 KB in UTF-8
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view", "path": long_path}).status_code == 200
+    drain()
+    store = open_store(config)
+    connection = store.connect(readonly=True)
+    rollup, raw = store.reports(connection), store.reports(connection, raw=True)
+    paths = {row["value"]: row for row in rollup.breakdown("s", "path", Period(), 10)}
+    assert paths["/p0"] == {"value": "/p0", "views": 5, "events": 9, "unique_users": 7}
+    assert len(paths) == 7          # five, /pricing and the long one
+    for prop in ("path", "event_type", "props.plan"):
+        assert rollup.breakdown("s", prop, Period(), 10) == raw.breakdown("s", prop, Period(), 10)
+    # this processor's counts went into the upgraded rows, not into new rows beside them
+    assert connection.execute("SELECT count(*) FROM total_values WHERE property = 'path'").fetchone()[0] == 7
+    connection.close()
+    store.close()
 
 
 def administer(sql):
