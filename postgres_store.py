@@ -105,6 +105,10 @@ MIGRATIONS = [
     """,
 ]
 
+# retention walks the value tables by their unique indexes, which key value by value_key(value)
+WALKING_KEYS = {"daily_values": ("site_id", "property", "day", "value_key(value)"),
+                "daily_value_users": ("site_id", "property", "value_key(value)", "day", "user_id")}
+
 NEW_ROWS = rollups.Dialect(
     new_events="FROM new_events AS e WHERE TRUE",
     props_join="FROM new_events AS e, jsonb_each_text(e.props::jsonb) AS prop(key, value) "
@@ -305,4 +309,4 @@ class PostgresStore:
     def delete_before(self, table, day, after=None, limit=5000):
         """As SQLiteStore.delete_before; concurrent processors deleting the same rows only wait."""
         with self.atomic() as connection:
-            return delete_window(connection, table, day, after, limit)
+            return delete_window(connection, table, day, after, limit, keys=WALKING_KEYS)

@@ -433,16 +433,18 @@ DATED_TABLES = {
 }
 
 
-def delete_window(connection, table, day, after, limit):
+def delete_window(connection, table, day, after, limit, keys=None):
     """Delete the rows dated before day ('YYYY-MM-DD') among the next limit rows after key after.
 
     Returns (rows deleted, the window's last key to pass as after next time,
     or None once the window reached the end of the table). Walking the table
     by key bounds each transaction to limit rows however few are old, and
     needs no index on the date. Dates compare as text: '2025-03-01T10' and
-    '2025-03-01T10:00:00.000Z' both sort after '2025-03-01'.
+    '2025-03-01T10:00:00.000Z' both sort after '2025-03-01'. keys: the
+    store's own walking key where it differs from DATED_TABLES' (SQL expressions).
     """
     columns, dated = DATED_TABLES[table]
+    columns = (keys or {}).get(table, columns)
     key = f"({', '.join(columns)})"
     params = {"day": day, "offset": limit - 1}
     start = "TRUE"
