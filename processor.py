@@ -41,9 +41,6 @@ log = logging.getLogger("processor")
 MAX_BACKOFF = 30.0
 PROGRESS_EVERY = 5.0
 LOG_BACKUPS = 5             # processor.log.1 ... processor.log.5
-# SQLite's answers to opening a file that no wait will change: no such directory or
-# no permission, not a database, a corrupt one (a busy database, by contrast, frees up)
-SQLITE_LASTING = frozenset({"SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
 class Processor:
@@ -341,23 +338,12 @@ def start_when_reachable(processor):
         except QueueBusy:
             raise
         except Exception as error:
-            if lasting(error):
+            if isinstance(error, StoreUnavailable) and error.lasting:
                 raise
             log.warning("cannot start yet: %s; retrying in %.1fs", error, backoff)
             processor.stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
     return False
-
-
-def lasting(error):
-    """Whether a store that failed to start would fail the same way however long we waited.
-
-    A PostgreSQL server may still be starting; a SQLite file that cannot be
-    opened stays so until someone acts. The sqlite3 error is the cause
-    StoreUnavailable carries (store.unavailable_or_bug).
-    """
-    return (isinstance(error, StoreUnavailable)
-            and getattr(error.__cause__, "sqlite_errorname", None) in SQLITE_LASTING)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,15 @@ def _insert_statement(filled):
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached now; callers retry or answer 503."""
+    """The database cannot be reached now; callers retry or answer 503.
+
+    lasting: no wait will change it (a SQLite file that cannot be opened), as
+    opposed to a server still starting or a database busy for now.
+    """
+
+    def __init__(self, message, lasting=False):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class NotForThisStore(Exception):
@@ -210,6 +218,11 @@ def _inode(path):
         return None
 
 
+# SQLite's answers to opening a file that no wait will change: no such directory or
+# no permission, not a database, a corrupt one (a busy database, by contrast, frees up)
+SQLITE_LASTING = frozenset({"SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
 def unavailable_or_bug(error, path):
     """A sqlite3 error as StoreUnavailable when it says the database cannot be used now.
 
@@ -218,7 +231,8 @@ def unavailable_or_bug(error, path):
     (a wrong statement, a broken constraint) are bugs and stay what they are.
     """
     if isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError:
-        return StoreUnavailable(f"SQLite {path}: {error}")
+        return StoreUnavailable(f"SQLite {path}: {error}",
+                                lasting=getattr(error, "sqlite_errorname", None) in SQLITE_LASTING)
     return error
 
 
