@@ -76,17 +76,27 @@ class Config:
 
 
 # environment variable -> (field, parser)
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 86_400
+MAX_DAYS = 36_500
 def _positive_int(text):
     value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive whole number")
+    if not 0 < value <= MAX_INT:        # SQLite, Redis and C take no more
+        raise ValueError(f"must be a positive whole number up to {MAX_INT}")
     return value
 
 
-def _positive_float(text):
+def _port(text):
+    value = int(text)
+    if not 0 < value <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def _seconds(text):
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be a positive number")
+    if not 0 < value <= MAX_SECONDS:    # nan and inf fail too
+        raise ValueError(f"must be a positive number of seconds up to {MAX_SECONDS}")
     return value
 
 
@@ -99,8 +109,8 @@ def _bytes_or_zero(text):
 
 def _days(text):
     value = int(text)
-    if value < 0:
-        raise ValueError("must be a number of days, or 0 to keep everything")
+    if not 0 <= value <= MAX_DAYS:
+        raise ValueError(f"must be a number of days up to {MAX_DAYS}, or 0 to keep everything")
     return value
 
 
@@ -109,10 +119,12 @@ def _rate_limit(text):
         return ""
     from limits import parse_many
     try:
-        parse_many(text)
+        limits = parse_many(text)
     except ValueError:
         raise ValueError('expected "off" or limits such as 100/second or '
                          '"100/second; 3000/minute"') from None
+    if any(limit.amount == 0 for limit in limits):
+        raise ValueError('a limit of 0 refuses every event; use "off" for no limit')
     return text
 
 
@@ -126,6 +138,17 @@ def _word_list(text):
     return tuple(word for word in text.replace(",", " ").split() if word)
 
 
+def _api_keys(text):
+    return _ascii_keys(_word_list(text))
+
+
+def _ascii_keys(keys):
+    # a browser or curl sends the header as UTF-8, which the server reads as Latin-1
+    if not all(key.isascii() for key in keys):
+        raise ValueError("keys must be ASCII: an Authorization header cannot carry other characters")
+    return keys
+
+
 def _keys_file(path):
     try:
         with open(path) as file:
@@ -134,7 +157,7 @@ def _keys_file(path):
         raise ValueError(f"cannot read it ({error.strerror})") from None
     if not keys:
         raise ValueError("it holds no keys (one key per line)")
-    return keys
+    return _ascii_keys(keys)
 
 
 def _key_in_line(line):
@@ -166,27 +189,27 @@ ENVIRONMENT = {
     "QUEUE_URL": ("queue_url", str),
     "DATABASE_URL": ("database_url", str),
     "HOST": ("host", str),
-    "PORT": ("port", _positive_int),
+    "PORT": ("port", _port),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_BATCH_EVENTS": ("max_batch_events", _positive_int),
     "MAX_BATCH_BODY_BYTES": ("max_batch_bytes", _positive_int),
     "FSYNC": ("fsync", _one_of(FSYNC_POLICIES)),
-    "FSYNC_INTERVAL": ("fsync_interval", _positive_float),
+    "FSYNC_INTERVAL": ("fsync_interval", _seconds),
     "QUEUE_SEGMENT_BYTES": ("segment_bytes", _positive_int),
     "PROCESSOR_BATCH_SIZE": ("processor_batch_size", _positive_int),
-    "PROCESSOR_POLL_INTERVAL": ("poll_interval", _positive_float),
+    "PROCESSOR_POLL_INTERVAL": ("poll_interval", _seconds),
     "PROCESSOR_LOG_FILE": ("log_file", str),
     "PROCESSOR_LOG_MAX_BYTES": ("log_max_bytes", _bytes_or_zero),
     "REPORT_MAX_DAYS": ("report_max_days", _positive_int),
-    "API_KEYS": ("api_keys", _word_list),
+    "API_KEYS": ("api_keys", _api_keys),
     "API_KEYS_FILE": ("api_keys", _keys_file),
     "CORS_ORIGINS": ("cors_origins", _word_list),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
-    "QUEUE_CLAIM_IDLE": ("claim_idle", _positive_float),
+    "QUEUE_CLAIM_IDLE": ("claim_idle", _seconds),
     "RETENTION_DAYS": ("retention_days", _days),
     "ROLLUP_RETENTION_DAYS": ("rollup_retention_days", _days),
     "RETENTION_BATCH_SIZE": ("retention_batch_size", _positive_int),
-    "RETENTION_INTERVAL": ("retention_interval", _positive_float),
+    "RETENTION_INTERVAL": ("retention_interval", _seconds),
     "LOG_FORMAT": ("log_format", _one_of(LOG_FORMATS)),
     "LOG_LEVEL": ("log_level", _one_of(LOG_LEVELS)),
     "RATE_LIMIT": ("rate_limit", _rate_limit),

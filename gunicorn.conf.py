@@ -31,7 +31,9 @@ WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 import logging
 import os
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
+# as config.py reads them: empty is unset (an empty HOST must not mean every interface);
+# on_starting checks them with the other settings before gunicorn binds
+bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '5000'}"
 worker_class = "sync"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
 # gunicorn 25.1+ opens a control socket (for gunicornc) at one path per user,

@@ -1,0 +1,52 @@
+"""Settings: a bad value stops the program at start, naming the variable; good ones pass."""
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigurationError, load_config
+from processes import REPO, environment, free_port, is_healthy, stop, wait_for
+
+
+@pytest.mark.parametrize("name, value", [
+    ("PORT", "70000"), ("PORT", "0"),
+    ("PROCESSOR_POLL_INTERVAL", "nan"), ("PROCESSOR_POLL_INTERVAL", "inf"),
+    ("RETENTION_INTERVAL", "1e12"), ("FSYNC_INTERVAL", "nan"), ("QUEUE_CLAIM_IDLE", "inf"),
+    ("PROCESSOR_BATCH_SIZE", "99999999999999999999"), ("RETENTION_BATCH_SIZE", "3000000000"),
+    ("RETENTION_DAYS", "1000000"), ("ROLLUP_RETENTION_DAYS", "99999999999"),
+    ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
+    ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"),
+])
+def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
+    with pytest.raises(ConfigurationError, match=name):
+        load_config(environ={name: value})
+
+
+def test_an_api_keys_file_with_a_key_no_header_can_carry_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("ascii-key\ncl\u00e9\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match="API_KEYS_FILE.*ASCII"):
+        load_config(environ={"API_KEYS_FILE": str(keys)})
+
+
+def test_the_largest_values_that_make_sense_are_accepted():
+    config = load_config(environ={"PORT": "65535", "PROCESSOR_POLL_INTERVAL": "86400",
+                                  "RETENTION_DAYS": "36500", "PROCESSOR_BATCH_SIZE": "2147483647",
+                                  "RATE_LIMIT": "1/minute"})
+    assert (config.port, config.poll_interval, config.retention_days) == (65535, 86400, 36500)
+
+
+def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
+    """An empty HOST is unset, as for python ingestion_api.py: never every interface."""
+    port = free_port()
+    env = environment(tmp_path, HOST="", PORT=str(port), RATE_LIMIT="off")
+    log = tmp_path / "gunicorn.err"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "ingestion_api:app"],
+                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                   start_new_session=True)
+    try:
+        wait_for(lambda: is_healthy(f"http://127.0.0.1:{port}"), 30, "gunicorn to answer")
+        assert f"Listening at: http://127.0.0.1:{port}" in log.read_text()
+    finally:
+        stop(process)
