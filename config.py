@@ -76,6 +76,7 @@ class Config:
 
 
 # environment variable -> (field, parser)
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_INT = 2**31 - 1
 MAX_SECONDS = 86_400
 MAX_DAYS = 36_500
@@ -176,6 +177,13 @@ def _networks(text):
         raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8") from None
 
 
+def _queue_url(text):
+    if text.startswith(REDIS_SCHEMES):
+        from redis_queue import check_url      # the Redis client is imported only for its queue
+        check_url(text)
+    return text
+
+
 def _one_of(choices):
     def parse(text):
         if text not in choices:
@@ -186,7 +194,7 @@ def _one_of(choices):
 
 ENVIRONMENT = {
     "DATA_DIR": ("data_dir", str),
-    "QUEUE_URL": ("queue_url", str),
+    "QUEUE_URL": ("queue_url", _queue_url),
     "DATABASE_URL": ("database_url", str),
     "HOST": ("host", str),
     "PORT": ("port", _port),

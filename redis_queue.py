@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
@@ -26,10 +26,29 @@ FORGET_CONSUMER_MS = 3_600_000
 
 
 def _split_stream(url):
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    stream = query.pop("stream", "analytics:events")
-    return urlunsplit(parts._replace(query=urlencode(query))), stream
+    """(the URL for the client, the stream): stream is our option, not the client's.
+
+    Cut at "?" by hand: urlunsplit would turn unix:///path into unix:/path.
+    """
+    base, _, query = url.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    stream = options.pop("stream", "analytics:events")
+    if not stream:
+        raise ValueError("stream= names no stream")
+    return (f"{base}?{urlencode(options)}" if options else base), stream
+
+
+def check_url(url):
+    """Raise ValueError naming what is wrong with a queue URL, without connecting."""
+    try:
+        # a connection object is made, not connected: it is what refuses an unknown option
+        _new_client(_split_stream(url)[0]).connection_pool.make_connection()
+    except (TypeError, ValueError) as error:      # an unknown option, a port that is no number
+        raise ValueError(f"not a Redis URL this client takes ({error})") from None
+
+
+def _new_client(url):
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 class RedisQueue:
@@ -53,8 +72,7 @@ class RedisQueue:
         # garbage-collected and close the connections the first thread is using.
         with self._client_lock:
             if self._client is None:
-                self._client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
-                                                    health_check_interval=30)
+                self._client = _new_client(self.url)
             return self._client
 
     def append(self, lines):

@@ -30,6 +30,8 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from config import REDIS_SCHEMES
+
 log = logging.getLogger("queue")
 
 _COUNTERS = struct.Struct("<QQ")  # events appended, events consumed
@@ -60,7 +62,7 @@ class Batch:
 
 
 def open_queue(config):
-    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+    if config.queue_path.startswith(REDIS_SCHEMES):
         from redis_queue import RedisQueue
         return RedisQueue(config.queue_path, claim_idle=config.claim_idle)
     return FileQueue(config.queue_path, fsync=config.fsync,

@@ -6,6 +6,7 @@ import pytest
 
 from config import ConfigurationError, load_config
 from processes import REPO, environment, free_port, is_healthy, stop, wait_for
+from redis_queue import RedisQueue
 
 
 @pytest.mark.parametrize("name, value", [
@@ -50,3 +51,17 @@ def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
         assert f"Listening at: http://127.0.0.1:{port}" in log.read_text()
     finally:
         stop(process)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?strem=x", "redis://127.0.0.1:notaport/0",
+                                 "redis://127.0.0.1:6379/0?stream="])
+def test_a_queue_url_the_redis_client_cannot_use_is_refused_at_start(url):
+    with pytest.raises(ConfigurationError, match="QUEUE_URL"):
+        load_config(environ={"QUEUE_URL": url})
+
+
+def test_a_unix_socket_queue_url_keeps_its_path():
+    queue = RedisQueue("unix:///run/redis/redis.sock?db=2&stream=site-events")
+    assert (queue.url, queue.stream) == ("unix:///run/redis/redis.sock?db=2", "site-events")
+    connection = queue.client.connection_pool.make_connection()     # made, not connected
+    assert connection.path == "/run/redis/redis.sock" and connection.db == 2
