@@ -32,7 +32,7 @@ from events import InvalidEvent, parse_line
 from query_params import DATE, InvalidParameter
 from reports import Period
 from retention import Retention
-from shared_queue import QueueBusy, open_queue
+from shared_queue import QueueBusy, QueueUnavailable, open_queue
 from store import NotForThisStore, StoreUnavailable, open_store
 from transfer import export_events, import_file
 
@@ -106,8 +106,11 @@ class Processor:
                 try:
                     consumed = self.step()
                     backoff = 0.1
-                except Exception:
-                    log.exception("batch failed; retrying in %.1fs", backoff)
+                except Exception as error:
+                    if isinstance(error, (StoreUnavailable, QueueUnavailable)):    # an outage: one line
+                        log.warning("batch failed; retrying in %.1fs: %s", backoff, " ".join(str(error).split()))
+                    else:
+                        log.exception("batch failed; retrying in %.1fs", backoff)
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue

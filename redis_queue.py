@@ -9,6 +9,7 @@ store has committed them, and claim the entries of a processor that died
 once they have been idle for QUEUE_CLAIM_IDLE seconds. Entries every
 processor has acknowledged are trimmed, so memory stays bounded.
 """
+import logging
 import os
 import socket
 import threading
@@ -18,6 +19,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis
 
 from shared_queue import Batch, QueueUnavailable
+
+log = logging.getLogger("queue")
 
 GROUP = "processors"
 FIELD = b"e"
@@ -146,15 +149,37 @@ class RedisConsumer:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._claim_from = "0-0"
         self._acknowledged = 0
+        self._create_group()
+
+    def _create_group(self):
         try:
-            queue.client.xgroup_create(queue.stream, GROUP, id="0", mkstream=True)
+            self.queue.client.xgroup_create(self.queue.stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
 
     def read(self, max_items):
         """Our own unacknowledged entries first (a batch that failed to store), then
-        those of dead processors (idle past claim_idle), then new ones."""
+        those of dead processors (idle past claim_idle), then new ones.
+
+        A Redis that came back without the group (restarted without its data, the
+        key deleted) has only entries queued since: the group is made again from
+        the start of the stream, and reading goes on.
+        """
+        try:
+            return self._read(max_items)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            log.warning("the stream %s has no group %s (Redis lost its data?): creating it again",
+                        self.queue.stream, GROUP)
+            self._claim_from = "0-0"
+            self._create_group()
+            return self._read(max_items)
+
+    def _read(self, max_items):
         client, stream = self.queue.client, self.queue.stream
         entries = []
         for _, mine in client.xreadgroup(GROUP, self.name, {stream: "0"}, count=max_items) or []:

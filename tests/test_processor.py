@@ -204,3 +204,25 @@ def test_a_sqlite_database_that_cannot_be_opened_stops_the_processor_at_start(da
     log = log_tail(data_dir, "processor")
     assert "ERROR processor" in log
     assert "cannot start: SQLite /nonexistent/dir/a.db: unable to open database file" in log
+
+
+def test_an_outage_is_logged_in_one_line_per_retry_and_the_batch_stored_after(config, queue, caplog):
+    from store import StoreUnavailable
+    queue.append([event(i) for i in range(3)])
+    processor = Processor(queue, open_store(config), config)
+    processor.start()
+    real_write, failures = processor.store.write, []
+
+    def write_after_an_outage(*args):
+        if len(failures) < 2:
+            failures.append(1)
+            raise StoreUnavailable("PostgreSQL: server closed the connection\nunexpectedly")
+        return real_write(*args)
+    processor.store.write = write_after_an_outage
+    processor.run(once=True)
+    retries = [record for record in caplog.records if record.getMessage().startswith("batch failed")]
+    assert [record.getMessage() for record in retries] == [
+        "batch failed; retrying in 0.1s: PostgreSQL: server closed the connection unexpectedly",
+        "batch failed; retrying in 0.2s: PostgreSQL: server closed the connection unexpectedly"]
+    assert all(record.exc_info is None for record in retries)
+    assert stored_user_ids(config) == ["u0", "u1", "u2"]

@@ -15,7 +15,7 @@ import pytest
 
 from ingestion_api import create_app
 import shared_queue
-from shared_queue import FileQueue, QueueBusy, QueueUnavailable, open_for_mapping
+from shared_queue import FileQueue, QueueBusy, QueueUnavailable, open_for_mapping, open_queue
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -423,3 +423,21 @@ def test_where_blocks_cannot_be_reserved_they_are_written_keeping_what_the_file_
 
     assert path.read_bytes() == b"held" + bytes(64 * 1024 - 4)
     assert os.stat(path).st_blocks * 512 >= 64 * 1024      # written, not sparse
+
+
+@pytest.mark.parametrize("backend", ["redis+sqlite"])
+def test_a_redis_that_lost_its_data_is_consumed_again(config):
+    """Redis restarted without its data (or the key deleted) under a running processor."""
+    from events import encode_event, validate_event
+    from processor import Processor
+    from store import open_store
+    queue = open_queue(config)
+    processor = Processor(queue, open_store(config), config)
+    processor.start()                                # its consumer group made
+    queue.client.delete(queue.stream)                # what a restart without data leaves
+    queue.append([encode_event(validate_event({"site_id": "s", "event_type": "page_view"}))])
+    assert processor.step() == 1
+    processor.close()
+    store = open_store(config)
+    assert store.connection.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    store.close()
