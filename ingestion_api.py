@@ -62,7 +62,10 @@ def create_app(config=None):
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     queue = open_queue(config)
     store = open_store(config)
-    store.migrate()
+    try:
+        store.migrate()         # done at start already; a worker restarted in an outage boots all the same
+    except StoreUnavailable as error:
+        log.warning("database unavailable: %s; reports answer 503 until it is back", error)
     store.close()
     metrics = ApiMetrics(config, queue) if config.metrics else NoMetrics()
     ingest = Ingest(config, queue, Visitors(store), metrics)
@@ -310,6 +313,7 @@ if __name__ == "__main__":
     try:
         settings = load_config()
         log_to_stderr(settings)
+        open_store(settings).migrate()
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses
         raise SystemExit(f"configuration error: {error}") from None

@@ -40,6 +40,7 @@ from limits.storage import Storage, storage_from_string
 from config import ConfigurationError
 from ingest import ApiError
 from shared_queue import open_for_mapping
+from store import StoreUnavailable
 
 SCOPE = "ingest"
 # The secret shares the visitor salts' table under a name that is no UTC day,
@@ -58,8 +59,8 @@ class RateLimited(ApiError):
 def ingest_rate_limit(config, client_address, store):
     if not config.rate_limit:
         return NoRateLimit()
-    secret = store.daily_salt(SECRET_NAME, os.urandom(32), forget_before="")
-    return IngestRateLimit(config, client_address, secret)
+    return IngestRateLimit(config, client_address,
+                           lambda: store.daily_salt(SECRET_NAME, os.urandom(32), forget_before=""))
 
 
 class NoRateLimit:
@@ -75,11 +76,13 @@ class NoRateLimit:
 class IngestRateLimit:
     """The ingest limit: hit() for the fast path, and limit() to decorate Flask routes with it."""
 
-    def __init__(self, config, client_address, secret):
+    def __init__(self, config, client_address, load_secret):
         """client_address(remote_addr, headers) gives the address a client is counted by,
-        under its hash keyed with secret."""
+        under its hash keyed with the secret load_secret() reads from the store, at the
+        first request: a worker restarted while the database is down still boots."""
         self.client_address = client_address
-        self.secret = secret
+        self.load_secret = load_secret
+        self.secret = None
         self.items = sorted(parse_many(config.rate_limit))
         self.prefix = _key_prefix(config)
         self.storage = open_storage(config)
@@ -106,7 +109,12 @@ class IngestRateLimit:
         address = client_address()
         if not address:
             return
-        for item, key in self._keys(address):
+        try:
+            keys = self._keys(address)
+        except StoreUnavailable as error:
+            log.warning("rate limit key unavailable; request let in: %s", error)
+            return
+        for item, key in keys:
             try:
                 allowed = self.storage.incr(key, item.get_expiry()) <= item.amount
                 reset = allowed or self.storage.get_expiry(key)
@@ -119,6 +127,8 @@ class IngestRateLimit:
 
     def client_key(self, address):
         """What the counters know a client by."""
+        if self.secret is None:
+            self.secret = self.load_secret()
         return hashlib.blake2b(address.encode(), key=self.secret, digest_size=16).hexdigest()
 
     def _keys_for(self, address):

@@ -263,3 +263,15 @@ def test_api_keys_file_comments_are_whole_lines_or_after_whitespace(tmp_path):
     statuses = {token: client.get("/stats?site_id=s", headers={"Authorization": f"Bearer {token}"})
                 .status_code for token in STATUS_BY_TOKEN}
     assert statuses == STATUS_BY_TOKEN
+
+
+@pytest.mark.embedded
+def test_an_api_worker_started_while_postgresql_is_down_takes_events_and_answers_503_for_reports(config):
+    """gunicorn restarts a worker that dies; it must boot without the database, as ingestion needs none."""
+    from ingestion_api import create_app
+    nobody_listens = "postgresql://postgres@127.0.0.1:9/test?connect_timeout=1"
+    client = create_app(config.with_overrides(database_url=nobody_listens,
+                                              rate_limit="100/second")).test_client()
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view"}).status_code == 200
+    response = client.get("/stats?site_id=s")
+    assert response.status_code == 503 and response.is_json
