@@ -28,7 +28,7 @@ import orjson
 import yaml
 from flask import Flask, Response, g, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from config import ConfigurationError, load_config
 from events import InvalidEvent
@@ -115,7 +115,12 @@ def whole_body():
     For a body without a Content-Length, werkzeug reads up to the limit and stops
     there without a word: a body cut at the limit reads one byte more.
     """
-    body = request.get_data(cache=False)
+    try:
+        body = request.get_data(cache=False)
+    except HTTPException:
+        raise
+    except Exception as error:      # the server could not parse the body: gunicorn, a bad chunk size
+        raise BadRequest(f"Invalid request body: {type(error).__name__}") from None
     if not request.content_length and len(body) >= request.max_content_length \
             and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
@@ -207,7 +212,8 @@ def register_reports(app, config, store):
 
     @app.before_request
     def require_api_key():
-        if keys is None or not request.path.startswith("/stats") or request.method == "OPTIONS":
+        is_report = request.path == "/stats" or request.path.startswith("/stats/")
+        if keys is None or not is_report or request.method == "OPTIONS":
             return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given = given.strip().encode()

@@ -212,7 +212,11 @@ async function loadSites() {
   const wanted = $("site").value || fragmentSite;
   const {sites} = await api("stats/sites");
   const picker = $("site");
-  picker.replaceChildren(...sites.map((site) => cell("option", site.site_id)));
+  picker.replaceChildren(...sites.map((site) => {
+    const option = cell("option", site.site_id);
+    option.value = site.site_id;      // without it, the value is the text with its spaces collapsed
+    return option;
+  }));
   if (!sites.length) {
     withdraw("No data yet: send events to POST /event, or add the tracker script /js/script.js to a page.",
              "empty");

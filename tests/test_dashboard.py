@@ -369,3 +369,33 @@ def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dash
     # the only errors are the browser's own notes of the two 401 answers (no key, the wrong key)
     assert len(dashboard.console_errors) == 2, dashboard.console_errors
     assert all("status of 401" in text for text in dashboard.console_errors), dashboard.console_errors
+
+
+def test_site_ids_are_picked_exactly_and_the_longest_fits_a_phone(open_dashboard, tmp_path):
+    """An <option> without a value stands for its text with spaces collapsed: another site."""
+    config = load_config(environ={}, data_dir=str(tmp_path))
+    now = today().isoformat() + "T12:00:00Z"
+    sites = {"two  spaces": 2, "two spaces": 1, "x" * 256: 1}
+    open_queue(config).append([encode_event(validate_event({
+        "site_id": site, "event_type": "page_view", "path": "/p", "timestamp": now}))
+        for site, count in sites.items() for _ in range(count)])
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    processor.close()
+    server = Server(tmp_path)
+    try:
+        dashboard = open_dashboard(server, viewport={"width": 375, "height": 740})
+        dashboard.open()
+        dashboard.wait_until_shown()
+        for site, views in sites.items():
+            # picked by exact value (Playwright's select_option collapses spaces when it matches)
+            dashboard.page.eval_on_selector("#site", "(picker, site) => { picker.value = site; "
+                                            "picker.dispatchEvent(new Event('change')); }", site)
+            dashboard.wait_until_shown()
+            assert dashboard.page.eval_on_selector("#site", "picker => picker.value") == site
+            assert number(dashboard.text("#views")) == views
+        assert dashboard.page.evaluate("document.documentElement.scrollWidth") <= 375
+        dashboard.assert_no_console_errors()
+    finally:
+        server.stop()

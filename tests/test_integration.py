@@ -6,6 +6,7 @@ an event acknowledged with a 200 must be stored exactly once, whatever was kille
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,3 +321,24 @@ def test_the_procfile_runs_api_and_processor_together_and_ctrl_c_stops_both_clea
         stop(honcho)
     assert "processor stopped stored=1" in output, output        # its batch finished, not killed
     assert "processor.1 stopped (rc=0)" in output and "api.1 stopped (rc=0)" in output, output
+
+
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/156.0.0.0 Safari/537.36")
+
+
+@pytest.mark.parametrize("path", ["/event", "/events", "/api/event"])
+def test_a_chunked_body_gunicorn_cannot_parse_is_a_400_not_a_500(data_dir, children, path):
+    api = Api(data_dir, workers=1)
+    children.append(api)
+    # a browser's User-Agent: /api/event drops a bot's event before reading it
+    request = (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nUser-Agent: {CHROME}\r\n"
+               "Content-Type: text/plain\r\nConnection: close\r\n\r\n"
+               'zz\r\n{"site_id":"s","event_type":"v"}\r\n0\r\n\r\n').encode()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"Invalid request body" in answer

@@ -149,6 +149,7 @@ def test_reports_need_a_key_when_keys_are_set(keyed, url):
 def test_ingestion_and_health_stay_open_with_keys(keyed):
     assert keyed.post("/event", json={"site_id": "s", "event_type": "v"}).status_code == 200
     assert keyed.get("/health").status_code == 200
+    assert keyed.get("/statsfoo").status_code == 404       # no report: nothing to protect
 
 
 def test_keys_can_come_from_a_file(tmp_path):
