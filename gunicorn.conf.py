@@ -95,7 +95,10 @@ def on_starting(server):
         store.close()
     if config.metrics:
         from metrics import API, use_metrics_directory
-        use_metrics_directory(config, API)     # workers inherit PROMETHEUS_MULTIPROC_DIR
+        try:
+            use_metrics_directory(config, API)     # workers inherit PROMETHEUS_MULTIPROC_DIR
+        except ConfigurationError as error:
+            raise SystemExit(f"configuration error: {error}") from None
 
 
 def child_exit(server, worker):

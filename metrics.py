@@ -27,6 +27,8 @@ import os
 import threading
 import time
 
+from config import ConfigurationError
+
 API = "api"
 PROCESSOR = "processor"
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
@@ -46,8 +48,12 @@ def use_metrics_directory(config, role):
     the directory, and each one's values must survive the others' starts.
     """
     path = os.path.join(config.metrics_path, role)
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        names = os.listdir(path)
+    except OSError as error:
+        raise ConfigurationError(f"METRICS_DIR cannot hold the metrics: {path}: {error.strerror}") from None
+    for name in names:
         if not _is_alive(_pid_of(name)):
             with contextlib.suppress(FileNotFoundError):    # another process removed it first
                 os.remove(os.path.join(path, name))

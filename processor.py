@@ -301,8 +301,12 @@ def main(argv=None):
             resume = "; run it again to resume where it stopped" if args.command == "import" else ""
             log.warning("%s interrupted%s", args.command, resume)
             return 130
-    processor = Processor(open_queue(config), open_store(config), config,
-                          on_batch=batch_metrics(config))
+    try:
+        on_batch = batch_metrics(config)
+    except ConfigurationError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    processor = Processor(open_queue(config), open_store(config), config, on_batch=on_batch)
     install_signal_handlers(processor)
     try:
         if not start_when_reachable(processor):

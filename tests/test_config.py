@@ -65,3 +65,13 @@ def test_a_unix_socket_queue_url_keeps_its_path():
     assert (queue.url, queue.stream) == ("unix:///run/redis/redis.sock?db=2", "site-events")
     connection = queue.client.connection_pool.make_connection()     # made, not connected
     assert connection.path == "/run/redis/redis.sock" and connection.db == 2
+
+
+def test_a_metrics_dir_that_cannot_be_made_stops_the_processor_in_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60,
+                            env=environment(tmp_path, METRICS_DIR=str(tmp_path / "a-file")))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"configuration error: METRICS_DIR cannot hold the metrics: "
+                                     f"{tmp_path / 'a-file' / 'processor'}: Not a directory")
