@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntit
 from werkzeug.http import HTTP_STATUS_CODES
 
 from events import InvalidEvent, encode_event, encode_valid_events, parse_json, validate_event
+from logs import EverySoOften
 from shared_queue import QueueUnavailable
 from store import StoreUnavailable
 from tracking import InvalidPayload, client_ip, is_bot, plausible_events, utc_now
@@ -86,6 +87,7 @@ class Ingest:
         self.queue = queue
         self.visitors = visitors
         self.metrics = metrics
+        self.queue_failures = EverySoOften(log)
 
     def client_address(self, remote_addr, headers):
         """The address a client is known by (TRUSTED_PROXIES decides whether headers count)."""
@@ -135,7 +137,7 @@ class Ingest:
         try:
             self.queue.append(lines)
         except QueueUnavailable as error:
-            log.error("queue append failed: %s", error)
+            self.queue_failures.warning("queue append failed: %s", error)
             raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
         self.metrics.events_accepted(endpoint, len(lines))
 

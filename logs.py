@@ -17,6 +17,8 @@ import logging
 import logging.handlers
 import os
 import re
+import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
@@ -69,6 +71,30 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class EverySoOften:
+    """A warning logged at most once every `seconds` by this process, saying how many were left out.
+
+    For what fails every request during an outage (the queue or the rate
+    limit's storage down): one line per problem, not two per request.
+    """
+
+    def __init__(self, logger, seconds=10.0):
+        self.logger, self.seconds = logger, seconds
+        self._lock = threading.Lock()
+        self._last, self._left_out = -seconds, 0
+
+    def warning(self, message, *args):
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.seconds:
+                self._left_out += 1
+                return
+            left_out, self._last, self._left_out = self._left_out, now, 0
+        if left_out:
+            message += f" ({left_out} more like it since the last line)"
+        self.logger.warning(message, *args)
 
 
 def formatter(log_format):

@@ -39,6 +39,7 @@ from limits.storage import Storage, storage_from_string
 
 from config import ConfigurationError
 from ingest import ApiError
+from logs import EverySoOften
 from shared_queue import open_for_mapping
 from store import StoreUnavailable
 
@@ -83,6 +84,7 @@ class IngestRateLimit:
         self.client_address = client_address
         self.load_secret = load_secret
         self.secret = None
+        self.failures = EverySoOften(log)       # a storage that is down fails every request
         self.items = sorted(parse_many(config.rate_limit))
         self.prefix = _key_prefix(config)
         self.storage = open_storage(config)
@@ -112,15 +114,14 @@ class IngestRateLimit:
         try:
             keys = self._keys(address)
         except StoreUnavailable as error:
-            log.warning("rate limit key unavailable; request let in: %s", error)
+            self.failures.warning("rate limit key unavailable; requests let in: %s", error)
             return
         for item, key in keys:
             try:
                 allowed = self.storage.incr(key, item.get_expiry()) <= item.amount
                 reset = allowed or self.storage.get_expiry(key)
             except Exception as error:  # the limit must not stop ingestion
-                # one line, not a traceback: a storage that is down fails every request
-                log.warning("rate limit storage failed; request let in: %s", error)
+                self.failures.warning("rate limit storage failed; requests let in: %s", error)
                 return
             if not allowed:
                 raise RateLimited(item, _seconds_until(reset))

@@ -70,6 +70,15 @@ def test_fast_path_and_flask_both_answer_503_when_the_queue_cannot_be_written(fa
         assert answer(fast_path, path, body, "text/plain", CHROME) == flask_answer
 
 
+def test_a_queue_that_cannot_be_written_is_logged_once_per_outage_not_per_request(client, config, caplog):
+    shutil.rmtree(config.data_dir)
+    answers = [client.post("/event", data=b'{"site_id":"s","event_type":"v"}').status_code
+               for _ in range(20)]
+    assert answers == [503] * 20
+    assert [record.getMessage()[:20] for record in caplog.records
+            if "queue append failed" in record.getMessage()] == ["queue append failed:"]
+
+
 def test_both_paths_queue_the_same_events(app, fast_path):
     body = b'{"site_id":"s","event_type":"v"}'
     answer(fast_path, "/event", body, None, None)

@@ -244,3 +244,15 @@ def test_a_lock_file_that_cannot_be_made_is_the_file_named(data_dir):
     result = processor_once(data_dir, log_file)
     assert result.returncode == 2
     assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {lock}: Is a directory\n"
+
+
+def test_a_warning_repeated_during_an_outage_is_one_line_that_counts_the_rest(caplog):
+    from logs import EverySoOften
+    failures = EverySoOften(logging.getLogger("ingestion_api"), seconds=0.2)
+    for _ in range(5):
+        failures.warning("queue append failed: %s", "disk full")
+    time.sleep(0.25)
+    failures.warning("queue append failed: %s", "disk full")
+    assert [record.getMessage() for record in caplog.records] == [
+        "queue append failed: disk full",
+        "queue append failed: disk full (4 more like it since the last line)"]
