@@ -35,6 +35,8 @@ function forgetKey() {
 async function api(path, params) {
   const headers = {Accept: "application/json"};
   const key = storedKey();
+  // keys are ASCII (the server refuses others); fetch would throw on one it cannot send
+  if (key && !/^[\x21-\x7e]+$/.test(key)) throw new NeedKey();
   if (key) headers.Authorization = "Bearer " + key;
   const query = params ? "?" + new URLSearchParams(params) : "";
   const response = await fetch(path + query, {headers, cache: "no-store"});
