@@ -171,14 +171,15 @@ class TrackerScript:
         self.etag = hashlib.sha256(self.body).hexdigest()[:16]
 
     def response(self, request):
-        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        # werkzeug weighs the q-values: "gzip;q=0" refuses gzip
+        gzipped = request.accept_encodings["gzip"] > 0
         response = Response(self.gzipped if gzipped else self.body, mimetype="application/javascript")
         if gzipped:
             response.headers["Content-Encoding"] = "gzip"
         response.headers["Vary"] = "Accept-Encoding"
         response.headers["Cache-Control"] = "public, max-age=3600"
         response.headers["Access-Control-Allow-Origin"] = "*"
-        response.set_etag(self.etag)
+        response.set_etag(self.etag + ("-gzip" if gzipped else ""))     # one tag per body
         return response.make_conditional(request)
 
 

@@ -221,6 +221,9 @@ def test_tracker_script_is_small_javascript(client):
     plain = client.get("/js/script.js")
     assert plain.data.decode() == source
     assert client.get("/js/script.js", headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304
+    assert response.headers["ETag"] != plain.headers["ETag"]           # two bodies, two tags
+    refused = client.get("/js/script.js", headers={"Accept-Encoding": "identity, gzip;q=0"})
+    assert "Content-Encoding" not in refused.headers and refused.data.decode() == source
 
 
 def test_event_is_503_not_500_when_the_database_file_is_not_a_database(client, config):
