@@ -138,6 +138,8 @@ class Ingest:
             self.queue.append(lines)
         except QueueUnavailable as error:
             self.queue_failures.warning("queue append failed: %s", error)
+            if error.maybe_stored:
+                raise ApiError("Queue did not answer in time; the event may have been stored", 503) from None
             raise ApiError("Queue unavailable, event not stored; retry later", 503) from None
         self.metrics.events_accepted(endpoint, len(lines))
 

@@ -84,6 +84,8 @@ class RedisQueue:
             for line in lines:
                 pipe.xadd(self.stream, {FIELD: line.rstrip(b"\n")})
             pipe.execute()
+        except redis.TimeoutError as error:         # sent, maybe executed: no answer in time
+            raise QueueUnavailable(f"Redis did not answer in time: {error}", maybe_stored=True) from error
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot write to Redis: {error}") from error
 

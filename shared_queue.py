@@ -47,7 +47,15 @@ _TAIL = 64                         # bytes before a position that its checkpoint
 
 
 class QueueUnavailable(Exception):
-    """The queue cannot take events now; the client should retry."""
+    """The queue cannot take events now; the client should retry.
+
+    maybe_stored: the queue did not answer in time after the events were sent,
+    so they may have been queued all the same.
+    """
+
+    def __init__(self, message, maybe_stored=False):
+        super().__init__(message)
+        self.maybe_stored = maybe_stored
 
 
 class QueueBusy(Exception):

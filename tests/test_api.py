@@ -275,3 +275,18 @@ def test_an_api_worker_started_while_postgresql_is_down_takes_events_and_answers
     assert client.post("/event", json={"site_id": "s", "event_type": "page_view"}).status_code == 200
     response = client.get("/stats?site_id=s")
     assert response.status_code == 503 and response.is_json
+
+
+@pytest.mark.embedded
+def test_a_queue_that_does_not_answer_in_time_says_the_event_may_be_stored(config):
+    """A Redis that took the command and went silent may have queued it: a 503 must not say it did not."""
+    import socket
+    from ingestion_api import create_app
+    with socket.socket() as silent:                  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0?stream=silent"
+        client = create_app(config.with_overrides(queue_url=url, rate_limit="")).test_client()
+        response = client.post("/event", json={"site_id": "s", "event_type": "page_view"})
+    assert response.status_code == 503
+    assert response.get_json() == {"error": "Queue did not answer in time; the event may have been stored"}
