@@ -232,6 +232,7 @@ function failed(error) {
   if (error instanceof NeedKey) {
     const refused = storedKey() !== null;
     forgetKey();
+    $("forget").hidden = true;      // nothing left to forget
     $("key-reason").textContent = refused ? "That API key was refused. Enter a valid one."
                                           : "This server asks for an API key to read its reports.";
     withdraw("", "key");

@@ -354,6 +354,7 @@ def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dash
     dashboard.page.fill("#key", "\u043a\u043b\u044e\u0447")     # no header can carry it: refused, asked again
     dashboard.page.click("#key-form button")
     dashboard.page.wait_for_selector("#key-form:not([hidden]) #key-reason:has-text('refused')")
+    assert dashboard.page.is_hidden("#forget")              # a refused key is not kept
     dashboard.page.fill("#key", KEY)
     dashboard.page.click("#key-form button")
     dashboard.wait_until_shown()
