@@ -177,6 +177,12 @@ def _networks(text):
         raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8") from None
 
 
+def _directory(text):
+    if not os.path.isdir(text):
+        raise ValueError("no such directory: create it first")
+    return text
+
+
 def _queue_url(text):
     if text.startswith(REDIS_SCHEMES):
         from redis_queue import check_url      # the Redis client is imported only for its queue
@@ -193,7 +199,7 @@ def _one_of(choices):
 
 
 ENVIRONMENT = {
-    "DATA_DIR": ("data_dir", str),
+    "DATA_DIR": ("data_dir", _directory),
     "QUEUE_URL": ("queue_url", _queue_url),
     "DATABASE_URL": ("database_url", str),
     "HOST": ("host", str),

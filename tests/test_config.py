@@ -23,6 +23,11 @@ def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
         load_config(environ={name: value})
 
 
+def test_a_data_dir_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(ConfigurationError, match="DATA_DIR=.* no such directory"):
+        load_config(environ={"DATA_DIR": str(tmp_path / "missing")})
+
+
 def test_an_api_keys_file_with_a_key_no_header_can_carry_is_refused(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("ascii-key\ncl\u00e9\n", encoding="utf-8")

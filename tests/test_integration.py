@@ -267,11 +267,11 @@ def test_once_drains_the_queue_exits_0_and_logs_to_processor_log(data_dir, child
 @pytest.mark.parametrize("command", [["ingestion_api.py"], ["-m", "gunicorn", "ingestion_api:app"]],
                          ids=["python", "gunicorn"])
 def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, command):
-    missing = tmp_path / "no such folder"
+    database = tmp_path / "no such folder" / "analytics.db"
     result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
-                            timeout=60, env=environment(missing, PORT=free_port()))
+                            timeout=60, env=environment(tmp_path, PORT=free_port(), DATABASE_URL=database))
     assert result.returncode != 0
-    assert f"cannot start: SQLite {missing / 'analytics.db'}: unable to open database file\n" in result.stderr
+    assert f"cannot start: SQLite {database}: unable to open database file\n" in result.stderr
     assert "Traceback" not in result.stderr
 
 
