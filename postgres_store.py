@@ -145,23 +145,6 @@ class Connection:
             self._release = None
 
 
-class KeyedReports(RollupReports):
-    """The rollup reports, finding values by value_key(value), the key of the value tables (MIGRATIONS)."""
-
-    def value_users(self, site_id, prop, period, values):
-        """The distinct users of each of values, as RollupReports.value_users (an index range per value)."""
-        if not values:
-            return {}
-        days, params = "", {"site": site_id, "property": prop, "values": list(values)}
-        if not period.all_time:
-            days = "AND day BETWEEN :first_day AND :last_day"
-            params.update(period.day_bounds())
-        return dict(self.connection.execute(
-            "SELECT value, count(DISTINCT user_id) FROM daily_value_users WHERE site_id = :site "
-            "AND property = :property AND value_key(value) = ANY(ARRAY(SELECT value_key(wanted.value) "
-            f"FROM unnest(CAST(:values AS TEXT[])) AS wanted(value))) {days} GROUP BY value", params).fetchall())
-
-
 class PostgresStore:
     def __init__(self, url, shard=None, rollups_on=True):
         self.url = url
@@ -287,7 +270,8 @@ class PostgresStore:
                                             {"day": day}).fetchone()[0])
 
     def reports(self, connection, raw=False):
-        return RawReports(connection, JSON_VALUE) if raw else KeyedReports(connection, sharded=True)
+        return RawReports(connection, JSON_VALUE) if raw else RollupReports(
+            connection, sharded=True, value_key="value_key({})")     # see MIGRATIONS
 
     def rebuild_rollups(self, progress=None):
         with self.atomic() as connection:

@@ -101,12 +101,15 @@ class _Reports:
 
 
 class RollupReports(_Reports):
-    def __init__(self, connection, sharded=False):
+    def __init__(self, connection, sharded=False, value_key="{}"):
         super().__init__(connection)
         # sharded: counters are kept in one row per processor shard and must be summed;
         # otherwise the values of all time or of one day are one row each, and skipping
         # the GROUP BY makes their top paths (thousands of values) several times faster
         self.sharded = sharded
+        # value_key: the SQL of the value tables' key for a value ({}), so that a value
+        # is found by its index (PostgreSQL keys long values by a digest)
+        self.value_key = value_key
 
     def totals(self, site_id, period):
         if period.all_time:
@@ -157,11 +160,11 @@ class RollupReports(_Reports):
         days = "" if period.all_time else "AND day BETWEEN :first_day AND :last_day"
         if not period.all_time:
             params.update(period.day_bounds())
-        placeholders = ", ".join(f":v{i}" for i in range(len(values)))
+        keys = ", ".join(self.value_key.format(f":v{i}") for i in range(len(values)))
         return dict(_rows(self.connection,
                           "SELECT value, count(DISTINCT user_id) FROM daily_value_users "
                           f"WHERE site_id = :site AND property = :property "
-                          f"AND value IN ({placeholders}) {days} GROUP BY value", params))
+                          f"AND {self.value_key.format('value')} IN ({keys}) {days} GROUP BY value", params))
 
     def bucket_views(self, site_id, period, interval):
         width = 10 if interval == "day" else 13
