@@ -12,6 +12,10 @@ FSYNC_POLICIES = ("never", "batch", "always")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRAILING_COMMENT = re.compile(r"\s+#.*")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_INT = 2**31 - 1         # SQLite, Redis and C take no more
+MAX_SECONDS = 86_400
+MAX_DAYS = 36_500
 
 
 class ConfigurationError(Exception):
@@ -76,13 +80,9 @@ class Config:
 
 
 # environment variable -> (field, parser)
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-MAX_INT = 2**31 - 1
-MAX_SECONDS = 86_400
-MAX_DAYS = 36_500
 def _positive_int(text):
     value = int(text)
-    if not 0 < value <= MAX_INT:        # SQLite, Redis and C take no more
+    if not 0 < value <= MAX_INT:
         raise ValueError(f"must be a positive whole number up to {MAX_INT}")
     return value
 

@@ -78,21 +78,18 @@ def on_starting(server):
     from config import ConfigurationError, load_config
     from logs import log_to_stderr
     from rate_limit import check_storage
-    from store import StoreUnavailable, open_store
+    from store import StoreUnavailable, migrate_store
 
     try:
         config = load_config()
         check_storage(config)
-        store = open_store(config)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None
     log_to_stderr(config)      # workers inherit it
     try:
-        store.migrate()
+        migrate_store(config)
     except StoreUnavailable as error:
         raise SystemExit(f"cannot start: {error}") from None
-    finally:
-        store.close()
     if config.metrics:
         from metrics import API, use_metrics_directory
         try:

@@ -38,7 +38,7 @@ from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
 from rate_limit import ingest_rate_limit
 from shared_queue import QueueUnavailable, open_queue
-from store import StoreUnavailable, open_store, unavailable_or_bug
+from store import StoreUnavailable, migrate_store, open_store, unavailable_or_bug
 from tracking import Visitors
 
 log = logging.getLogger("ingestion_api")
@@ -320,7 +320,7 @@ if __name__ == "__main__":
     try:
         settings = load_config()
         log_to_stderr(settings)
-        open_store(settings).migrate()
+        migrate_store(settings)
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses
         raise SystemExit(f"configuration error: {error}") from None

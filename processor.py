@@ -29,7 +29,7 @@ import logs
 from config import ConfigurationError, load_config
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
-from query_params import DATE, InvalidParameter
+from query_params import InvalidParameter, parse_day
 from reports import Period
 from retention import Retention
 from shared_queue import QueueBusy, QueueUnavailable, open_queue
@@ -217,12 +217,10 @@ def build_parser():
 
 def day(text):
     """A --from or --to argument: a real day, written YYYY-MM-DD."""
-    try:
-        if DATE.fullmatch(text):
-            return date.fromisoformat(text)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}")
+    parsed = parse_day(text)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}")
+    return parsed
 
 
 def export_period(args):

@@ -20,15 +20,21 @@ class InvalidParameter(ValueError):
     pass
 
 
-def _date(text, name):
+def parse_day(text):
+    """The day text writes as YYYY-MM-DD, or None if it is not one (or does not exist)."""
     try:
-        if not DATE.fullmatch(text):
-            raise ValueError
-        return date.fromisoformat(text)
+        return date.fromisoformat(text) if DATE.fullmatch(text) else None
     except ValueError:
-        if name == "date":
-            raise InvalidParameter("Invalid date format. Expected YYYY-MM-DD") from None
-        raise InvalidParameter(f"Invalid {name}: expected a date as YYYY-MM-DD") from None
+        return None
+
+
+def _date(text, name):
+    day = parse_day(text)
+    if day is not None:
+        return day
+    if name == "date":
+        raise InvalidParameter("Invalid date format. Expected YYYY-MM-DD")
+    raise InvalidParameter(f"Invalid {name}: expected a date as YYYY-MM-DD")
 
 
 class QueryParams:

@@ -37,7 +37,7 @@ from limits import parse_many
 from limits.errors import ConfigurationError as StorageNotUsable
 from limits.storage import Storage, storage_from_string
 
-from config import ConfigurationError
+from config import REDIS_SCHEMES, ConfigurationError
 from ingest import ApiError
 from logs import EverySoOften
 from shared_queue import open_for_mapping
@@ -174,7 +174,7 @@ def _not_usable(problem):
 def storage_uri(config):
     if config.rate_limit_storage_url:
         return config.rate_limit_storage_url
-    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+    if config.queue_path.startswith(REDIS_SCHEMES):
         from redis_queue import _split_stream
         return _split_stream(config.queue_path)[0]
     return "sharedfile://" + os.path.abspath(config.queue_path) + ".ratelimit"
@@ -182,7 +182,7 @@ def storage_uri(config):
 
 def _key_prefix(config):
     """Installs that share a Redis keep apart, as their queues do."""
-    if config.queue_path.startswith(("redis://", "rediss://", "unix://")):
+    if config.queue_path.startswith(REDIS_SCHEMES):
         from redis_queue import _split_stream
         return _split_stream(config.queue_path)[1]
     return ""

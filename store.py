@@ -243,6 +243,15 @@ def open_store(config):
     return SQLiteStore(config.database_path, durable=config.fsync == "always")
 
 
+def migrate_store(config):
+    """Bring the schema up to date at a program's start, and give back the connection it took."""
+    store = open_store(config)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
 class SQLiteStore:
     def __init__(self, path, durable=False, rollups=True):
         self.path = path

@@ -386,7 +386,10 @@ def run_on_a_full_disk(tmp_path, code):
     probe = subprocess.run(mount_and_run + ["true"], capture_output=True, text=True) \
         if shutil.which("unshare") else None
     if probe is None or probe.returncode != 0:
-        pytest.skip(f"cannot mount a small file system in a user namespace: {probe and probe.stderr}")
+        pytest.skip("cannot mount a small file system in a user namespace "
+                    f"({probe and probe.stderr.strip()}): to enable, install util-linux's unshare and "
+                    "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), "
+                    "or run the tests as root")
     return subprocess.run(mount_and_run + [sys.executable, "-c", FILL_THE_DISK + textwrap.dedent(code),
                                            str(full)],
                           cwd=REPOSITORY, capture_output=True, text=True, timeout=60)
