@@ -316,7 +316,7 @@ class FileQueueConsumer:
         segment, offset = self.segment, self.offset
         while len(items) < max_items:
             path = self._segment_path(segment)
-            chunk = self._read_whole_writes(path, offset)
+            chunk = self._read_whole_writes(path, offset, self.consumed + len(items))
             end = chunk.rfind(b"\n") + 1
             if end == 0:
                 if path == self.queue.path:
@@ -345,19 +345,29 @@ class FileQueueConsumer:
     def close(self):
         os.close(self._guard)
 
-    def _read_whole_writes(self, path, offset):
+    def _read_whole_writes(self, path, offset, lines_before):
         """A chunk of a segment from offset, never lines of a write that may still be cut back.
 
         A writer whose write fails (the disk is full) truncates what it wrote
         while holding the writers' lock; reading the active segment under a
         shared hold of that lock keeps such lines from being stored, and the
         position from landing past the end the segment is cut back to.
+
+        A chunk that reaches the end of the active segment sees every line
+        ever appended (lines_before are the lines before offset), so the
+        appended counter is set to that while no writer can add to it: a
+        writer killed between its write and its count (an API worker's kill
+        -9) would otherwise leave queue_size short of the backlog until the
+        processor restarts.
         """
         if path != self.queue.path:
             return _read_chunk(path, offset)
         fcntl.flock(self.queue._lock_fd, fcntl.LOCK_SH)
         try:
-            return _read_chunk(path, offset)
+            chunk = _read_chunk(path, offset)
+            if len(chunk) < _READ_CHUNK:
+                _COUNTER.pack_into(self.queue._state, 0, lines_before + chunk.count(b"\n"))
+            return chunk
         finally:
             fcntl.flock(self.queue._lock_fd, fcntl.LOCK_UN)
 

@@ -141,6 +141,19 @@ def test_size_is_recounted_when_the_state_file_is_lost(queue_path):
     assert queue.size() == 5
 
 
+def test_size_is_exact_again_once_the_consumer_catches_up_after_a_writer_died_before_counting(
+        queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(3)])
+    consumer = queue.consumer()
+    with open(queue_path, "ab") as file:
+        file.write(line(3))             # a writer killed after its write, before its count
+    assert len(read_all(consumer)) == 4
+    assert queue.size() == 0
+    queue.append([line(i) for i in range(4, 9)])
+    assert queue.size() == 5
+
+
 def test_consumed_segments_are_reclaimed_while_writers_append(queue_path):
     queue = FileQueue(queue_path, segment_bytes=2000)
     consumer = queue.consumer()
