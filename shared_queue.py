@@ -304,6 +304,7 @@ class FileQueueConsumer:
         self._remove_sealed_before(self.segment)
         # the active segment is numbered one past the last sealed one
         self._active_segment = max(self._sealed_segments() + [self.segment - 1]) + 1
+        self._held = _fingerprint(self._segment_path(self.segment), self.offset)
         self._sync_counters()
 
     def read(self, max_items):
@@ -312,6 +313,8 @@ class FileQueueConsumer:
         A last line without its newline (a write still under way, or a torn
         one) is left for later: it is never half-read.
         """
+        if _fingerprint(self._segment_path(self.segment), self.offset) != self._held:
+            self._restart_from_oldest()
         items = []
         segment, offset = self.segment, self.offset
         while len(items) < max_items:
@@ -336,7 +339,7 @@ class FileQueueConsumer:
 
     def acknowledge(self, batch):
         """Called after the batch and its checkpoint are committed to the store."""
-        segment, offset, consumed, _ = parse_checkpoint(batch.checkpoint)
+        segment, offset, consumed, self._held = parse_checkpoint(batch.checkpoint)
         self.segment, self.offset, self.consumed = segment, offset, consumed
         self._set_consumed(consumed)
         self._remove_sealed_before(segment)
@@ -400,6 +403,17 @@ class FileQueueConsumer:
                     "replaced since it was stored); reading from the oldest line the queue holds, "
                     "events already stored are skipped by their ids", checkpoint, self.queue.path)
         return oldest, 0, consumed
+
+    def _restart_from_oldest(self):
+        """The bytes before our position are gone (the queue file was deleted or emptied while we
+        ran): read on from the oldest line the queue holds, as _start does, instead of waiting
+        forever at an offset the new file may never reach."""
+        log.warning("the queue %s no longer holds the lines before position %d:%d (deleted or "
+                    "truncated?); reading from the oldest line it holds, events already stored "
+                    "are skipped by their ids", self.queue.path, self.segment, self.offset)
+        sealed = self._sealed_segments()
+        self.segment, self.offset = (sealed[0] if sealed else self._active_segment), 0
+        self._held = _fingerprint(self._segment_path(self.segment), 0)
 
     def _segment_path(self, segment):
         sealed = f"{self.queue.path}.{segment}"

@@ -457,3 +457,18 @@ def test_a_redis_that_lost_its_data_is_consumed_again(config):
     store = open_store(config)
     assert store.connection.execute("SELECT count(*) FROM events").fetchone()[0] == 1
     store.close()
+
+
+@pytest.mark.parametrize("operator", [os.remove, lambda path: open(path, "wb").close()],
+                         ids=["deleted", "emptied"])
+def test_a_queue_file_deleted_or_emptied_while_the_consumer_runs_is_read_from_its_start(
+        queue_path, operator):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(5)])
+    consumer = queue.consumer()
+    assert len(read_all(consumer)) == 5
+    operator(queue_path)
+    FileQueue(queue_path).append([line(i) for i in range(5, 8)])    # an API process started since
+    queue.append([line(8)])
+    assert read_all(consumer) == [line(i)[:-1] for i in range(5, 9)]
+    assert queue.size() == 0
