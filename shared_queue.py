@@ -101,6 +101,7 @@ class FileQueue:
         self._inode = None
         self._lock_fd = None
         self._state = None
+        self._state_inode = None
         self._last_sync = 0.0
         self._pid = None
 
@@ -140,6 +141,7 @@ class FileQueue:
                 self._ensure_open()
             except OSError as error:
                 raise QueueUnavailable(f"cannot open the queue: {error.strerror or error}") from error
+            self._follow_state_file()
             appended, consumed = _COUNTERS.unpack_from(self._state, 0)
         return max(0, appended - consumed)
 
@@ -195,8 +197,23 @@ class FileQueue:
         if self._fd is None:
             # the state first: when the disk is too full for it, no descriptor is left open
             self._state = _map_counters(self.path + ".state")
+            self._state_inode = os.stat(self.path + ".state").st_ino
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
             self._open_active()
+
+    def _follow_state_file(self):
+        """Map the state file again if it was replaced (an operator deleted it).
+
+        Processes started since then count in the new one: a process that kept
+        the old one would report, or record, counts that nobody else sees.
+        """
+        try:
+            current = os.stat(self.path + ".state").st_ino
+        except FileNotFoundError:
+            current = None
+        if current != self._state_inode:
+            self._close_files()
+            self._ensure_open()
 
     def _open_active(self):
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -313,6 +330,8 @@ class FileQueueConsumer:
         A last line without its newline (a write still under way, or a torn
         one) is left for later: it is never half-read.
         """
+        with self.queue._thread_lock:
+            self.queue._follow_state_file()
         if _fingerprint(self._segment_path(self.segment), self.offset) != self._held:
             self._restart_from_oldest()
         items = []

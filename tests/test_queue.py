@@ -154,6 +154,35 @@ def test_size_is_exact_again_once_the_consumer_catches_up_after_a_writer_died_be
     assert queue.size() == 5
 
 
+def test_a_state_file_deleted_while_the_api_runs_is_followed_after_the_processor_restarts(
+        queue_path):
+    api = FileQueue(queue_path)
+    api.append([line(i) for i in range(5)])
+    stored = consumed_up_to(FileQueue(queue_path), 5)
+    os.remove(queue_path + ".state")
+    api.append([line(i) for i in range(5, 8)])
+    restarted = FileQueue(queue_path).consumer(stored)
+    assert len(read_all(restarted)) == 3
+    assert api.size() == 0
+    api.append([line(8)])
+    assert api.size() == 1
+
+
+def test_a_state_file_deleted_while_everything_runs_counts_exactly_again_once_read_up_to_date(
+        queue_path):
+    api = FileQueue(queue_path)
+    api.append([line(i) for i in range(5)])
+    processor = FileQueue(queue_path).consumer()
+    read_all(processor)
+    os.remove(queue_path + ".state")
+    assert api.size() == 0              # /health, answered from a new state file
+    api.append([line(i) for i in range(5, 8)])
+    assert len(read_all(processor)) == 3
+    assert api.size() == 0
+    api.append([line(8)])
+    assert api.size() == 1
+
+
 def test_consumed_segments_are_reclaimed_while_writers_append(queue_path):
     queue = FileQueue(queue_path, segment_bytes=2000)
     consumer = queue.consumer()
