@@ -55,7 +55,10 @@ def _referrer_source(site, referrer):
 def _utm(query):
     # no max_num_fields: it raises past the limit, and the API keeps queries short (tracking.MAX_URL)
     values = parse_qs(query)
-    return tuple(values[tag][0][:256] if tag in values else None for tag in UTM_TAGS)
+    # a %00 decodes to NUL, which PostgreSQL text cannot hold: such a tag is left out, as the
+    # API leaves out a referrer or prop with one
+    return tuple(values[tag][0][:256] if tag in values and "\x00" not in values[tag][0] else None
+                 for tag in UTM_TAGS)
 
 
 def enrich(data):

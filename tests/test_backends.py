@@ -315,3 +315,19 @@ def set_schema_version(connection, config, version):
         connection.execute("DELETE FROM schema_version WHERE version > :v", {"v": version})
     else:
         connection.execute(f"PRAGMA user_version = {version}")
+
+
+def test_a_utm_tag_with_a_nul_character_is_left_out_and_its_batch_is_stored(client, config):
+    """PostgreSQL text cannot hold NUL: the batch of such an event was retried forever."""
+    event = {"n": "pageview", "d": "a.test", "u": "http://a.test/?utm_source=mail&utm_campaign=a%00b"}
+    assert client.post("/api/event", json=event, headers={"User-Agent": CHROME}).status_code == 202
+    assert client.post("/event", json={"site_id": "a.test", "event_type": "page_view"}).status_code == 200
+    assert processor_for(config).step() == 2        # one batch, whose failure would be raised here
+    store, connection, rollup, raw = reports_of(config)
+    assert rollup.breakdown("a.test", "utm_source", Period()) == [
+        {"value": "mail", "views": 1, "events": 1, "unique_users": 1}]
+    assert rollup.breakdown("a.test", "utm_campaign", Period()) == []
+    for prop in ("source", "utm_source", "utm_campaign"):
+        assert rollup.breakdown("a.test", prop, Period()) == raw.breakdown("a.test", prop, Period())
+    connection.close()
+    store.close()
