@@ -154,6 +154,7 @@ function drawChart(points, hourly) {
 }
 
 function show(report) {
+  $("report").hidden = false;       // first: a hidden chart box has no width to draw to
   $("views").textContent = number.format(report.stats.total_views);
   $("users").textContent = number.format(report.stats.unique_users);
   $("chart-title").textContent = `Views and unique users ${report.hourly ? "by hour" : "by day"}`;
@@ -165,7 +166,6 @@ function show(report) {
     fillTable($(breakdown.property), ["", breakdown.label || "Views", "Users"],
               rows.map((row) => [row.value === null ? breakdown.empty : row.value, row[count], row.unique_users]));
   });
-  $("report").hidden = false;
   lastReport = report;
   document.body.dataset.state = "shown";     // for tests and scripts: every number is in place
 }

@@ -342,6 +342,16 @@ def test_reads_as_a_column_on_a_phone(open_dashboard, server):
     dashboard.assert_no_console_errors()
 
 
+def test_the_chart_is_drawn_as_wide_as_its_card_when_the_report_first_appears(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    width = dashboard.page.evaluate("document.getElementById('chart').clientWidth")
+    assert width > 600
+    assert dashboard.page.get_attribute("#chart svg", "viewBox") == f"0 0 {width} 220"
+    dashboard.assert_no_console_errors()
+
+
 def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dashboard, keyed_server):
     dashboard = open_dashboard(keyed_server)
     dashboard.open()
