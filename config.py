@@ -115,6 +115,15 @@ def _days(text):
     return value
 
 
+def _report_days(text):
+    # every day of a range is a point of a timeseries: 3,652,059 of them (years 1 to 9999) took
+    # a gigabyte to answer
+    value = int(text)
+    if not 0 < value <= MAX_DAYS:
+        raise ValueError(f"must be a number of days from 1 to {MAX_DAYS}")
+    return value
+
+
 def _rate_limit(text):
     if text.lower() == "off":
         return ""
@@ -214,7 +223,7 @@ ENVIRONMENT = {
     "PROCESSOR_POLL_INTERVAL": ("poll_interval", _seconds),
     "PROCESSOR_LOG_FILE": ("log_file", str),
     "PROCESSOR_LOG_MAX_BYTES": ("log_max_bytes", _bytes_or_zero),
-    "REPORT_MAX_DAYS": ("report_max_days", _positive_int),
+    "REPORT_MAX_DAYS": ("report_max_days", _report_days),
     "API_KEYS": ("api_keys", _api_keys),
     "API_KEYS_FILE": ("api_keys", _keys_file),
     "CORS_ORIGINS": ("cors_origins", _word_list),

@@ -15,6 +15,7 @@ from redis_queue import RedisQueue
     ("RETENTION_INTERVAL", "1e12"), ("FSYNC_INTERVAL", "nan"), ("QUEUE_CLAIM_IDLE", "inf"),
     ("PROCESSOR_BATCH_SIZE", "99999999999999999999"), ("RETENTION_BATCH_SIZE", "3000000000"),
     ("RETENTION_DAYS", "1000000"), ("ROLLUP_RETENTION_DAYS", "99999999999"),
+    ("REPORT_MAX_DAYS", "3652059"), ("REPORT_MAX_DAYS", "0"),
     ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
     ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"),
 ])
@@ -38,8 +39,9 @@ def test_an_api_keys_file_with_a_key_no_header_can_carry_is_refused(tmp_path):
 def test_the_largest_values_that_make_sense_are_accepted():
     config = load_config(environ={"PORT": "65535", "PROCESSOR_POLL_INTERVAL": "86400",
                                   "RETENTION_DAYS": "36500", "PROCESSOR_BATCH_SIZE": "2147483647",
-                                  "RATE_LIMIT": "1/minute"})
-    assert (config.port, config.poll_interval, config.retention_days) == (65535, 86400, 36500)
+                                  "RATE_LIMIT": "1/minute", "REPORT_MAX_DAYS": "36500"})
+    assert (config.port, config.poll_interval, config.retention_days, config.report_max_days) == \
+        (65535, 86400, 36500, 36500)
 
 
 def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
