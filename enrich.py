@@ -23,7 +23,9 @@ MOBILE_SYSTEMS = ("iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "
 @lru_cache(maxsize=10_000)
 def describe_user_agent(user_agent):
     """(browser, os, device type) of a User-Agent; device type is desktop, mobile or tablet."""
-    if not user_agent:
+    # a NUL (Flask's own server lets one through) may end up in a name ua-parser takes from
+    # it, and PostgreSQL text cannot hold one: such a User-Agent tells nothing
+    if not user_agent or "\x00" in user_agent:
         return None, None, None
     result = parse_user_agent(user_agent)
     browser = result.user_agent.family if result.user_agent else None

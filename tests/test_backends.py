@@ -331,3 +331,18 @@ def test_a_utm_tag_with_a_nul_character_is_left_out_and_its_batch_is_stored(clie
         assert rollup.breakdown("a.test", prop, Period()) == raw.breakdown("a.test", prop, Period())
     connection.close()
     store.close()
+
+
+def test_a_user_agent_with_a_nul_character_is_stored_without_browser_os_or_device(client, config):
+    """Flask's own server passes such a header on (gunicorn refuses it); PostgreSQL text cannot hold NUL."""
+    event = {"n": "pageview", "d": "a.test", "u": "http://a.test/"}
+    user_agent = "Ap\x00p/1.2 CFNetwork/1220.1 Darwin/20.3.0"        # ua-parser names the browser Ap\x00p
+    assert client.post("/api/event", json=event, headers={"User-Agent": user_agent}).status_code == 202
+    assert client.post("/event", json={"site_id": "a.test", "event_type": "page_view"}).status_code == 200
+    assert processor_for(config).step() == 2        # one batch, whose failure would be raised here
+    store, connection, rollup, raw = reports_of(config)
+    assert rollup.stats("a.test", Period())["total_views"] == 2
+    for prop in ("browser", "os", "device"):
+        assert rollup.breakdown("a.test", prop, Period()) == raw.breakdown("a.test", prop, Period()) == []
+    connection.close()
+    store.close()
