@@ -153,7 +153,11 @@ def _address(text):
 
 
 def _forwarded_chain(headers):
-    forwarded = headers.get("Forwarded")
+    forwarded, x_forwarded_for = headers.get("Forwarded"), headers.get("X-Forwarded-For")
+    if forwarded and x_forwarded_for:
+        # a proxy writes one of them and passes the client's own copy of the other on
+        # untouched; which is which cannot be told, so neither is believed
+        return []
     if forwarded:
         chain = []
         for element in forwarded.split(","):
@@ -162,7 +166,7 @@ def _forwarded_chain(headers):
                 if key.strip().lower() == "for":
                     chain.append(value)
         return chain
-    return headers.get("X-Forwarded-For", "").split(",")
+    return (x_forwarded_for or "").split(",")
 
 
 def client_ip(remote_addr, headers, trusted):

@@ -140,11 +140,15 @@ def test_visitor_ids_change_with_the_daily_salt_and_old_salts_are_deleted(config
     assert days == ["2025-06-02", "2025-06-03"]
 
 
-def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
+def trusting(config):
     from ingestion_api import create_app
     from config import load_config
     trusted = load_config(environ={"TRUSTED_PROXIES": "10.0.0.0/8"}).trusted_proxies
-    client = create_app(config.with_overrides(trusted_proxies=trusted)).test_client()
+    return create_app(config.with_overrides(trusted_proxies=trusted)).test_client()
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
+    client = trusting(config)
     # a client forging X-Forwarded-For directly is still one visitor
     send(client, PAGEVIEW, ip="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"})
     send(client, PAGEVIEW, ip="203.0.113.9", headers={"X-Forwarded-For": "2.2.2.2"})
@@ -155,6 +159,25 @@ def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
     drain()
     visitors = {row[3] for row in rows(config)}
     assert len(visitors) == 3
+
+
+@pytest.mark.parametrize("proxy_writes,client_sends", [
+    ("X-Forwarded-For", {"Forwarded": "for=6.6.6.6"}),
+    ("Forwarded", {"X-Forwarded-For": "6.6.6.6"}),
+])
+def test_a_client_cannot_forge_its_address_in_the_header_its_proxy_does_not_write(
+        config, drain, proxy_writes, client_sends):
+    client = trusting(config)
+    # the proxy passes the client's own header on untouched and writes the other one
+    for real in ("198.51.100.1", "198.51.100.2"):
+        value = real if proxy_writes == "X-Forwarded-For" else f"for={real}"
+        send(client, PAGEVIEW, ip="10.1.2.3", headers={**client_sends, proxy_writes: value})
+    drain()
+
+    def visitor(ip):
+        return Visitors(open_store(config)).visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+    # which of the two the proxy wrote cannot be told: neither is believed
+    assert [row[3] for row in rows(config)] == [visitor("10.1.2.3")] * 2
 
 
 @pytest.mark.parametrize("user_agent", [
