@@ -147,9 +147,11 @@ def _address(text):
     elif text.count(":") == 1:                    # v4:port
         text = text.split(":")[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # a socket bound to [::] gives IPv4 peers as ::ffff:a.b.c.d, which no IPv4 network contains
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def _forwarded_chain(headers):

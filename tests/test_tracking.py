@@ -161,6 +161,19 @@ def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
     assert len(visitors) == 3
 
 
+def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain):
+    client = trusting(config)
+    # gunicorn bound to [::] sees an IPv4 peer as an IPv4-mapped IPv6 address
+    for real in ("198.51.100.1", "198.51.100.2"):
+        send(client, PAGEVIEW, ip="::ffff:10.1.2.3", headers={"X-Forwarded-For": real})
+    send(client, PAGEVIEW, ip="10.1.2.3", headers={"X-Forwarded-For": "::ffff:198.51.100.1"})
+    drain()
+    visitors = Visitors(open_store(config))
+    assert [row[3] for row in rows(config)] == [
+        visitors.visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+        for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.1")]
+
+
 @pytest.mark.parametrize("proxy_writes,client_sends", [
     ("X-Forwarded-For", {"Forwarded": "for=6.6.6.6"}),
     ("Forwarded", {"X-Forwarded-For": "6.6.6.6"}),
