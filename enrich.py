@@ -40,15 +40,22 @@ def describe_user_agent(user_agent):
     return browser, system, device
 
 
+def _without_www(host):
+    return host[4:] if host.startswith("www.") else host
+
+
 @lru_cache(maxsize=4096)       # URLs may be long: a bounded few MB
-def _referrer_source(site, referrer):
-    """(referrer, source) as stored: a referrer from the site itself is neither."""
+def _referrer_source(site, page_host, referrer):
+    """(referrer, source) as stored: a referrer from the site itself is neither.
+
+    The site is the page's own host as much as d: d may name a rollup site or
+    be no host name at all.
+    """
     try:
-        host = urlsplit(referrer).hostname or ""
+        host = _without_www(urlsplit(referrer).hostname or "")
     except ValueError:
         return None, None
-    host = host[4:] if host.startswith("www.") else host
-    if not host or host == site or host.endswith("." + site):
+    if not host or host == site or host.endswith("." + site) or host == _without_www(page_host or ""):
         return None, None
     return referrer, host
 
@@ -70,7 +77,7 @@ def enrich(data):
         return NOTHING
     referrer, source = None, None
     if data.get("referrer"):
-        referrer, source = _referrer_source(data["site_id"], data["referrer"])
+        referrer, source = _referrer_source(data["site_id"], data.get("host"), data["referrer"])
     query = data.get("query")
     utm = _utm(query) if query else NO_UTM
     source = utm[0] or source

@@ -104,7 +104,7 @@ def _page(url, hash_mode):
         path += "#" + unquote(parts.fragment)
     if "\x00" in path:
         raise InvalidPayload("url", "must not contain NUL characters")
-    return path[:2048], parts.query
+    return path[:2048], parts.query, parts.hostname
 
 
 def _number(value, low, high):
@@ -125,10 +125,10 @@ def plausible_events(data, now, user_agent, visitor):
     domain = _text(data, "domain", ("d", "domain"), 1000)
     referrer = _first(data, "r", "referrer")
     referrer = referrer[:MAX_URL] if isinstance(referrer, str) and "\x00" not in referrer else None
-    path, query = _page(url, _first(data, "h", "hashMode") in (1, True))
+    path, query, host = _page(url, _first(data, "h", "hashMode") in (1, True))
     event_type = "page_view" if name == "pageview" else name
     extra = {"ua": user_agent[:512], "referrer": referrer or None, "query": query[:MAX_URL] or None,
-             "props": _props(data)}
+             "host": host, "props": _props(data)}
     if event_type == "engagement":
         extra.update(scroll_depth=_number(data.get("sd"), 0, 100),
                      engaged_ms=_number(data.get("e"), 0, 86_400_000))

@@ -223,6 +223,18 @@ def test_sources_utm_tags_and_devices_are_worked_out_by_the_processor(client, dr
     assert breakdown("device") == {"desktop": 2, "mobile": 1}
 
 
+def test_a_referrer_from_the_page_s_own_host_is_no_source_whatever_d_says(client, drain):
+    # a rollup site in d, and a site whose d is not its host name
+    send(client, '{"n":"pageview","u":"https://shop.test/b","d":"shop.test,rollup.test","r":"https://shop.test/a"}')
+    send(client, '{"n":"pageview","u":"https://www.app.io/b","d":"rollup.test","r":"https://app.io/a"}')
+    send(client, '{"n":"pageview","u":"https://app.io/c","d":"rollup.test","r":"https://news.test/"}')
+    drain()
+    for site in ("shop.test", "rollup.test"):
+        body = client.get(f"/stats/breakdown?site_id={site}&property=source").get_json()
+        assert {row["value"]: row["views"] for row in body["results"]} == (
+            {None: 1} if site == "shop.test" else {None: 2, "news.test": 1})
+
+
 def test_a_page_with_many_query_fields_is_stored_with_its_utm_tags(client, drain):
     fields = "&".join(f"f{number}=1" for number in range(60))
     send(client, PAGEVIEW.replace('/"', f'/?{fields}&utm_source=mail"'))
