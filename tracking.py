@@ -84,9 +84,9 @@ def _sites(domain):
     sites = []
     for part in domain.split(","):
         site = part.strip().lower()
-        site = site[4:] if site.startswith("www.") else site
-        if site:
-            sites.append(site[:256])
+        site = (site[4:] if site.startswith("www.") else site)[:256]
+        if site and site not in sites:      # one page view is one view of each site
+            sites.append(site)
     if not sites:
         raise InvalidPayload("domain", "is required")
     return sites

@@ -91,6 +91,12 @@ def test_mapping_into_our_events(client, drain, config):
         ("shop.test", "page_view", "/app#/settings")]
 
 
+def test_a_site_named_twice_in_d_gets_the_event_once(client, drain, config):
+    send(client, '{"n":"pageview","u":"https://shop.test/","d":"shop.test,www.shop.test, Shop.test,blog.test"}')
+    drain()
+    assert [row[0] for row in rows(config)] == ["shop.test", "blog.test"]
+
+
 def test_engagement_is_kept_but_never_a_view_or_an_event(client, drain, config):
     send(client, PAGEVIEW)
     send(client, ENGAGEMENT)
