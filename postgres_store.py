@@ -269,6 +269,10 @@ class PostgresStore:
             return bytes(connection.execute("SELECT salt FROM salts WHERE day = :day",
                                             {"day": day}).fetchone()[0])
 
+    def forget_salts(self, before):
+        with self.atomic() as connection:
+            connection.execute("DELETE FROM salts WHERE day < :day", {"day": before})
+
     def reports(self, connection, raw=False):
         return RawReports(connection, JSON_VALUE) if raw else RollupReports(
             connection, sharded=True, value_key="value_key({})")     # see MIGRATIONS

@@ -2,7 +2,9 @@
 
 RETENTION_DAYS=N keeps the events of today and the N UTC days before it;
 ROLLUP_RETENTION_DAYS does the same, independently, for the per-hour and
-per-day rollups. 0 keeps everything. All-time totals (site_totals,
+per-day rollups. 0 keeps everything. Visitor salts older than yesterday go
+each day whatever the settings: the API deletes them only when a request
+comes, and a day without one must not keep them. All-time totals (site_totals,
 total_values, site_users) are never deleted, so an all-time figure still
 counts every event ever stored.
 
@@ -44,6 +46,7 @@ class Retention:
         self.remaining = []         # [(table, first day kept)] of the pass in progress
         self.after = None           # where the current table's next window starts
         self.deleted = 0            # rows deleted from the current table in this pass
+        self.salts_day = None       # the day old salts were last deleted on
 
     def plan(self):
         """[(table, first day kept)] for every table whose rows expire now."""
@@ -65,6 +68,14 @@ class Retention:
         if now < self.next_time:
             return 0
         self.next_time = now + self.config.retention_interval
+        today = self.today()
+        if today != self.salts_day:
+            try:
+                self.store.forget_salts(first_day_kept(today, 1))
+            except Exception:
+                log.exception("deleting old visitor salts failed; retrying in %.1fs", self.backoff)
+                return self._retry_later(now)
+            self.salts_day = today
         if not self.remaining:
             plan = self.plan()
             if plan == self.finished:
@@ -78,9 +89,7 @@ class Retention:
                 table, day, self.after, self.config.retention_batch_size)
         except Exception:
             log.exception("retention batch failed table=%s; retrying in %.1fs", table, self.backoff)
-            self.next_time = now + self.backoff
-            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
-            return 0
+            return self._retry_later(now)
         self.backoff = self.config.retention_interval
         self.deleted += deleted
         if deleted:
@@ -88,6 +97,11 @@ class Retention:
         if self.after is None:
             self._table_done(table, day)
         return deleted
+
+    def _retry_later(self, now):
+        self.next_time = now + self.backoff
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        return 0
 
     def finish_pass(self, stopping):
         """Run the pass in progress to its end, still one window per interval, unless stopping is set.

@@ -404,6 +404,11 @@ class SQLiteStore:
         finally:
             connection.close()
 
+    def forget_salts(self, before):
+        """Delete the salts of the days before before ('YYYY-MM-DD'); the rate limit's key stays."""
+        with self.atomic() as connection:
+            connection.execute("DELETE FROM salts WHERE day < ?", (before,))
+
     def reports(self, connection, raw=False):
         return (RawReports if raw else RollupReports)(connection)
 

@@ -3,17 +3,19 @@ import itertools
 import logging
 import re
 import threading
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
 from config import ConfigurationError, load_config
 from events import encode_event, validate_event
 from processor import Processor
+from rate_limit import SECRET_NAME
 from reports import Period
 from retention import ROLLUP_TABLES, Retention, utc_today
 from shared_queue import open_queue
 from store import StoreUnavailable, open_store
+from tracking import Visitors
 
 ALL_BACKENDS = True
 TODAY = date(2025, 3, 10)
@@ -254,3 +256,13 @@ def test_a_failed_retention_batch_is_logged_and_retried_later_not_skipped(config
     assert retention.step() == 0                   # backing off
     now[0] = 1.0
     assert retention.step() == 4 * 20
+
+
+def test_visitor_salts_over_48_hours_old_are_deleted_after_a_day_without_traffic(config, store):
+    visitors = Visitors(store)
+    for back in (3, 2):         # the last requests came two days ago
+        moment = datetime.combine(TODAY - timedelta(days=back), datetime.min.time(), timezone.utc)
+        visitors.visitor_id("s", "192.0.2.1", "Mozilla/5.0", moment)
+    store.daily_salt(SECRET_NAME, b"k" * 32, forget_before="")
+    run_pass(store, config)     # no retention settings: the salts go all the same
+    assert query(store, "SELECT day FROM salts ORDER BY day") == [(SECRET_NAME,)]
