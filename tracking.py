@@ -22,7 +22,7 @@ from rollups import PROP_KEY
 MAX_NAME = 120
 MAX_URL = 2000
 MAX_PROPS = 30
-MAX_PROP_VALUE = 256
+MAX_PROP_VALUE = MAX_URL      # a URL: the trackers' Outbound Link and File Download props
 HEADLESS_FAMILIES = {"HeadlessChrome", "PhantomJS"}
 
 

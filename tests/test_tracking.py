@@ -118,6 +118,14 @@ def test_custom_events_and_their_props_can_be_broken_down(client, drain):
     assert {n["value"]: n["events"] for n in names} == {"Signup": 2, "Trial Started": 1, "page_view": 1}
 
 
+def test_a_long_url_prop_of_a_file_download_is_kept(client, drain):
+    url = "https://cdn.example.test/files/report.pdf?token=" + "a" * 1900
+    send(client, '{"n":"File Download","v":36,"u":"%s/","d":"example.test","r":null,"p":{"url":"%s"}}' % (PAGE, url))
+    drain()
+    body = client.get("/stats/breakdown?site_id=example.test&property=props.url").get_json()
+    assert [row["value"] for row in body["results"]] == [url]
+
+
 def test_one_browser_is_one_visitor_and_the_ip_is_stored_nowhere(client, drain, config):
     for _ in range(3):
         send(client, PAGEVIEW, ip="198.51.100.23")
