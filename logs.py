@@ -112,6 +112,21 @@ def log_to_stderr(config):
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(config.log_format))
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+    for name in CLIENT_ADDRESS:
+        logging.getLogger(name).addFilter(without_client_address)
+
+
+# where the servers write the client address in lines of their own: gunicorn when a
+# request is not HTTP, werkzeug (python ingestion_api.py) at the start of every request's line
+CLIENT_ADDRESS = {"gunicorn.error": re.compile(r"(?<=^Invalid request from )ip=\S*(?=: )"),
+                  "werkzeug": re.compile(r"^\S+(?= - - \[)")}
+
+
+def without_client_address(record):
+    """A logging filter: no client IP is written anywhere (README, visitors without cookies)."""
+    if isinstance(record.msg, str):
+        record.msg = CLIENT_ADDRESS[record.name].sub("a client", record.msg, count=1)
+    return True
 
 
 def message_fields(message, args):

@@ -2,12 +2,14 @@
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from datetime import timedelta
 
 import orjson
+import pytest
 import requests
 
 from config import load_config
@@ -157,7 +159,8 @@ def test_gunicorn_in_text_mode_logs_the_apps_info_lines_with_time_level_logger_a
     assert_text_lines_of_the_app((data_dir.parent / "logs" / "gunicorn.err").read_text(), worker)
 
 
-def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_and_pid(data_dir):
+def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_and_pid_not_the_client_address(
+        data_dir):
     port = free_port()
     log_file = data_dir.parent / "api.err"
     with open(log_file, "w") as err:
@@ -170,6 +173,26 @@ def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_an
     finally:
         stop(api, signal.SIGTERM)
     assert_text_lines_of_the_app(log_file.read_text(), api.pid)
+    requests_logged = [line for line in log_file.read_text().splitlines() if "/api/event" in line]
+    assert requests_logged and not any("127.0.0.1" in line for line in requests_logged)
+
+
+def send_bad_request_line(url):
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as connection:
+        connection.sendall(b"NOT HTTP\r\n\r\n")
+        connection.recv(100)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorn_s_own_lines_never_carry_the_client_address(data_dir, log_format):
+    api = Api(data_dir, workers=1, LOG_FORMAT=log_format)
+    try:
+        send_bad_request_line(api.url)
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    lines = (data_dir.parent / "logs" / "gunicorn.err").read_text().splitlines()
+    [invalid] = [line for line in lines if "Invalid request" in line]
+    assert "127.0.0.1" not in invalid
 
 
 def test_the_processor_log_rotates_at_its_size_and_keeps_five_old_files(data_dir):
