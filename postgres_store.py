@@ -195,7 +195,11 @@ class PostgresStore:
         they all see the same commits of the processors.
         """
         connection = self.connect(readonly=True)
-        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        except StoreUnavailable:
+            connection.close()                  # back to the pool, which checks it before reuse
+            raise
         return connection
 
     def release(self, connection):

@@ -108,3 +108,24 @@ def test_props_tied_on_counts_are_ranked_in_byte_order_whatever_the_database_col
     store.close()
     app.extensions["analytics"]["store"].close()
     app.extensions["analytics"]["queue"].close()
+
+
+def test_a_report_connection_lost_before_its_snapshot_begins_goes_back_to_the_pool(postgres_database):
+    from postgres_store import PostgresStore
+    from store import StoreUnavailable
+    store = PostgresStore(postgres_database)
+    pool = store.pool
+    checked = pool._check
+
+    def check_then_lose(connection):     # the server drops it between the pool's check and BEGIN
+        checked(connection)
+        administer(f"SELECT pg_terminate_backend({connection.info.backend_pid})")
+
+    pool._check = check_then_lose
+    for _ in range(pool.max_size + 1):   # one more than the pool holds: none may be kept
+        with pytest.raises(StoreUnavailable):
+            store.reader()
+    pool._check = checked
+    connection = store.reader()          # the pool still has room
+    store.release(connection)
+    store.close()
