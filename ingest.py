@@ -88,10 +88,18 @@ class Ingest:
         self.visitors = visitors
         self.metrics = metrics
         self.queue_failures = EverySoOften(log)
+        self.both_forwarding_headers = EverySoOften(log, seconds=600)
 
     def client_address(self, remote_addr, headers):
         """The address a client is known by (TRUSTED_PROXIES decides whether headers count)."""
-        return client_ip(remote_addr, headers, self.config.trusted_proxies)
+        return client_ip(remote_addr, headers, self.config.trusted_proxies, self._warn_both_headers)
+
+    def _warn_both_headers(self):
+        # visitors behind such a proxy all look like one
+        self.both_forwarding_headers.warning(
+            "a request from a trusted proxy carried both Forwarded and X-Forwarded-For: it is "
+            "counted by the proxy's address; make the proxy drop the header it does not write "
+            "(nginx: proxy_set_header Forwarded \"\";)")
 
     def event(self, body):
         self._append("/event", [encode_event(validate_event(parse_json(body)))])

@@ -154,11 +154,12 @@ def _address(text):
     return getattr(address, "ipv4_mapped", None) or address
 
 
-def _forwarded_chain(headers):
+def _forwarded_chain(headers, on_both):
     forwarded, x_forwarded_for = headers.get("Forwarded"), headers.get("X-Forwarded-For")
     if forwarded and x_forwarded_for:
         # a proxy writes one of them and passes the client's own copy of the other on
         # untouched; which is which cannot be told, so neither is believed
+        on_both()
         return []
     if forwarded:
         chain = []
@@ -171,15 +172,18 @@ def _forwarded_chain(headers):
     return (x_forwarded_for or "").split(",")
 
 
-def client_ip(remote_addr, headers, trusted):
+def client_ip(remote_addr, headers, trusted, on_both=lambda: None):
     """The socket address, unless it is a trusted proxy: then the nearest untrusted hop
-    of Forwarded / X-Forwarded-For. A client cannot forge its address otherwise."""
+    of Forwarded / X-Forwarded-For. A client cannot forge its address otherwise.
+
+    on_both is called when a trusted proxy sent both headers (then neither is read).
+    """
     if not trusted:
         return remote_addr or ""        # the server's own record of the peer: nothing to look past
     address = _address(remote_addr or "")
     if address is None or not any(address in network for network in trusted):
         return str(address) if address else ""
-    for hop in reversed(_forwarded_chain(headers)):
+    for hop in reversed(_forwarded_chain(headers, on_both)):
         hop_address = _address(hop)
         if hop_address is None:
             break

@@ -193,7 +193,7 @@ def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain):
     ("Forwarded", {"X-Forwarded-For": "6.6.6.6"}),
 ])
 def test_a_client_cannot_forge_its_address_in_the_header_its_proxy_does_not_write(
-        config, drain, proxy_writes, client_sends):
+        config, drain, caplog, proxy_writes, client_sends):
     client = trusting(config)
     # the proxy passes the client's own header on untouched and writes the other one
     for real in ("198.51.100.1", "198.51.100.2"):
@@ -205,6 +205,8 @@ def test_a_client_cannot_forge_its_address_in_the_header_its_proxy_does_not_writ
         return Visitors(open_store(config)).visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
     # which of the two the proxy wrote cannot be told: neither is believed
     assert [row[3] for row in rows(config)] == [visitor("10.1.2.3")] * 2
+    # and the operator is told how to set the proxy right, once, not per request
+    assert caplog.text.count("carried both Forwarded and X-Forwarded-For") == 1
 
 
 @pytest.mark.parametrize("user_agent", [
