@@ -16,6 +16,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_INT = 2**31 - 1         # SQLite, Redis and C take no more
 MAX_SECONDS = 86_400
 MAX_DAYS = 36_500
+UNIX_SOCKET = "unix"        # in TRUSTED_PROXIES: the peer of gunicorn -b unix:..., which has no address
 
 
 class ConfigurationError(Exception):
@@ -180,10 +181,13 @@ def _key_in_line(line):
 
 
 def _networks(text):
+    """Networks, and the word unix for a proxy on a unix socket (whose peer has no address)."""
     try:
-        return tuple(ipaddress.ip_network(word, strict=False) for word in _word_list(text))
+        return tuple(word if word == UNIX_SOCKET else ipaddress.ip_network(word, strict=False)
+                     for word in _word_list(text))
     except ValueError as error:
-        raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8") from None
+        raise ValueError(f"{error}; expected addresses or CIDR networks such as 10.0.0.0/8, "
+                         f"or {UNIX_SOCKET}") from None
 
 
 def _directory(text):

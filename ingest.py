@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntit
 from werkzeug.http import HTTP_STATUS_CODES
 
 from events import InvalidEvent, encode_event, encode_valid_events, parse_json, validate_event
+from config import UNIX_SOCKET
 from logs import EverySoOften
 from shared_queue import QueueUnavailable
 from store import StoreUnavailable
@@ -89,9 +90,15 @@ class Ingest:
         self.metrics = metrics
         self.queue_failures = EverySoOften(log)
         self.both_forwarding_headers = EverySoOften(log, seconds=600)
+        self.unix_socket_unnamed = EverySoOften(log, seconds=600)
 
     def client_address(self, remote_addr, headers):
         """The address a client is known by (TRUSTED_PROXIES decides whether headers count)."""
+        if not remote_addr and UNIX_SOCKET not in self.config.trusted_proxies:
+            self.unix_socket_unnamed.warning(
+                "requests come over a unix socket, which gives no client address, so every visitor "
+                "looks like one: add %s to TRUSTED_PROXIES if the proxy in front sets "
+                "X-Forwarded-For or Forwarded", UNIX_SOCKET)
         return client_ip(remote_addr, headers, self.config.trusted_proxies, self._warn_both_headers)
 
     def _warn_both_headers(self):

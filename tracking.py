@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from ua_parser import parse as parse_user_agent
 
+from config import UNIX_SOCKET
 from events import InvalidEvent, format_timestamp, new_event_id
 from rollups import PROP_KEY
 
@@ -176,21 +177,32 @@ def client_ip(remote_addr, headers, trusted, on_both=lambda: None):
     """The socket address, unless it is a trusted proxy: then the nearest untrusted hop
     of Forwarded / X-Forwarded-For. A client cannot forge its address otherwise.
 
-    on_both is called when a trusted proxy sent both headers (then neither is read).
+    A peer on a unix socket has no address (""): it is a trusted proxy when
+    trusted holds UNIX_SOCKET. on_both is called when a trusted proxy sent both
+    headers (then neither is read).
     """
     if not trusted:
         return remote_addr or ""        # the server's own record of the peer: nothing to look past
-    address = _address(remote_addr or "")
-    if address is None or not any(address in network for network in trusted):
-        return str(address) if address else ""
+    if remote_addr:
+        address = _address(remote_addr)
+        if address is None or not _is_trusted(address, trusted):
+            return str(address) if address else ""
+    elif UNIX_SOCKET in trusted:
+        address = None
+    else:
+        return ""
     for hop in reversed(_forwarded_chain(headers, on_both)):
         hop_address = _address(hop)
         if hop_address is None:
             break
         address = hop_address
-        if not any(address in network for network in trusted):
+        if not _is_trusted(address, trusted):
             break
-    return str(address)
+    return "" if address is None else str(address)
+
+
+def _is_trusted(address, trusted):
+    return any(address in network for network in trusted if network != UNIX_SOCKET)
 
 
 @lru_cache(maxsize=4096)

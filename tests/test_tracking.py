@@ -154,10 +154,10 @@ def test_visitor_ids_change_with_the_daily_salt_and_old_salts_are_deleted(config
     assert days == ["2025-06-02", "2025-06-03"]
 
 
-def trusting(config):
+def trusting(config, proxies="10.0.0.0/8"):
     from ingestion_api import create_app
     from config import load_config
-    trusted = load_config(environ={"TRUSTED_PROXIES": "10.0.0.0/8"}).trusted_proxies
+    trusted = load_config(environ={"TRUSTED_PROXIES": proxies}).trusted_proxies
     return create_app(config.with_overrides(trusted_proxies=trusted)).test_client()
 
 
@@ -186,6 +186,21 @@ def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain):
     assert [row[3] for row in rows(config)] == [
         visitors.visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
         for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.1")]
+
+
+def test_a_proxy_on_a_unix_socket_is_trusted_when_named_unix(config, drain, caplog):
+    # gunicorn -b unix:... gives the peer no address: REMOTE_ADDR is ""
+    for proxies in ("10.0.0.0/8", "unix"):
+        client = trusting(config, proxies)
+        for real in ("198.51.100.1", "198.51.100.2"):
+            send(client, PAGEVIEW, ip="", headers={"X-Forwarded-For": real})
+    drain()
+    visitors = Visitors(open_store(config))
+    assert [row[3] for row in rows(config)] == [
+        visitors.visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+        for ip in ("", "", "198.51.100.1", "198.51.100.2")]
+    # without unix, every visitor is one: the operator is told how to name the proxy
+    assert caplog.text.count("add unix to TRUSTED_PROXIES") == 1
 
 
 @pytest.mark.parametrize("proxy_writes,client_sends", [
