@@ -289,16 +289,18 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     if args.command:
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             return run_command(args, config)
         except (InvalidParameter, OSError, NotForThisStore, StoreUnavailable) as error:
             log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             # the open transaction rolled back; an import keeps the position of its last batch
             resume = "; run it again to resume where it stopped" if args.command == "import" else ""
             log.warning("%s interrupted%s", args.command, resume)
-            return 130
+            return 128 + (stop.args[0] if stop.args else signal.SIGINT)
     try:
         on_batch = batch_metrics(config)
     except ConfigurationError as error:
@@ -317,6 +319,11 @@ def main(argv=None):
         return 2
     processor.run(once=args.once)
     return 0
+
+
+def interrupt(signum, frame):
+    """A command stops on SIGTERM (a service manager, kill) as it does on Ctrl-C."""
+    raise KeyboardInterrupt(signum)
 
 
 def batch_metrics(config):

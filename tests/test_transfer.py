@@ -262,7 +262,9 @@ def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path, postgres_datab
     assert not (tmp_path / "copy.db").exists()
 
 
-def test_ctrl_c_stops_an_import_in_one_line_and_running_it_again_resumes(config, tmp_path):
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_an_import_in_one_line_and_running_it_again_resumes(
+        config, tmp_path, stop, status):
     events_file(tmp_path / "in.jsonl", 100_000)
     store = open_store(config)
     store.migrate()
@@ -270,8 +272,8 @@ def test_ctrl_c_stops_an_import_in_one_line_and_running_it_again_resumes(config,
                                  cwd=ROOT, env={**os.environ, "DATA_DIR": config.data_dir},
                                  stderr=subprocess.PIPE, text=True)
     wait_for(lambda: count_events(config) > 0, 30, "the import's first batch")
-    importing.send_signal(signal.SIGINT)
-    assert importing.wait(timeout=30) == 130
+    importing.send_signal(stop)
+    assert importing.wait(timeout=30) == status
     stderr = importing.stderr.read()
     assert "Traceback" not in stderr
     assert stderr.splitlines()[-1].endswith("import interrupted; run it again to resume where it stopped")
