@@ -11,6 +11,7 @@ its first line.
 import csv
 import logging
 import os
+import time
 import zlib
 
 import orjson
@@ -22,6 +23,7 @@ from events import EVENT_COLUMNS, InvalidEvent, parse_json, validate_event
 log = logging.getLogger("transfer")
 IMPORT_BATCH = 10_000
 READ_CHUNK = 1024 * 1024
+PROGRESS_EVERY = 5.0        # seconds between progress lines when there is no bar (not a terminal)
 
 
 def import_source(path):
@@ -43,6 +45,7 @@ def import_file(store, path, show_progress=True):
 def _import_from(store, source, file, position, bar):
     file.seek(position.offset)
     stored = rejected = 0
+    last_report = time.monotonic()
     while True:
         rows, start = [], position.offset
         for line in _lines(file, IMPORT_BATCH):
@@ -62,6 +65,10 @@ def _import_from(store, source, file, position, bar):
         stored += len(rows)
         bar.update(position.offset - start)
         bar.set_postfix(events=stored, rejected=rejected)
+        if bar.disable and time.monotonic() - last_report >= PROGRESS_EVERY:
+            log.info("import progress bytes=%d of %d stored=%d rejected=%d",
+                     position.offset, bar.total, stored, rejected)
+            last_report = time.monotonic()
 
 
 class _Position:

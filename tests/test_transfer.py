@@ -83,6 +83,21 @@ def test_an_interrupted_import_resumes_where_it_stopped(config, tmp_path, monkey
     assert (stats["total_views"], stats["unique_users"]) == (95, 95)
 
 
+def test_an_import_without_a_terminal_logs_its_progress(config, tmp_path, monkeypatch, caplog):
+    events_file(tmp_path / "in.jsonl", 30)
+    size = (tmp_path / "in.jsonl").stat().st_size
+    monkeypatch.setattr(transfer, "IMPORT_BATCH", 10)
+    monkeypatch.setattr(transfer, "PROGRESS_EVERY", 0)
+    store = open_store(config)
+    store.migrate()
+    with caplog.at_level("INFO", logger="transfer"):
+        assert transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False) == (30, 0)
+    progress = [record.getMessage() for record in caplog.records if "progress" in record.getMessage()]
+    assert [line.split(" of ")[1] for line in progress] == [
+        f"{size} stored={stored} rejected=0" for stored in (10, 20, 30)]
+    assert progress[-1] == f"import progress bytes={size} of {size} stored=30 rejected=0"
+
+
 @pytest.mark.parametrize("new_count", [20, 80], ids=["shorter", "longer"])
 def test_a_file_rewritten_in_place_is_imported_from_its_beginning(config, tmp_path, new_count):
     path = tmp_path / "in.jsonl"
