@@ -28,8 +28,11 @@ does nothing under the same settings):
   switches to gthread by itself when threads > 1).
 WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 """
+import json
 import logging
 import os
+
+from gunicorn import util
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
 # on_starting checks them with the other settings before gunicorn binds
@@ -41,6 +44,19 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
 # instance: a second instance takes it over and the first one to stop deletes
 # it from under the other. Nothing here uses gunicornc, so there is none.
 control_socket_disable = True
+
+
+def write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own answers (a request line or header it cannot parse, a crashed request)
+    as JSON like every answer of the app, instead of an HTML page. Workers call
+    util.write_error when they answer, so replacing it here, in the master, reaches them all."""
+    body = json.dumps({"error": mesg or reason}).encode()       # ASCII: non-ASCII is escaped
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = write_json_error
 
 
 def json_logging(level):

@@ -342,3 +342,27 @@ def test_a_chunked_body_gunicorn_cannot_parse_is_a_400_not_a_500(data_dir, child
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"Invalid request body" in answer
+
+
+@pytest.mark.parametrize("request_head, status, error", [
+    (b"GARBAGE\r\n\r\n", 400, "Invalid Request Line"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "Invalid HTTP Header: 'Bad Header'"),
+    (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400, "Invalid HTTP Version"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "Request Line is too large"),
+    (b"GET /h\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "Invalid Request Line"),
+], ids=["request line", "header", "version", "long line", "latin-1"])
+def test_a_request_gunicorn_cannot_parse_is_answered_in_json_like_the_app(
+        data_dir, children, request_head, status, error):
+    api = Api(data_dir, workers=1)
+    children.append(api)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as connection:
+        connection.sendall(request_head)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    status_line, *headers = head.decode("latin-1").split("\r\n")
+    assert status_line.startswith(f"HTTP/1.1 {status} "), head
+    assert "Content-Type: application/json" in headers
+    assert f"Content-Length: {len(body)}" in headers
+    assert orjson.loads(body)["error"].startswith(error)
