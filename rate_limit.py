@@ -47,6 +47,7 @@ SCOPE = "ingest"
 # The secret shares the visitor salts' table under a name that is no UTC day,
 # so that it is never among the salts deleted after 48 hours.
 SECRET_NAME = "rate-limit key"
+SECRET_RETRY = 60.0     # seconds between tries to read it while the database is down
 log = logging.getLogger("ingestion_api")
 
 
@@ -84,6 +85,7 @@ class IngestRateLimit:
         self.client_address = client_address
         self.load_secret = load_secret
         self.secret = None
+        self._secret_error, self._secret_retry_at = None, 0.0
         self.failures = EverySoOften(log)       # a storage that is down fails every request
         self.items = sorted(parse_many(config.rate_limit))
         self.prefix = _key_prefix(config)
@@ -129,7 +131,14 @@ class IngestRateLimit:
     def client_key(self, address):
         """What the counters know a client by."""
         if self.secret is None:
-            self.secret = self.load_secret()
+            # a read waits for the database (5 s): one every SECRET_RETRY, not one per request
+            if time.monotonic() < self._secret_retry_at:
+                raise StoreUnavailable(self._secret_error)
+            try:
+                self.secret = self.load_secret()
+            except StoreUnavailable as error:
+                self._secret_error, self._secret_retry_at = str(error), time.monotonic() + SECRET_RETRY
+                raise
         return hashlib.blake2b(address.encode(), key=self.secret, digest_size=16).hexdigest()
 
     def _keys_for(self, address):
