@@ -63,6 +63,10 @@ def json_answer(body, status=200):
     return Answer(status, orjson.dumps(body) + b"\n")
 
 
+# an outage fails every report and browser event: one line per 10 s per process, not per request
+STORE_FAILURES = EverySoOften(log)
+
+
 def error_answer(error):
     """The JSON answer to an error raised while taking a request in (or by a report)."""
     if isinstance(error, ApiError):
@@ -70,7 +74,7 @@ def error_answer(error):
     if isinstance(error, InvalidPayload):
         return json_answer({"errors": error.errors}, 400)
     if isinstance(error, StoreUnavailable):
-        log.error("database unavailable: %s", error)
+        STORE_FAILURES.warning("database unavailable: %s", error)
         return json_answer({"error": "Database unavailable; retry later"}, 503)
     if isinstance(error, HTTPException):
         # what the status requires, such as Allow on a 405

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from contextlib import contextmanager
 
 import psycopg
@@ -27,6 +28,10 @@ log = logging.getLogger("store")
 SHARDS = 16
 # compared in byte order, as the rollup columns are, whatever the database's collation
 JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
+# after the pool waited its 5 s for a connection in vain, callers fail at once for this
+# long: a sync API worker waiting 5 s per report or browser event during an outage is a
+# worker not taking POST /event, which needs no database
+UNREACHABLE_PAUSE = 2.0
 MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
 
 COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
@@ -153,6 +158,7 @@ class PostgresStore:
         self._pool = None
         self._pid = None
         self._lock = threading.Lock()
+        self._unreachable_until, self._unreachable_error = 0.0, None
 
     def backup(self, destination):
         raise NotForThisStore("a PostgreSQL store is backed up with pg_dump, not by this command")
@@ -173,20 +179,34 @@ class PostgresStore:
 
     @contextmanager
     def atomic(self):
+        self._fail_fast_while_unreachable()
         try:
             with self.pool.connection() as connection, connection.transaction():
                 yield Connection(connection)
-        except (psycopg.OperationalError, PoolTimeout) as error:
+        except PoolTimeout as error:
+            raise self._unreachable(error) from error
+        except psycopg.OperationalError as error:
             raise StoreUnavailable(f"PostgreSQL: {error}") from error
 
     def connect(self, readonly=False):
         """A connection for reports; close() gives it back to the pool."""
+        self._fail_fast_while_unreachable()
         try:
             raw = self.pool.getconn()
         except PoolTimeout as error:
-            raise StoreUnavailable(f"PostgreSQL: {error}") from error
+            raise self._unreachable(error) from error
         raw.autocommit = True
         return Connection(raw, release=self.pool.putconn)
+
+    def _fail_fast_while_unreachable(self):
+        if time.monotonic() < self._unreachable_until:
+            raise StoreUnavailable(self._unreachable_error)
+
+    def _unreachable(self, error):
+        """The pool waited in vain: callers fail at once for UNREACHABLE_PAUSE."""
+        self._unreachable_error = f"PostgreSQL: {error}"
+        self._unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
+        return StoreUnavailable(self._unreachable_error)
 
     def reader(self):
         """A connection for reports, from the pool, in one snapshot until release().

@@ -284,6 +284,23 @@ def test_an_api_worker_started_while_postgresql_is_down_takes_events_and_answers
 
 
 @pytest.mark.embedded
+def test_while_postgresql_is_unreachable_reports_and_browser_events_fail_at_once(config):
+    """A sync worker waiting 5 s for the database per request is a worker not taking POST /event."""
+    from ingestion_api import create_app
+    nobody_listens = "postgresql://postgres@127.0.0.1:9/test?connect_timeout=1"
+    client = create_app(config.with_overrides(database_url=nobody_listens, rate_limit="")).test_client()
+    assert client.get("/stats?site_id=s").status_code == 503         # the pool waits once
+    browser = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"}
+    pageview = {"n": "pageview", "d": "example.test", "u": "http://example.test/"}
+    started = time.monotonic()
+    for _ in range(5):
+        assert client.get("/stats?site_id=s").status_code == 503
+        assert client.post("/api/event", json=pageview, headers=browser).status_code == 503
+    assert time.monotonic() - started < 2
+    assert client.post("/event", json={"site_id": "s", "event_type": "page_view"}).status_code == 200
+
+
+@pytest.mark.embedded
 def test_a_queue_that_does_not_answer_in_time_says_the_event_may_be_stored(config):
     """A Redis that took the command and went silent may have queued it: a 503 must not say it did not."""
     import socket
