@@ -293,6 +293,11 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, interrupt)
         try:
             return run_command(args, config)
+        except BrokenPipeError:
+            # the reader stopped early (export | head): end quietly, as Unix tools do; stdout
+            # goes nowhere so that flushing it at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         except (InvalidParameter, OSError, NotForThisStore, StoreUnavailable) as error:
             log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2

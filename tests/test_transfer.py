@@ -126,6 +126,20 @@ def test_export_streams_json_lines_for_a_range(config, tmp_path):
     assert set(lines[0]) == {"site_id", "event_type", "path", "user_id", "timestamp"}
 
 
+def test_export_read_only_in_part_ends_quietly(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 5000)        # more than a pipe holds
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    # as `export | head -1` does: the reader takes one line and goes away
+    export = subprocess.Popen([sys.executable, "processor.py", "export", "--site", "imp"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                              env={**os.environ, "DATA_DIR": config.data_dir})
+    assert orjson.loads(export.stdout.readline())["site_id"] == "imp"
+    export.stdout.close()
+    _, errors = export.communicate(timeout=60)
+    assert export.returncode == 128 + signal.SIGPIPE
+    assert b"failed" not in errors and b"Traceback" not in errors, errors
+
+
 @pytest.mark.parametrize("bounds, first_day, last_day", [
     (["--from", "2025-02-27"], "2025-02-27", "2025-02-28"),
     (["--to", "2025-02-02"], "2025-02-01", "2025-02-02"),
