@@ -13,6 +13,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRAILING_COMMENT = re.compile(r"\s+#.*")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 MAX_INT = 2**31 - 1         # SQLite, Redis and C take no more
 MAX_SECONDS = 86_400
 MAX_DAYS = 36_500
@@ -200,6 +201,17 @@ def _queue_url(text):
     if text.startswith(REDIS_SCHEMES):
         from redis_queue import check_url      # the Redis client is imported only for its queue
         check_url(text)
+    return _path_or(text, REDIS_SCHEMES)
+
+
+def _database_url(text):
+    return _path_or(text, POSTGRES_SCHEMES)
+
+
+def _path_or(text, schemes):
+    """A URL of one of schemes, or a file path: another URL would be taken for a file name."""
+    if "://" in text and not text.startswith(schemes):
+        raise ValueError(f"expected a URL starting {' or '.join(schemes)}, or the path of a file")
     return text
 
 
@@ -214,7 +226,7 @@ def _one_of(choices):
 ENVIRONMENT = {
     "DATA_DIR": ("data_dir", _directory),
     "QUEUE_URL": ("queue_url", _queue_url),
-    "DATABASE_URL": ("database_url", str),
+    "DATABASE_URL": ("database_url", _database_url),
     "HOST": ("host", str),
     "PORT": ("port", _port),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),

@@ -21,6 +21,7 @@ from itertools import compress
 from operator import is_not, itemgetter
 
 import rollups
+from config import POSTGRES_SCHEMES
 from enrich import NOTHING
 from rollups import ROW_COLUMNS
 from reports import RawReports, RollupReports
@@ -237,7 +238,7 @@ def unavailable_or_bug(error, path):
 
 
 def open_store(config):
-    if config.database_path.startswith(("postgresql://", "postgres://")):
+    if config.database_path.startswith(POSTGRES_SCHEMES):
         from postgres_store import PostgresStore
         return PostgresStore(config.database_path)
     return SQLiteStore(config.database_path, durable=config.fsync == "always")

@@ -67,6 +67,13 @@ def test_a_queue_url_the_redis_client_cannot_use_is_refused_at_start(url):
         load_config(environ={"QUEUE_URL": url})
 
 
+@pytest.mark.parametrize("name, url", [("DATABASE_URL", "mysql://root@127.0.0.1/analytics"),
+                                       ("QUEUE_URL", "amqp://guest@127.0.0.1/")])
+def test_a_url_of_a_kind_we_do_not_speak_is_refused_rather_than_taken_for_a_file(name, url):
+    with pytest.raises(ConfigurationError, match=f"{name}.*expected a URL starting"):
+        load_config(environ={name: url})
+
+
 def test_a_unix_socket_queue_url_keeps_its_path():
     queue = RedisQueue("unix:///run/redis/redis.sock?db=2&stream=site-events")
     assert (queue.url, queue.stream) == ("unix:///run/redis/redis.sock?db=2", "site-events")
