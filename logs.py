@@ -112,20 +112,29 @@ def log_to_stderr(config):
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(config.log_format))
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
-    for name in CLIENT_ADDRESS:
-        logging.getLogger(name).addFilter(without_client_address)
+    for name in SCRUBBED:
+        logging.getLogger(name).addFilter(scrub)
 
 
-# where the servers write the client address in lines of their own: gunicorn when a
-# request is not HTTP, werkzeug (python ingestion_api.py) at the start of every request's line
-CLIENT_ADDRESS = {"gunicorn.error": re.compile(r"(?<=^Invalid request from )ip=\S*(?=: )"),
-                  "werkzeug": re.compile(r"^\S+(?= - - \[)")}
+# what the servers write in lines of their own that no log of ours may hold: the client
+# address (gunicorn when a request is not HTTP, werkzeug, under python ingestion_api.py,
+# at the start of every request's line) and werkzeug's terminal colours, which are noise
+# in a file or a JSON field
+ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+SCRUBBED = {"gunicorn.error": [(re.compile(r"(?<=^Invalid request from )ip=\S*(?=: )"), "a client")],
+            "werkzeug": [(re.compile(r"^\S+(?= - - \[)"), "a client"), (ANSI_STYLE, "")]}
 
 
-def without_client_address(record):
+def scrub(record):
     """A logging filter: no client IP is written anywhere (README, visitors without cookies)."""
-    if isinstance(record.msg, str):
-        record.msg = CLIENT_ADDRESS[record.name].sub("a client", record.msg, count=1)
+    def scrubbed(text):
+        if isinstance(text, str):
+            for pattern, replacement in SCRUBBED[record.name]:
+                text = pattern.sub(replacement, text)
+        return text
+    record.msg = scrubbed(record.msg)
+    if isinstance(record.args, tuple):          # werkzeug styles the request line, an argument
+        record.args = tuple(map(scrubbed, record.args))
     return True
 
 

@@ -161,6 +161,7 @@ def test_gunicorn_in_text_mode_logs_the_apps_info_lines_with_time_level_logger_a
 
 def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_and_pid_not_the_client_address(
         data_dir):
+    """Nor terminal colours: werkzeug styles the status of a 4xx request line even into a file."""
     port = free_port()
     log_file = data_dir.parent / "api.err"
     with open(log_file, "w") as err:
@@ -170,11 +171,14 @@ def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_an
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: is_healthy(url), 30, "the API did not start")
         send_bot_event(url)
+        assert requests.get(f"{url}/stats").status_code == 400
     finally:
         stop(api, signal.SIGTERM)
     assert_text_lines_of_the_app(log_file.read_text(), api.pid)
-    requests_logged = [line for line in log_file.read_text().splitlines() if "/api/event" in line]
-    assert requests_logged and not any("127.0.0.1" in line for line in requests_logged)
+    requests_logged = [line for line in log_file.read_text().splitlines() if "/api/event" in line
+                       or "GET /stats" in line]
+    assert len(requests_logged) == 2
+    assert not any("127.0.0.1" in line or "\x1b" in line for line in requests_logged)
 
 
 def send_bad_request_line(url):
