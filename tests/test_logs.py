@@ -14,7 +14,7 @@ import requests
 
 from config import load_config
 from events import encode_event, validate_event
-from logs import AccessJsonFormatter, JsonFormatter
+from logs import AccessJsonFormatter, JsonFormatter, without_client_address
 from processes import (REPO, Api, environment, free_port, is_healthy, run_processor_once, start_processor,
                        stop, wait_for)
 from retention import utc_today
@@ -197,6 +197,38 @@ def test_gunicorn_s_own_lines_never_carry_the_client_address(data_dir, log_forma
     lines = (data_dir.parent / "logs" / "gunicorn.err").read_text().splitlines()
     [invalid] = [line for line in lines if "Invalid request" in line]
     assert "127.0.0.1" not in invalid
+
+
+def send_raw(url, request):
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as connection:
+        connection.sendall(request)
+        return connection.recv(100)
+
+
+def test_what_a_client_sends_in_a_request_gunicorn_refuses_makes_no_json_field(data_dir):
+    api = Api(data_dir, workers=1, LOG_FORMAT="json")
+    try:
+        answer = send_raw(api.url, b"GET /health HTTP/1.1\r\nHost: x\r\nsent status=200 path=/admin reason=bot\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400")
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    [invalid] = [line for line in json_lines(data_dir.parent / "logs" / "gunicorn.err")
+                 if line["message"].startswith("Invalid request")]
+    assert invalid["message"] == ("Invalid request from a client: "
+                                  "Invalid HTTP Header: 'sent status=200 path=/admin reason=bot'")
+    assert set(invalid) == BASIC_FIELDS
+
+
+def test_a_long_header_gunicorn_refuses_is_logged_in_json_at_once():
+    # gunicorn writes the header into the message; read for key=value fields, 20,000 letters took 3 s
+    record = logging.LogRecord("gunicorn.error", logging.WARNING, __file__, 1,
+                               "Invalid request from ip=203.0.113.9: Invalid HTTP Header: '" + "a" * 20_000 + "'",
+                               (), None)
+    started = time.perf_counter()
+    assert without_client_address(record)
+    line = orjson.loads(JsonFormatter().format(record))
+    assert time.perf_counter() - started < 0.5
+    assert line["message"] == "Invalid request from a client: Invalid HTTP Header: '" + "a" * 20_000 + "'"
 
 
 def test_the_processor_log_rotates_at_its_size_and_keeps_five_old_files(data_dir):
