@@ -22,6 +22,7 @@ salts, so that they all count a client under the same key.
 """
 import fcntl
 import hashlib
+import ipaddress
 import logging
 import math
 import mmap
@@ -142,9 +143,22 @@ class IngestRateLimit:
         return hashlib.blake2b(address.encode(), key=self.secret, digest_size=16).hexdigest()
 
     def _keys_for(self, address):
-        client = self.client_key(address)
+        client = self.client_key(counted_as(address))
         identifiers = (self.prefix, client, SCOPE) if self.prefix else (client, SCOPE)
         return tuple((item, item.key_for(*identifiers)) for item in self.items)
+
+
+def counted_as(address):
+    """An IPv4 address as itself, an IPv6 one as its /64: a subscriber is given a whole /64
+    and may send from any of its 2^64 addresses, each of which would have a limit of its own."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    ip = getattr(ip, "ipv4_mapped", None) or ip      # an IPv4 peer of a socket bound to [::]
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _seconds_until(moment):

@@ -83,6 +83,22 @@ def test_each_client_address_has_its_own_limit(limited):
 
 
 @pytest.mark.embedded
+@pytest.mark.parametrize("one_client, another", [
+    # one subscriber gets a /64 and may send from any address in it
+    (("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2:abcd::9"),
+     "2001:db8:1:3::1"),
+    # a socket bound to [::] gives IPv4 peers as ::ffff:a.b.c.d
+    (("::ffff:198.51.100.1", "198.51.100.1", "::ffff:198.51.100.1", "198.51.100.1"), "::ffff:198.51.100.2"),
+])
+def test_a_client_is_counted_by_its_ipv4_address_or_its_64_bit_ipv6_network(limited, one_client, another):
+    client = create_app(limited).test_client()
+    *allowed, over = one_client
+    assert [post(client, address=address).status_code for address in allowed] == [200, 200, 200]
+    assert post(client, address=over).status_code == 429
+    assert post(client, address=another).status_code == 200
+
+
+@pytest.mark.embedded
 def test_forwarded_address_counts_only_behind_a_trusted_proxy(limited):
     trusted = load_config(environ={"TRUSTED_PROXIES": "10.0.0.0/8"}).trusted_proxies
     client = create_app(limited.with_overrides(trusted_proxies=trusted)).test_client()
