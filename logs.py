@@ -27,7 +27,8 @@ import orjson
 TEXT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 RESERVED = frozenset({"time", "level", "logger", "pid", "message", "exception", "stack"})
 # a printf conversion, with the key= written before it if any
-CONVERSION = re.compile(r"(?:(\w+)=)?%(?:\((\w+)\))?[-#0 +]*\d*(?:\.(\d+))?([diouxXeEfFgGcrsa%])")
+# \b: a key starts a word, so a long word is read once, not once per letter in it
+CONVERSION = re.compile(r"(?:\b(\w+)=)?%(?:\((\w+)\))?[-#0 +]*\d*(?:\.(\d+))?([diouxXeEfFgGcrsa%])")
 # key=value written out in the message itself, such as reason=bot
 LITERAL = re.compile(r"(?<![\w.])(\w+)=([^\s%'\"=]+)(?=\s|$)")
 

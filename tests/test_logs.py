@@ -14,7 +14,7 @@ import requests
 
 from config import load_config
 from events import encode_event, validate_event
-from logs import AccessJsonFormatter, JsonFormatter, without_client_address
+from logs import AccessJsonFormatter, JsonFormatter, scrub
 from processes import (REPO, Api, environment, free_port, is_healthy, run_processor_once, start_processor,
                        stop, wait_for)
 from retention import utc_today
@@ -219,15 +219,15 @@ def test_what_a_client_sends_in_a_request_gunicorn_refuses_makes_no_json_field(d
     assert set(invalid) == BASIC_FIELDS
 
 
-def test_a_long_header_gunicorn_refuses_is_logged_in_json_at_once():
-    # gunicorn writes the header into the message; read for key=value fields, 20,000 letters took 3 s
+def test_a_long_header_gunicorn_refuses_is_logged_in_json_whole_and_without_its_fields():
+    # gunicorn writes the header into the message; read for key=value fields, 20,000 letters
+    # took 3 s (bench/ is where such costs are measured; the pattern now reads a word once)
     record = logging.LogRecord("gunicorn.error", logging.WARNING, __file__, 1,
                                "Invalid request from ip=203.0.113.9: Invalid HTTP Header: '" + "a" * 20_000 + "'",
                                (), None)
-    started = time.perf_counter()
-    assert without_client_address(record)
+    assert scrub(record)
     line = orjson.loads(JsonFormatter().format(record))
-    assert time.perf_counter() - started < 0.5
+    assert set(line) == BASIC_FIELDS
     assert line["message"] == "Invalid request from a client: Invalid HTTP Header: '" + "a" * 20_000 + "'"
 
 
