@@ -196,6 +196,10 @@ class RedisConsumer:
                                             count=max_items - len(entries)) or []:
                 entries += new
         entries = list(dict(entries).items())     # an entry of ours may also come back claimed
+        if not entries and self._acknowledged:
+            # drained: trim now, not only every TRIM_EVERY entries, or a stream whose processors
+            # restart more often than that would never be trimmed
+            self.trim()
         return Batch(items=[fields[FIELD] for _, fields in entries if fields],
                      checkpoint=None, receipts=[entry_id for entry_id, _ in entries])
 
@@ -206,7 +210,6 @@ class RedisConsumer:
         self._acknowledged += len(batch.receipts)
         if self._acknowledged >= TRIM_EVERY:
             self.trim()
-            self._acknowledged = 0
 
     def trim(self):
         """Drop entries every group has acknowledged: those before the oldest pending one
@@ -221,6 +224,7 @@ class RedisConsumer:
         for consumer in client.xinfo_consumers(stream, GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > FORGET_CONSUMER_MS:
                 client.xgroup_delconsumer(stream, GROUP, consumer["name"])
+        self._acknowledged = 0
 
     def close(self):
         self.queue.close()

@@ -478,3 +478,24 @@ def test_one_processor_on_redis_and_sqlite_killed_and_restarted_stores_exactly_o
     stored = assert_exactly_once(events, acknowledged, failed)
     assert events.count() == len(stored) == len(acknowledged)
     assert api.stats("sqlite")["total_views"] == len(stored)
+
+
+# -- the stream stays bounded ---------------------------------------------------------
+
+def test_the_stream_is_trimmed_once_drained_by_processors_that_restart_before_many_events(
+        data_dir, children, redis_stream, postgres_database):
+    settings = processor_settings(redis_stream, postgres_database)
+    queue, events = RedisQueue(redis_stream), PostgresEvents(postgres_database)
+    sent = 0
+    for restart in range(3):
+        processors = start_processors(data_dir, children, 2, PROCESSOR_BATCH_SIZE=100, **settings)
+        queue.append([encode_event(validate_event({"site_id": "trimmed", "event_type": "page_view",
+                                                   "user_id": f"trimmed-{sent + n}"})) for n in range(2000)])
+        sent += 2000
+        wait_until_drained(queue)
+        wait_for(lambda: events.count() == sent, 30, "the processors did not store every event")
+        wait_for(lambda: queue.client.xlen(queue.stream) <= 1, 30,
+                 f"the stream still holds {queue.client.xlen(queue.stream)} stored entries (restart {restart})")
+        for slot, process in enumerate(processors):
+            assert stop(process, signal.SIGTERM) == 0, log_tail(data_dir, f"processor-{slot}")
+    assert_exactly_once(events, {f"trimmed-{n}" for n in range(sent)}, set())
