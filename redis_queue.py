@@ -157,8 +157,16 @@ class RedisConsumer:
         try:
             self.queue.client.xgroup_create(self.queue.stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
+            if "BUSYGROUP" in str(error):
+                return
+            # a Redis at maxmemory refuses XGROUP CREATE even for a group that exists: a
+            # processor started then must read all the same, as reading is what frees memory
+            if not (isinstance(error, redis.OutOfMemoryError) and self._group_exists()):
                 raise
+
+    def _group_exists(self):
+        groups = self.queue.client.xinfo_groups(self.queue.stream)
+        return any(group["name"].decode() == GROUP for group in groups)
 
     def read(self, max_items):
         """Our own unacknowledged entries first (a batch that failed to store), then

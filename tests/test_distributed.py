@@ -31,6 +31,7 @@ from processes import (
     stored_user_ids, wait_for)
 from redis_queue import GROUP, RedisQueue
 from reports import Period
+from shared_queue import QueueUnavailable
 
 CLAIM_IDLE = 1          # seconds before a live processor takes over a dead one's entries
 PG_CLUSTER = ("15", "main")
@@ -211,8 +212,9 @@ def test_two_processors_killed_10_times_under_load_store_every_event_exactly_onc
 class RedisServer:
     """A redis-server of the test's own that writes every change to its AOF before answering."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, *options):
         self.directory = directory
+        self.options = options
         self.port = free_port()
         self.process = None
 
@@ -225,7 +227,7 @@ class RedisServer:
             self.process = subprocess.Popen(
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
                  "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-                 "--save", ""],
+                 "--save", "", *self.options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         wait_for(lambda: self.answers() or self.process.poll() is not None, 15, "redis did not start")
         assert self.process.poll() is None, (self.directory / "redis.log").read_text()[-2000:]
@@ -499,3 +501,57 @@ def test_the_stream_is_trimmed_once_drained_by_processors_that_restart_before_ma
         for slot, process in enumerate(processors):
             assert stop(process, signal.SIGTERM) == 0, log_tail(data_dir, f"processor-{slot}")
     assert_exactly_once(events, {f"trimmed-{n}" for n in range(sent)}, set())
+
+
+# -- Redis at maxmemory --------------------------------------------------------------
+
+@pytest.fixture
+def full_redis(tmp_path):
+    """A redis-server of the test's own that refuses writes past 2 MB, as maxmemory does."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    yield server
+    stop(server.process)
+
+
+class Filler:
+    """Clients that go on sending while Redis is full, as they do: whatever memory frees up, they take."""
+
+    def __init__(self, queue, site_id):
+        self.queue, self.site_id = queue, site_id
+        self.queued, self.refused = set(), 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            user_id = f"{self.site_id}-{len(self.queued) + self.refused}"
+            try:
+                self.queue.append([encode_event(validate_event(
+                    {"site_id": self.site_id, "event_type": "page_view", "user_id": user_id}))])
+                self.queued.add(user_id)
+            except QueueUnavailable:
+                self.refused += 1
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(30)
+        return self.queued
+
+
+def test_a_processor_started_while_redis_is_full_drains_it(data_dir, children, full_redis, postgres_database):
+    queue_url = f"{full_redis.url}?stream=analytics-test:full"
+    queue, events = RedisQueue(queue_url), PostgresEvents(postgres_database)
+    queue.consumer()                      # the group, as a processor that ran before left it
+    filler = Filler(RedisQueue(queue_url), "full")
+    try:
+        wait_for(lambda: filler.refused, 60, "Redis never became full")
+        start_processors(data_dir, children, 1, **processor_settings(queue_url, postgres_database))
+    finally:
+        queued = filler.stop()
+    wait_until_drained(queue)
+    wait_for(lambda: events.count() == len(queued), 30, "the processor did not store the backlog")
+    assert_exactly_once(events, queued, set())
