@@ -130,9 +130,16 @@ class RedisQueue:
 
     def check_writable(self):
         try:
-            self.client.ping()
+            memory = self.client.info("memory")
+        except redis.ResponseError:
+            return          # INFO denied to this user by an ACL: Redis answered, all we can tell
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+        # Redis refuses writes while what it counts against maxmemory is over it (it evicts
+        # what its policy lets it first)
+        limit, used = memory.get("maxmemory", 0), memory.get("used_memory", 0)
+        if limit and used - memory.get("mem_not_counted_for_evict", 0) > limit:
+            raise QueueUnavailable(f"Redis is full: used_memory {used} is over maxmemory {limit}")
 
     def close(self):
         with self._client_lock:

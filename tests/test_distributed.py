@@ -555,3 +555,24 @@ def test_a_processor_started_while_redis_is_full_drains_it(data_dir, children, f
     wait_until_drained(queue)
     wait_for(lambda: events.count() == len(queued), 30, "the processor did not store the backlog")
     assert_exactly_once(events, queued, set())
+
+
+def unhealthy(api):
+    response = requests.get(api.url + "/health", timeout=30)
+    return response.json() if response.status_code == 503 else None
+
+
+def test_health_says_unhealthy_while_redis_is_full_and_events_are_refused(data_dir, children, full_redis):
+    queue_url = f"{full_redis.url}?stream=analytics-test:full"
+    api = Api(data_dir, workers=1, QUEUE_URL=queue_url)
+    children.append(api)
+    filler = Filler(RedisQueue(queue_url), "full")
+    try:
+        wait_for(lambda: filler.refused, 60, "Redis never became full")
+        response = requests.post(api.url + "/event", timeout=30,
+                                 json={"site_id": "full", "event_type": "page_view", "user_id": "probe"})
+        assert response.status_code == 503, response.text
+        health = wait_for(lambda: unhealthy(api), 10, "/health said healthy while Redis refused every event")
+        assert "maxmemory" in health["reason"]
+    finally:
+        filler.stop()
