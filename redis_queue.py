@@ -159,6 +159,17 @@ class RedisConsumer:
         self._claim_from = "0-0"
         self._acknowledged = 0
         self._create_group()
+        self._warn_if_evicting()
+
+    def _warn_if_evicting(self):
+        try:
+            policy = self.queue.client.info("memory").get("maxmemory_policy", "")
+        except redis.ResponseError:
+            return                      # INFO denied to this user by an ACL
+        if policy.startswith("allkeys-"):
+            log.warning("Redis may evict the stream %s with the events not yet stored in it: its "
+                        "maxmemory-policy is %s; set it to noeviction, so that a full Redis refuses "
+                        "events (503) instead of losing accepted ones", self.queue.stream, policy)
 
     def _create_group(self):
         try:

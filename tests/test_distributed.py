@@ -576,3 +576,15 @@ def test_health_says_unhealthy_while_redis_is_full_and_events_are_refused(data_d
         assert "maxmemory" in health["reason"]
     finally:
         filler.stop()
+
+
+def test_a_processor_warns_at_start_when_redis_may_evict_the_stream(data_dir, children, tmp_path):
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, "--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru")
+    server.start()
+    try:
+        start_processors(data_dir, children, 1, **processor_settings(f"{server.url}?stream=analytics-test:lru"))
+        assert "maxmemory-policy is allkeys-lru; set it to noeviction" in log_tail(data_dir, "processor-0")
+    finally:
+        stop(server.process)
