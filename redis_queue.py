@@ -232,10 +232,13 @@ class RedisConsumer:
     def acknowledge(self, batch):
         if not batch.receipts:
             return
-        self.queue.client.xack(self.queue.stream, GROUP, *batch.receipts)
-        self._acknowledged += len(batch.receipts)
-        if self._acknowledged >= TRIM_EVERY:
-            self.trim()
+        try:
+            self.queue.client.xack(self.queue.stream, GROUP, *batch.receipts)
+            self._acknowledged += len(batch.receipts)
+            if self._acknowledged >= TRIM_EVERY:
+                self.trim()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def trim(self):
         """Drop entries every group has acknowledged: those before the oldest pending one

@@ -588,3 +588,15 @@ def test_a_processor_warns_at_start_when_redis_may_evict_the_stream(data_dir, ch
         assert "maxmemory-policy is allkeys-lru; set it to noeviction" in log_tail(data_dir, "processor-0")
     finally:
         stop(server.process)
+
+
+def test_redis_going_down_before_a_stored_batch_is_acknowledged_is_logged_as_an_outage(own_redis):
+    """One warning line, as for any read while Redis is down, not an error with a traceback."""
+    queue_url = f"{own_redis.url}?stream=analytics-test:ack"
+    queue = RedisQueue(queue_url)
+    queue.append([encode_event(validate_event({"site_id": "ack", "event_type": "page_view"}))])
+    consumer = queue.consumer()
+    batch = consumer.read(10)
+    assert own_redis.stop() == 0
+    with pytest.raises(QueueUnavailable, match="cannot reach Redis"):
+        consumer.acknowledge(batch)
