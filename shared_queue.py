@@ -21,6 +21,7 @@ is still exactly once.
 import errno
 import fcntl
 import logging
+import math
 import mmap
 import os
 import re
@@ -40,6 +41,7 @@ _END_OFFSET = 16                   # writers: where the active segment ended aft
 _POSITION = struct.Struct("<QQ")   # the consumer: segment and offset of its next unread line
 _POSITION_OFFSET = 24
 _STATE_SIZE = 40
+_WHOLE_END = struct.Struct("<QQQ")  # the lock file: the boot, the active segment's inode, that end
 _ID_PREFIX = b'{"id":"'            # every queued event starts with its id, whose first 14 hex
 _ID_TIME_DIGITS = 14               # digits are the microseconds since 1970 when it was accepted
 _READ_CHUNK = 1024 * 1024
@@ -86,7 +88,9 @@ class FileQueue:
       P.<seq>      a sealed segment the consumer is finishing (at most one)
       P.lock       the writers' lock; the consumer takes it to rotate, and shared to read P
       P.state      two counters (appended, consumed) for an O(1) queue size, and
-                   where the last whole write ended (so a torn tail is found without a read)
+                   where the last whole write ended in P, kept in P.lock too with P's
+                   inode and the boot: bytes past it are a write under way or one
+                   whose writer died
       P.consumer   held by the one processor that consumes the queue
     """
 
@@ -100,10 +104,12 @@ class FileQueue:
         self._fd = None
         self._inode = None
         self._lock_fd = None
+        self._lock_map = None
         self._state = None
         self._state_inode = None
         self._last_sync = 0.0
         self._pid = None
+        self._boot = _boot_id()
 
     @property
     def name(self):
@@ -192,13 +198,14 @@ class FileQueue:
     def _ensure_open(self):
         # gunicorn forks workers after the app is built: descriptors are per process.
         if self._pid != os.getpid():
-            self._fd = self._lock_fd = self._state = None
+            self._fd = self._lock_fd = self._lock_map = self._state = None
             self._pid = os.getpid()
         if self._fd is None:
             # the state first: when the disk is too full for it, no descriptor is left open
-            self._state = _map_counters(self.path + ".state")
+            self._state = _map(self.path + ".state", _STATE_SIZE)
             self._state_inode = os.stat(self.path + ".state").st_ino
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = open_for_mapping(self.path + ".lock", _WHOLE_END.size)
+            self._lock_map = mmap.mmap(self._lock_fd, _WHOLE_END.size)
             self._open_active()
 
     def _follow_state_file(self):
@@ -226,9 +233,10 @@ class FileQueue:
                     os.close(fd)
                 except OSError:
                     pass
-        if self._state is not None:
-            self._state.close()
-        self._fd = self._lock_fd = self._state = None
+        for mapping in (self._state, self._lock_map):
+            if mapping is not None:
+                mapping.close()
+        self._fd = self._lock_fd = self._lock_map = self._state = None
 
     def _reopen_if_rotated(self):
         """Under the lock: follow a rotation (or a removed file) to the new active segment.
@@ -248,38 +256,76 @@ class FileQueue:
     def _write_whole(self, data, size):
         """Under the lock: append data to the active segment of size bytes, or nothing at all.
 
-        A write cut short (the disk filled up) would leave the first lines of
-        a batch the client is told to send again: stored twice. So the segment
-        is cut back to its size before this write, torn-line newline included;
+        A writer killed mid-write (an API worker's kill -9: Linux stops a long
+        write partway) leaves the first lines of a batch whose client got no
+        answer and sends it again: they would be stored twice. Those bytes lie
+        past where the last whole write ended, so they are cut off first. A
+        write cut short here (the disk filled up) is cut back the same way;
         the state file still says where the last whole write ended, and the
-        queue is exactly as it was. Returns where the segment now ends.
+        queue holds what it held before. Returns where the segment now ends.
         """
+        (whole_end,) = _COUNTER.unpack_from(self._state, _END_OFFSET)
         try:
-            size_with_line_ended = self._terminate_torn_line(size)
+            if size == whole_end:
+                start = size
+            elif (start := self._whole_end(self._inode)) is not None and start < size:
+                self._cut_dead_write(self._fd, size, start)
+                size = start
+            else:
+                start = self._terminate_torn_line(size)
             _write_all(self._fd, data)
         except OSError:
             os.ftruncate(self._fd, size)
             raise
-        return size_with_line_ended + len(data)
+        return start + len(data)
+
+    def _whole_end(self, inode):
+        """Under the lock: where the last whole write ended in the segment with this inode.
+
+        None when that is not known for sure, and then nothing may be cut: the
+        lock file's record is of another segment (or of none: a queue written
+        by the previous version, which kept the end in the state file only),
+        or the end it gives is not the state file's. They differ when the state
+        file was replaced or zeroed, when a process still writes to a state
+        file that was replaced (it keeps the one it mapped), and when a writer
+        of the previous version runs beside this one: bytes past the end one
+        of them gives may be a write that another process acknowledged. A
+        record from before the machine restarted is not known for sure either:
+        both files are written through memory maps, which a power cut may
+        lose while the events they describe were synced (FSYNC).
+        """
+        (end,) = _COUNTER.unpack_from(self._state, _END_OFFSET)
+        if self._boot and _WHOLE_END.unpack_from(self._lock_map) == (self._boot, inode, end):
+            return end
+        return None
+
+    def _cut_dead_write(self, file, size, whole_end):
+        """Under the lock: cut file (a descriptor or the path of the active segment) back to whole_end."""
+        os.truncate(file, whole_end)
+        log.warning("cut %d bytes off the end of %s: a write whose writer died before it was "
+                    "acknowledged (killed mid-write)", size - whole_end, self.path)
 
     def _terminate_torn_line(self, size):
-        """Under the lock: if a writer died mid-line, end that fragment first.
+        """Under the lock, where the last whole write ended is not known: end a dead writer's fragment.
 
         The fragment then becomes a line of its own (a dead letter) instead of
-        swallowing the start of the next, valid event. The file ends where the
-        last whole write left it, as the state file says, unless a write was
-        cut short: only then is its last byte read. Returns the new size.
+        swallowing the start of the next, valid event. Returns the new size.
         """
-        (whole_end,) = _COUNTER.unpack_from(self._state, _END_OFFSET)
-        if size == whole_end or size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
+        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
             return size
         _write_all(self._fd, b"\n")
         return size + 1
 
     def _add_appended(self, count, end):
+        """Count the lines, then record where they end: a writer killed in between leaves them
+        past the recorded end, to be cut off, and the count over until the consumer recounts."""
         (appended,) = _COUNTER.unpack_from(self._state, 0)
         _COUNTER.pack_into(self._state, 0, appended + count)
+        self._record_whole_end(self._inode, end)
+
+    def _record_whole_end(self, inode, end):
         _COUNTER.pack_into(self._state, _END_OFFSET, end)
+        _WHOLE_END.pack_into(self._lock_map, 0, self._boot, inode, end)
 
     def _sync_by_policy(self):
         if self.fsync == "always":
@@ -371,22 +417,24 @@ class FileQueueConsumer:
         """A chunk of a segment from offset, never lines of a write that may still be cut back.
 
         A writer whose write fails (the disk is full) truncates what it wrote
-        while holding the writers' lock; reading the active segment under a
-        shared hold of that lock keeps such lines from being stored, and the
-        position from landing past the end the segment is cut back to.
+        while holding the writers' lock, and the next writer cuts off what a
+        writer killed mid-write left past the end of the last whole write.
+        Reading the active segment under a shared hold of that lock, and only
+        up to that end where it is known, keeps such lines from being stored,
+        and the position from landing past the end the segment is cut back to.
 
         A chunk that reaches the end of the active segment sees every line
         ever appended (lines_before are the lines before offset), so the
         appended counter is set to that while no writer can add to it: a
-        writer killed between its write and its count (an API worker's kill
-        -9) would otherwise leave queue_size short of the backlog until the
-        processor restarts.
+        writer killed between its count and recording where its write ended,
+        or between its write and its count where that end is not known, would
+        otherwise leave queue_size off until the processor restarts.
         """
         if path != self.queue.path:
             return _read_chunk(path, offset)
         fcntl.flock(self.queue._lock_fd, fcntl.LOCK_SH)
         try:
-            chunk = _read_chunk(path, offset)
+            chunk = _read_chunk(path, offset, self.queue._whole_end)
             if len(chunk) < _READ_CHUNK:
                 _COUNTER.pack_into(self.queue._state, 0, lines_before + chunk.count(b"\n"))
             return chunk
@@ -444,7 +492,9 @@ class FileQueueConsumer:
         Under the writers' lock it is renamed to P.<its number> and an empty
         active segment takes its place; writers see the new inode on their
         next append and reopen. Reading goes on in the sealed file, whose
-        name the checkpoints already use.
+        name the checkpoints already use. What a writer killed mid-write left
+        past the last whole write is cut off first, as the next writer would:
+        sealed, it would be read.
         """
         queue = self.queue
         try:
@@ -454,8 +504,14 @@ class FileQueueConsumer:
             return
         fcntl.flock(queue._lock_fd, fcntl.LOCK_EX)
         try:
+            active = os.stat(queue.path)
+            whole_end = queue._whole_end(active.st_ino)
+            if whole_end is not None and whole_end < active.st_size:
+                queue._cut_dead_write(queue.path, active.st_size, whole_end)
             os.rename(queue.path, f"{queue.path}.{self._active_segment}")
-            os.close(os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644))
+            fd = os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            queue._record_whole_end(os.fstat(fd).st_ino, 0)
+            os.close(fd)
             self._active_segment += 1
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
@@ -484,7 +540,8 @@ class FileQueueConsumer:
             backlog = 0
             for number in range(self.segment, self._active_segment + 1):
                 offset = self.offset if number == self.segment else 0
-                backlog += _count_lines(self._segment_path(number), offset)
+                path = self._segment_path(number)
+                backlog += _count_lines(path, offset, queue._whole_end if path == queue.path else None)
             _COUNTERS.pack_into(queue._state, 0, self.consumed + backlog, self.consumed)
             _POSITION.pack_into(queue._state, _POSITION_OFFSET, self.segment, self.offset)
         finally:
@@ -519,13 +576,21 @@ def _fingerprint(path, offset):
     return f"{zlib.crc32(data):08x}" if len(data) == offset - start else None
 
 
-def _read_chunk(path, offset):
+def _read_chunk(path, offset, whole_end=None):
+    """Up to _READ_CHUNK bytes of path from offset, and with whole_end(inode), only up to the
+    end it gives (where it gives one)."""
     try:
         with open(path, "rb") as file:
             file.seek(offset)
-            return file.read(_READ_CHUNK)
+            return file.read(min(_READ_CHUNK, _readable(file, offset, whole_end)))
     except FileNotFoundError:
         return b""
+
+
+def _readable(file, offset, whole_end):
+    """How many bytes of file may be read from offset: all (inf), or up to the end whole_end gives."""
+    end = whole_end(os.fstat(file.fileno()).st_ino) if whole_end else None
+    return math.inf if end is None else max(0, end - offset)
 
 
 def _read_head(path, offset):
@@ -537,22 +602,33 @@ def _read_head(path, offset):
         return b""
 
 
-def _count_lines(path, offset):
+def _count_lines(path, offset, whole_end=None):
     count = 0
     try:
         with open(path, "rb") as file:
             file.seek(offset)
-            while block := file.read(_READ_CHUNK):
+            left = _readable(file, offset, whole_end)
+            while left > 0 and (block := file.read(min(_READ_CHUNK, left))):
                 count += block.count(b"\n")
+                left -= len(block)
     except FileNotFoundError:
         pass
     return count
 
 
-def _map_counters(path):
-    fd = open_for_mapping(path, _STATE_SIZE)
+def _boot_id():
+    """A number for this boot of the machine (0 if the system does not say)."""
     try:
-        return mmap.mmap(fd, _STATE_SIZE)
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return int(file.read().replace("-", "")[:16], 16)
+    except (OSError, ValueError):
+        return 0
+
+
+def _map(path, length):
+    fd = open_for_mapping(path, length)
+    try:
+        return mmap.mmap(fd, length)
     finally:
         os.close(fd)
 

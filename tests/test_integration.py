@@ -3,12 +3,15 @@
 Every check counts events by a unique user_id, read straight from analytics.db:
 an event acknowledged with a 200 must be stored exactly once, whatever was killed.
 """
+import collections
+import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import orjson
@@ -20,8 +23,8 @@ from config import load_config
 from events import encode_event, validate_event
 from processes import (
     REPO, Api, Load, committed_checkpoint, duplicated_user_ids, environment, exit_code, free_port,
-    is_healthy, log_tail, queue_counters, queue_files, run_processor_once, start_processor, stop,
-    stored_count, stored_user_ids, wait_for)
+    is_healthy, log_tail, queue_counters, queue_files, run_processor_once, session, start_processor,
+    stop, stored_count, stored_user_ids, wait_for)
 from shared_queue import open_queue, parse_checkpoint
 
 SEGMENT_BYTES = 20_000
@@ -189,6 +192,56 @@ def test_api_workers_killed_under_load_lose_no_acknowledged_event(data_dir, chil
     run_processor_once(data_dir)
     assert len(acknowledged) > 1000, "too little load to mean anything"
     assert_exactly_once(data_dir, acknowledged, failed)
+
+
+def post_batches(url, count, size, answered):
+    """POST /events count batches of size events, each user_id naming its batch ("b7-123");
+    answered[batch] says whether it got a 200."""
+    http = session()
+    path = "/" + "p" * 2040         # ~2 MB a batch: a long write, which a kill stops partway
+    try:
+        for number in range(count):
+            events = [{"site_id": "atomic", "event_type": "page_view", "path": path,
+                       "user_id": f"b{number}-{i}"} for i in range(size)]
+            try:
+                ok = http.post(url + "/events", json=events, timeout=30).status_code == 200
+            except (requests.RequestException, OSError):   # no answer: maybe stored or not
+                ok = False
+            answered[f"b{number}"] = ok
+    finally:
+        http.close()
+
+
+def test_a_batch_whose_api_worker_is_killed_mid_write_is_stored_whole_or_not_at_all(data_dir, children):
+    api = Api(data_dir, workers=2, MAX_BATCH_BODY_BYTES=4 * 1024 * 1024)
+    children.append(api)
+    size, answered = 1000, {}
+    client = threading.Thread(target=post_batches, args=(api.url, 40, size, answered))
+    client.start()
+    queue = data_dir / "event_queue.jsonl"
+    rng = random.Random(11)
+    while client.is_alive():
+        time.sleep(rng.uniform(0.05, 0.2))
+        queued, workers = queue.stat().st_size, api.worker_pids()
+        deadline = time.monotonic() + 1
+        while queue.stat().st_size == queued and time.monotonic() < deadline:
+            pass            # until a worker starts writing a batch
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    client.join()
+    run_processor_once(data_dir)
+
+    assert duplicated_user_ids(data_dir) == [], "events stored more than once"
+    stored = collections.Counter(user_id.split("-")[0] for user_id in stored_user_ids(data_dir))
+    torn = {batch: count for batch, count in stored.items() if count != size}
+    assert not torn, f"batches stored in part (events stored of {size}): {torn}"
+    lost = [batch for batch, ok in answered.items() if ok and stored[batch] != size]
+    assert not lost, f"batches answered 200 and not stored: {lost}"
+    assert not (data_dir / "dead_letter.jsonl").exists()
+    cut = log_tail(data_dir, "gunicorn", size=10**7).count("a write whose writer died")
+    assert cut > 0 and not all(answered.values()), \
+        "no worker was killed mid-write: the test proved nothing"
 
 
 def test_sigterm_finishes_the_batch_commits_and_exits_0(data_dir, children):

@@ -6,6 +6,7 @@ import errno
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from events import encode_event, validate_event
 from ingestion_api import create_app
 import shared_queue
 from shared_queue import FileQueue, QueueBusy, QueueUnavailable, open_for_mapping, open_queue
@@ -141,17 +143,36 @@ def test_size_is_recounted_when_the_state_file_is_lost(queue_path):
     assert queue.size() == 5
 
 
-def test_size_is_exact_again_once_the_consumer_catches_up_after_a_writer_died_before_counting(
+def killed_mid_write(queue_path, data, counted=False):
+    """What a writer killed before recording where its write ends leaves: data past that end,
+    and with counted, its lines in the appended counter too."""
+    with open(queue_path, "ab") as file:
+        file.write(data)
+    if counted:
+        with open(queue_path + ".state", "r+b") as state:
+            appended = struct.unpack("<Q", state.read(8))[0]
+            state.seek(0)
+            state.write(struct.pack("<Q", appended + data.count(b"\n")))
+
+
+def forget_where_whole_writes_end(queue_path):
+    """Zero the lock file's copy of where the last whole write ended, as in a queue of the
+    previous version, which kept it in the state file only."""
+    zero(queue_path + ".lock")
+
+
+def test_size_is_exact_again_once_the_consumer_catches_up_after_a_writer_died_before_recording_its_end(
         queue_path):
     queue = FileQueue(queue_path)
     queue.append([line(i) for i in range(3)])
     consumer = queue.consumer()
-    with open(queue_path, "ab") as file:
-        file.write(line(3))             # a writer killed after its write, before its count
-    assert len(read_all(consumer)) == 4
+    killed_mid_write(queue_path, line(3), counted=True)     # killed after its count
+    assert queue.size() == 4
+    assert len(read_all(consumer)) == 3
     assert queue.size() == 0
     queue.append([line(i) for i in range(4, 9)])
     assert queue.size() == 5
+    assert read_all(consumer) == [line(i)[:-1] for i in range(4, 9)]
 
 
 def test_a_state_file_deleted_while_the_api_runs_is_followed_after_the_processor_restarts(
@@ -335,23 +356,28 @@ def appended_or_error(queue_path, lines):
     return "appended"
 
 
-@pytest.mark.parametrize("tail", [b"", b'{"n":2,"pa'], ids=["after a whole line", "after a torn line"])
-def test_an_append_cut_short_by_a_full_disk_leaves_the_queue_as_it_was(queue_path, tail):
+@pytest.mark.parametrize("tail,end_known,kept", [
+    (b"", True, b""),
+    (b'{"n":2,"pa', True, b""),                     # a dead writer's fragment is cut off first
+    (b'{"n":2,"pa', False, b'{"n":2,"pa'),          # where the last whole write ended is not known
+], ids=["after a whole write", "after a dead writer's fragment", "after a fragment, the end unknown"])
+def test_an_append_cut_short_by_a_full_disk_leaves_the_queue_as_it_was(
+        queue_path, tail, end_known, kept):
     queue = FileQueue(queue_path)
     queue.append([line(1)])
-    with open(queue_path, "ab") as file:
-        file.write(tail)
-    before = open(queue_path, "rb").read()
+    if not end_known:
+        forget_where_whole_writes_end(queue_path)
+    killed_mid_write(queue_path, tail)
     batch = [line(i) for i in range(10, 30)]
-    room_for_half = len(before) + len(b"".join(batch)) // 2
+    room_for_half = os.path.getsize(queue_path) + len(b"".join(batch)) // 2
 
     error = in_a_child_that_may_not_write_past(room_for_half, lambda: appended_or_error(queue_path, batch))
 
     assert error == "cannot write to the queue: File too large"
-    assert open(queue_path, "rb").read() == before
+    assert open(queue_path, "rb").read() == line(1) + kept
     assert queue.size() == 1
-    queue.append([line(3)])         # the next writer still ends the torn line first
-    assert queue.consumer().read(100).items == [line(1)[:-1]] + ([tail] if tail else []) + [line(3)[:-1]]
+    queue.append([line(3)])         # a fragment kept is ended first: a line of its own
+    assert queue.consumer().read(100).items == [line(1)[:-1]] + ([kept] if kept else []) + [line(3)[:-1]]
 
 
 def page_views(path, count):
@@ -369,12 +395,18 @@ def test_a_batch_cut_short_by_a_full_disk_is_not_stored_and_its_retry_is_stored_
         lambda: client.post("/events", json=page_views("/failed", 20)).status_code)
 
     assert status == 503
+    assert_nothing_but_its_retry_is_stored(client, drain, config, "/failed")
+
+
+def assert_nothing_but_its_retry_is_stored(client, drain, config, path):
+    """Of a batch of 20 page views of path that was not acknowledged, after 4 of /before that were,
+    nothing is stored, and the client's retry is stored once."""
     drain()
     assert client.get("/stats?site_id=s").get_json()["top_paths"] == [{"path": "/before", "views": 4}]
-    assert client.post("/events", json=page_views("/failed", 20)).status_code == 200   # the retry
+    assert client.post("/events", json=page_views(path, 20)).status_code == 200   # the retry
     drain()
     assert client.get("/stats?site_id=s").get_json()["top_paths"] == [
-        {"path": "/failed", "views": 20}, {"path": "/before", "views": 4}]
+        {"path": path, "views": 20}, {"path": "/before", "views": 4}]
     assert not os.path.exists(config.dead_letter_path)
 
 
@@ -398,6 +430,127 @@ def test_the_consumer_never_reads_a_write_that_may_still_be_cut_back(queue_path)
     os.close(writers_lock)
     queue.append([line(4)])
     assert consumer.read(10).items == [line(4)[:-1]]
+
+
+def batch_of(numbers):
+    return b"".join(line(i) for i in numbers)
+
+
+DEAD_WRITES = {     # what a writer killed before recording its write's end left, and whether it counted
+    "mid-line": (batch_of(range(140, 150))[:400], False),
+    "at a line boundary": (batch_of(range(140, 146)), False),
+    "whole, counted": (batch_of(range(140, 150)), True),
+}
+
+
+@pytest.mark.parametrize("dead", DEAD_WRITES.values(), ids=DEAD_WRITES.keys())
+def test_a_batch_whose_writer_died_mid_write_is_never_read_and_the_next_append_cuts_it_off(
+        queue_path, dead):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(3)])
+    acknowledged = open(queue_path, "rb").read()
+    killed_mid_write(queue_path, *dead)
+
+    consumer = FileQueue(queue_path).consumer()     # a processor started now counts what it will read
+    assert queue.size() == 3
+    assert read_all(consumer) == [line(i)[:-1] for i in range(3)]
+    queue.append([line(3)])
+    assert open(queue_path, "rb").read() == acknowledged + line(3)
+    assert read_all(consumer) == [line(3)[:-1]]
+    assert queue.size() == 0
+
+
+def test_a_dead_writers_bytes_are_not_sealed_into_a_segment(queue_path):
+    queue = FileQueue(queue_path, segment_bytes=200)
+    queue.append([line(i) for i in range(3)])
+    acknowledged = open(queue_path, "rb").read()
+    consumer = queue.consumer()
+    killed_mid_write(queue_path, batch_of(range(140, 150))[:-5])     # fills the segment
+    batch = consumer.read(100)
+    assert batch.items == [line(i)[:-1] for i in range(3)]
+    consumer.acknowledge(batch)                     # seals the segment
+    assert open(queue_path + ".0", "rb").read() == acknowledged
+    killed_mid_write(queue_path, line(150)[:9])     # into the new segment, before any whole write
+    queue.append([line(3)])
+    assert read_all(consumer) == [line(3)[:-1]]
+    assert open(queue_path, "rb").read() == line(3)
+
+
+def test_a_batch_whose_api_worker_died_mid_write_is_not_stored_and_its_retry_is_stored_once(
+        config, drain):
+    client = create_app(config).test_client()
+    assert client.post("/events", json=page_views("/before", 4)).status_code == 200
+    killed = b"".join(encode_event(validate_event(event)) for event in page_views("/killed", 20))
+    killed_mid_write(config.queue_path, killed[:len(killed) // 2])
+    assert_nothing_but_its_retry_is_stored(client, drain, config, "/killed")
+
+
+def zero(path):
+    with open(path, "r+b") as file:
+        file.write(bytes(os.path.getsize(path)))
+
+
+@pytest.mark.parametrize("replace", [os.remove, zero], ids=["deleted", "zeroed"])
+def test_a_state_file_replaced_while_writers_run_never_gets_an_acknowledged_write_cut_off(
+        queue_path, replace):
+    started_before = FileQueue(queue_path)      # an API worker keeps the state file it mapped
+    started_before.append([line(0)])
+    replace(queue_path + ".state")
+    killed_mid_write(queue_path, b'{"n":99,')   # where whole writes end is not known now
+    started_since = FileQueue(queue_path)
+    for i in range(1, 7):
+        (started_since if i % 2 else started_before).append([line(i)])
+    # the fragment is ended as a line of its own, as before; nothing else is cut or left unread
+    assert read_all(FileQueue(queue_path).consumer()) == (
+        [line(0)[:-1], b'{"n":99,'] + [line(i)[:-1] for i in range(1, 7)])
+
+
+def test_where_whole_writes_ended_before_the_machine_restarted_cuts_nothing(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(0)])
+    # a power cut: lines 1-3 were synced, the memory-mapped record of where they end was not
+    killed_mid_write(queue_path, batch_of(range(1, 4)))
+    with open(queue_path + ".lock", "r+b") as lock:
+        lock.write(struct.pack("<Q", 12345))    # the boot the record is from
+    FileQueue(queue_path).append([line(4)])
+    assert read_all(FileQueue(queue_path).consumer()) == [line(i)[:-1] for i in range(5)]
+
+
+def append_as_the_previous_version(queue_path, lines):
+    """Append as a writer of the previous version did, recording where its write ended in the
+    state file only (40 bytes: appended, consumed, end, the consumer's position)."""
+    lock = os.open(queue_path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with open(queue_path, "ab") as file:
+            file.write(b"".join(lines))
+            end = file.tell()
+        with open(queue_path + ".state", "r+b") as state:
+            (appended,) = struct.unpack("<Q", state.read(8))
+            state.seek(0)
+            state.write(struct.pack("<Q", appended + len(lines)))
+            state.seek(16)
+            state.write(struct.pack("<Q", end))
+    finally:
+        os.close(lock)
+
+
+def test_a_queue_of_the_previous_version_keeps_every_acknowledged_event(queue_path):
+    with open(queue_path + ".state", "wb") as state:
+        state.write(bytes(40))
+    append_as_the_previous_version(queue_path, [line(i) for i in range(3)])
+    killed_mid_write(queue_path, line(3) + b'{"n":4,')     # kept and ended, as that version did
+    queue = FileQueue(queue_path)
+    queue.append([line(5)])
+    append_as_the_previous_version(queue_path, [line(6)])   # its workers still run (a reload)
+    killed_mid_write(queue_path, b'{"n":7,')    # past line 6, whose end only the state file has
+    queue.append([line(8)])
+    append_as_the_previous_version(queue_path, [line(9)])
+    queue.append([line(10)])
+    assert read_all(queue.consumer()) == (
+        [line(i)[:-1] for i in range(4)] + [b'{"n":4,', line(5)[:-1], line(6)[:-1], b'{"n":7,']
+        + [line(i)[:-1] for i in range(8, 11)])
+    assert queue.size() == 0
 
 
 FILL_THE_DISK = """
