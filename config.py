@@ -8,6 +8,8 @@ import os
 import re
 from dataclasses import dataclass, replace
 
+from events import MAX_LENGTHS
+
 FSYNC_POLICIES = ("never", "batch", "always")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -56,6 +58,7 @@ class Config:
     rate_limit_storage_url: str = ""  # empty: Redis of QUEUE_URL, else a file beside the queue
     metrics: bool = True
     metrics_dir: str = ""            # empty: <data_dir>/metrics
+    sites: frozenset = frozenset()   # the site ids events may be stored for; empty: any
 
     @property
     def queue_path(self):
@@ -181,6 +184,18 @@ def _key_in_line(line):
     return TRAILING_COMMENT.sub("", text)
 
 
+def _sites(text):
+    sites = _word_list(text)
+    if not sites:
+        raise ValueError("it lists no site ids; expected ids separated by commas or spaces, "
+                         "such as site1, example.com")
+    too_long = next((site for site in sites if len(site) > MAX_LENGTHS["site_id"]), None)
+    if too_long:
+        raise ValueError(f"the site id {too_long[:40]}... is over {MAX_LENGTHS['site_id']} "
+                         f"characters, which no event's site_id may be")
+    return frozenset(sites)
+
+
 def _networks(text):
     """Networks, and the word unix for a proxy on a unix socket (whose peer has no address)."""
     try:
@@ -255,6 +270,7 @@ ENVIRONMENT = {
     "RATE_LIMIT_STORAGE_URL": ("rate_limit_storage_url", str),
     "METRICS": ("metrics", _on_off),
     "METRICS_DIR": ("metrics_dir", str),
+    "SITES": ("sites", _sites),
 }
 
 

@@ -102,11 +102,12 @@ def _check_string(name, value, required):
         raise InvalidEvent(f"Invalid field: {name} contains a NUL character")
 
 
-def validate_event(data, now=None):
+def validate_event(data, now=None, sites=frozenset()):
     """Return the normalised event dict, or raise InvalidEvent naming the problem.
 
     Unknown fields are dropped. Empty optional strings mean "not given".
     A missing timestamp is the time of receipt. The event gets its unique id here.
+    sites, when not empty, are the only site ids accepted (SITES).
     """
     if type(data) is not dict:
         raise InvalidEvent("Invalid event: expected a JSON object")
@@ -114,6 +115,8 @@ def validate_event(data, now=None):
     if site_id is None:
         raise InvalidEvent("Missing required field: site_id")
     _check_string("site_id", site_id, required=True)
+    if sites and site_id not in sites:
+        raise InvalidEvent(f"Unknown site_id: {site_id}")
     if event_type is None:
         raise InvalidEvent("Missing required field: event_type")
     _check_string("event_type", event_type, required=True)
@@ -155,7 +158,7 @@ _SUBMITTED_BATCH = list[SubmittedEvent]
 _LINE_ENCODER = msgspec.json.Encoder()
 
 
-def encode_valid_events(items, now):
+def encode_valid_events(items, now, sites=frozenset()):
     """Queue lines for a batch of parsed events if every one is valid, else None.
 
     The same rules as validate_event, applied to the whole batch at once (the
@@ -173,6 +176,8 @@ def encode_valid_events(items, now):
         site_id, event_type, path, user_id = event.site_id, event.event_type, event.path, event.user_id
         if not (site_id.strip() and event_type.strip()) or "\x00" in site_id or "\x00" in event_type \
                 or (path and "\x00" in path) or (user_id and "\x00" in user_id):
+            return None
+        if sites and site_id not in sites:
             return None
         try:
             timestamp = parse_timestamp(event.timestamp, now) if event.timestamp else received

@@ -27,7 +27,7 @@ from config import UNIX_SOCKET
 from logs import EverySoOften
 from shared_queue import QueueUnavailable
 from store import StoreUnavailable
-from tracking import InvalidPayload, client_ip, is_bot, plausible_events, utc_now
+from tracking import InvalidPayload, client_ip, domain_site, is_bot, plausible_events, utc_now
 
 log = logging.getLogger("ingestion_api")
 
@@ -47,6 +47,7 @@ class Answer(NamedTuple):
 EVENT_RECEIVED = Answer(200, b'{"message":"Event received"}\n')
 PLAUSIBLE_OK = Answer(202, b"ok", TEXT)
 BOT_DROPPED = Answer(202, b"ok", TEXT, (("X-Analytics-Dropped", "bot"),))
+UNKNOWN_SITE_DROPPED = Answer(202, b"ok", TEXT, (("X-Analytics-Dropped", "unknown-site"),))
 
 
 class ApiError(Exception):
@@ -92,6 +93,10 @@ class Ingest:
         self.queue = queue
         self.visitors = visitors
         self.metrics = metrics
+        self.sites = config.sites
+        # d is read as domain_site reads it, so a site listed as www.Example.com is example.com,
+        # as Plausible stores a site registered that way
+        self.plausible_sites = frozenset(map(domain_site, config.sites))
         self.queue_failures = EverySoOften(log)
         self.both_forwarding_headers = EverySoOften(log, seconds=600)
         self.unix_socket_unnamed = EverySoOften(log, seconds=600)
@@ -113,7 +118,7 @@ class Ingest:
             "(nginx: proxy_set_header Forwarded \"\";)")
 
     def event(self, body):
-        self._append("/event", [encode_event(validate_event(parse_json(body)))])
+        self._append("/event", [encode_event(validate_event(parse_json(body), sites=self.sites))])
         return EVENT_RECEIVED
 
     def events(self, body, mimetype):
@@ -124,12 +129,12 @@ class Ingest:
             raise ApiError(f"Too many events: {len(items)} in one batch, "
                            f"at most {self.config.max_batch_events}")
         now = utc_now()
-        lines = encode_valid_events(items, now)
+        lines = encode_valid_events(items, now, self.sites)
         if lines is None:
             lines = []
             for index, item in enumerate(items):
                 try:
-                    lines.append(encode_event(validate_event(item, now)))
+                    lines.append(encode_event(validate_event(item, now, self.sites)))
                 except InvalidEvent as error:
                     raise ApiError(str(error), index=index) from None
         self._append("/events", lines)
@@ -149,6 +154,15 @@ class Ingest:
             raise InvalidPayload("payload", "is not valid JSON") from None
         events = plausible_events(data, now, user_agent,
                                   lambda site: self.visitors.visitor_id(site, ip, user_agent, now))
+        if self.plausible_sites:
+            unknown = [event["site_id"] for event in events if event["site_id"] not in self.plausible_sites]
+            if unknown:
+                log.info("dropped event reason=unknown-site sites=%.300r user_agent=%.120r",
+                         ",".join(unknown), user_agent)
+                self.metrics.event_dropped("unknown-site", len(unknown))
+                events = [event for event in events if event["site_id"] in self.plausible_sites]
+                if not events:
+                    return UNKNOWN_SITE_DROPPED
         self._append("/api/event", [encode_event(event) for event in events])
         return PLAUSIBLE_OK
 

@@ -3,7 +3,8 @@
     analytics_events_accepted_total{endpoint}          events queued
     analytics_requests_rejected_total{endpoint,reason}  ingest requests refused: invalid,
                                                         too_large, rate_limited, unavailable, error
-    analytics_events_dropped_total{reason}              events answered but not kept: bot
+    analytics_events_dropped_total{reason}              events answered but not kept: bot,
+                                                        unknown-site (not in SITES)
     analytics_request_duration_seconds{endpoint}        latency of every endpoint (histogram)
     analytics_queue_size                                acknowledged events not yet stored
     analytics_processor_lag_seconds                     age of the oldest event not yet stored
@@ -121,10 +122,10 @@ class ApiMetrics:
             self._start_flusher()
             self._pending.accepted[endpoint] += count
 
-    def event_dropped(self, reason):
+    def event_dropped(self, reason, count=1):
         with self._lock:
             self._start_flusher()
-            self._pending.dropped[reason] += 1
+            self._pending.dropped[reason] += count
 
     def answered(self, endpoint, status, seconds, ingest=False):
         with self._lock:
@@ -218,7 +219,7 @@ class NoMetrics:
     def events_accepted(self, endpoint, count):
         pass
 
-    def event_dropped(self, reason):
+    def event_dropped(self, reason, count=1):
         pass
 
     def answered(self, endpoint, status, seconds, ingest=False):

@@ -240,7 +240,8 @@ def run_command(args, config):
     store = open_store(config)
     store.migrate()
     if args.command == "import":
-        stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty())
+        stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty(),
+                                       sites=config.sites)
         log.info("import finished file=%s stored=%d rejected=%d", args.file, stored, rejected)
         return 0 if rejected == 0 else 3
     if args.command == "backup":

@@ -81,11 +81,16 @@ def _props(data):
     return kept or None
 
 
+def domain_site(domain):
+    """The site id of one domain of d: trimmed, lowercased, without a leading www."""
+    site = domain.strip().lower()
+    return (site[4:] if site.startswith("www.") else site)[:256]
+
+
 def _sites(domain):
     sites = []
     for part in domain.split(","):
-        site = part.strip().lower()
-        site = (site[4:] if site.startswith("www.") else site)[:256]
+        site = domain_site(part)
         if site and site not in sites:      # one page view is one view of each site
             sites.append(site)
     if not sites:

@@ -32,17 +32,18 @@ def import_source(path):
     return f"import:{os.path.realpath(path)}:{stat.st_dev}:{stat.st_ino}"
 
 
-def import_file(store, path, show_progress=True):
-    """Validate each line like POST /event and store the valid ones; returns (stored, rejected)."""
+def import_file(store, path, show_progress=True, sites=frozenset()):
+    """Validate each line like POST /event (sites: SITES) and store the valid ones;
+    returns (stored, rejected)."""
     source = import_source(path)
     with open(path, "rb") as file:
         position = _resume_point(file, store.checkpoint(source), path)
         with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
                   disable=not show_progress, desc="import") as bar:
-            return _import_from(store, source, file, position, bar)
+            return _import_from(store, source, file, position, bar, sites)
 
 
-def _import_from(store, source, file, position, bar):
+def _import_from(store, source, file, position, bar, sites):
     file.seek(position.offset)
     stored = rejected = 0
     last_report = time.monotonic()
@@ -53,7 +54,7 @@ def _import_from(store, source, file, position, bar):
             if not line.strip():
                 continue
             try:
-                event = validate_event(parse_json(line))
+                event = validate_event(parse_json(line), sites=sites)
             except InvalidEvent as error:
                 rejected += 1
                 log.warning("import line %d rejected: %s", position.line_number, error)

@@ -1,4 +1,5 @@
 """The HTTP contract of POST /event, POST /events, GET /stats and GET /health."""
+import json
 import os
 import shutil
 import time
@@ -130,6 +131,56 @@ def test_batch_is_one_locked_append(client, config):
     client.post("/events", json=[EVENT] * 3)
     from shared_queue import open_queue
     assert open_queue(config).size() == 3
+
+
+# -- SITES -----------------------------------------------------------------
+
+@pytest.fixture
+def listed_client(config):
+    from ingestion_api import create_app
+    return create_app(config.with_overrides(sites=frozenset({"site1", "site2"}))).test_client()
+
+
+def queue_size(client):
+    return client.get("/health").get_json()["queue_size"]
+
+
+def test_an_event_of_a_site_not_in_sites_is_rejected_with_400(listed_client):
+    response = listed_client.post("/event", json={**EVENT, "site_id": "junk"})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Unknown site_id: junk"}
+    assert queue_size(listed_client) == 0
+
+
+@pytest.mark.parametrize("site_id", ["Site1", "site1 ", "www.site1"])
+def test_a_site_id_is_compared_with_sites_exactly(listed_client, site_id):
+    response = listed_client.post("/event", json={**EVENT, "site_id": site_id})
+    assert response.get_json() == {"error": f"Unknown site_id: {site_id}"}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+def test_a_batch_with_one_site_not_in_sites_is_rejected_whole_and_names_it(listed_client, content_type):
+    events = [EVENT, {**EVENT, "site_id": "site2"}, {**EVENT, "site_id": "junk"}, EVENT]
+    body = "\n".join(map(json.dumps, events)) if content_type.endswith("ndjson") else json.dumps(events)
+    response = listed_client.post("/events", data=body, content_type=content_type)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Unknown site_id: junk", "index": 2}
+    assert queue_size(listed_client) == 0
+
+
+def test_events_of_the_sites_in_sites_are_stored(listed_client, drain):
+    assert listed_client.post("/event", json=EVENT).status_code == 200
+    response = listed_client.post("/events", json=[EVENT, {**EVENT, "site_id": "site2"}])
+    assert response.get_json() == {"message": "Events received", "count": 2}
+    drain()
+    assert {site["site_id"] for site in listed_client.get("/stats/sites").get_json()["sites"]} == \
+        {"site1", "site2"}
+
+
+def test_without_sites_events_of_any_site_are_taken(client):
+    assert client.post("/event", json={**EVENT, "site_id": "anything"}).status_code == 200
+    assert client.post("/events", json=[{**EVENT, "site_id": f"s{i}"} for i in range(3)]).status_code == 200
+    assert queue_size(client) == 4
 
 
 # -- stats -----------------------------------------------------------------

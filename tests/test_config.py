@@ -18,6 +18,7 @@ from redis_queue import RedisQueue
     ("REPORT_MAX_DAYS", "3652059"), ("REPORT_MAX_DAYS", "0"),
     ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
     ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"),
+    ("SITES", " , "), ("SITES", "site1 " + "x" * 257),
 ])
 def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
     with pytest.raises(ConfigurationError, match=name):
@@ -42,6 +43,12 @@ def test_the_largest_values_that_make_sense_are_accepted():
                                   "RATE_LIMIT": "1/minute", "REPORT_MAX_DAYS": "36500"})
     assert (config.port, config.poll_interval, config.retention_days, config.report_max_days) == \
         (65535, 86400, 36500, 36500)
+
+
+def test_sites_are_a_list_of_ids_and_unset_takes_every_site():
+    assert load_config(environ={"SITES": " site1,example.com  www.Shop.test,"}).sites == \
+        {"site1", "example.com", "www.Shop.test"}
+    assert load_config(environ={"SITES": ""}).sites == load_config(environ={}).sites == frozenset()
 
 
 def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):

@@ -66,21 +66,32 @@ def stored(line):
     return event
 
 
-def checked_one_by_one(event):
+def checked_one_by_one(event, sites=frozenset()):
     try:
-        return stored(encode_event(validate_event(event, NOW)))
+        return stored(encode_event(validate_event(event, NOW, sites)))
     except InvalidEvent:
         return None
 
 
+# no SITES; and SITES listing s and some of the ids above, but not "sité" nor s * 256
+SITES = [frozenset(), frozenset({"s", "   ", "a\x00b", "s" * 257, "Sité"})]
+
+
+@pytest.mark.parametrize("sites", SITES, ids=["any site", "SITES"])
 @pytest.mark.parametrize("event", EVENTS, ids=[repr(e)[:60] for e in EVENTS])
-def test_a_batch_checked_at_once_stores_exactly_what_one_by_one_would(event):
-    lines = encode_valid_events([BASE, event], NOW)
-    expected = checked_one_by_one(event)
+def test_a_batch_checked_at_once_stores_exactly_what_one_by_one_would(event, sites):
+    lines = encode_valid_events([BASE, event], NOW, sites)
+    expected = checked_one_by_one(event, sites)
     if expected is None:
         assert lines is None
     else:
-        assert [stored(line) for line in lines] == [checked_one_by_one(BASE), expected]
+        assert [stored(line) for line in lines] == [checked_one_by_one(BASE, sites), expected]
+
+
+def test_an_event_of_a_site_not_in_sites_is_named():
+    with pytest.raises(InvalidEvent, match="^Unknown site_id: t$"):
+        validate_event({**BASE, "site_id": "t"}, NOW, frozenset({"s"}))
+    assert encode_valid_events([BASE, {**BASE, "site_id": "t"}], NOW, frozenset({"s"})) is None
 
 
 def test_one_bad_event_turns_down_the_whole_batch():

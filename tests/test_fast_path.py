@@ -6,6 +6,7 @@ import pytest
 from werkzeug.test import Client
 
 from ingest import FastPath
+from ingestion_api import create_app
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/156.0.0.0 Safari/537.36")
@@ -37,6 +38,15 @@ REQUESTS = [
     ("plausible not json", "/api/event", b"{", "text/plain", CHROME),
     ("plausible no url", "/api/event", b'{"n":"pageview","d":"example.test"}', "text/plain", CHROME),
     ("plausible over the limit", "/api/event", b'{"x":"' + b"x" * 70_000 + b'"}', "text/plain", CHROME),
+    # the sites not in SITES of the fixture below
+    ("event unknown site", "/event", b'{"site_id":"junk","event_type":"v"}', None, None),
+    ("batch unknown site", "/events", b'[{"site_id":"s","event_type":"v"},{"site_id":"junk","event_type":"v"}]',
+     None, None),
+    ("batch ndjson unknown site", "/events", b'{"site_id":"s","event_type":"v"}\n{"site_id":"junk","event_type":"v"}',
+     "application/x-ndjson", None),
+    ("plausible unknown site", "/api/event", PAGEVIEW.replace(b"example.test", b"junk.test"), "text/plain", CHROME),
+    ("plausible some unknown sites", "/api/event", PAGEVIEW.replace(b'"example.test"', b'"junk.test,www.example.test"'),
+     "text/plain", CHROME),
 ]
 
 
@@ -53,10 +63,34 @@ def fast_path(app):
     return app.wsgi_app
 
 
+@pytest.fixture(params=[frozenset(), frozenset({"s", "t", "example.test"})], ids=["any site", "SITES"])
+def either_fast_path(request, config):
+    """The fast path of an app without SITES, and of one with SITES set."""
+    app = create_app(config.with_overrides(sites=request.param))
+    yield app.wsgi_app
+    app.extensions["analytics"]["store"].close()
+    app.extensions["analytics"]["queue"].close()
+
+
 @pytest.mark.parametrize("name,path,body,content_type,user_agent", REQUESTS, ids=[r[0] for r in REQUESTS])
-def test_fast_path_answers_byte_for_byte_like_flask(fast_path, name, path, body, content_type, user_agent):
-    flask_answer = answer(fast_path.flask_wsgi, path, body, content_type, user_agent)
-    assert answer(fast_path, path, body, content_type, user_agent) == flask_answer
+def test_fast_path_answers_byte_for_byte_like_flask(either_fast_path, name, path, body, content_type, user_agent):
+    flask_answer = answer(either_fast_path.flask_wsgi, path, body, content_type, user_agent)
+    assert answer(either_fast_path, path, body, content_type, user_agent) == flask_answer
+
+
+@pytest.mark.parametrize("path,body,status,dropped", [
+    ("/event", b'{"site_id":"junk","event_type":"v"}', "400 BAD REQUEST", None),
+    ("/events", b'[{"site_id":"s","event_type":"v"},{"site_id":"junk","event_type":"v"}]', "400 BAD REQUEST", None),
+    ("/api/event", PAGEVIEW.replace(b"example.test", b"junk.test"), "202 ACCEPTED", "unknown-site"),
+], ids=["event", "events", "api/event"])
+def test_both_paths_turn_down_a_site_not_in_sites_alike(config, path, body, status, dropped):
+    app = create_app(config.with_overrides(sites=frozenset({"s"})))
+    fast_path = app.wsgi_app
+    answers = [answer(wsgi, path, body, "text/plain", CHROME) for wsgi in (fast_path, fast_path.flask_wsgi)]
+    assert answers[0] == answers[1]
+    assert answers[0][0] == status
+    assert dict(answers[0][1]).get("X-Analytics-Dropped") == dropped
+    assert app.extensions["analytics"]["queue"].size() == 0
 
 
 def test_fast_path_and_flask_both_answer_503_when_the_queue_cannot_be_written(fast_path, config):

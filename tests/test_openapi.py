@@ -168,6 +168,19 @@ def test_unwritable_queue_answers_are_described_503s(client, config, openapi, me
     described(openapi, response)
 
 
+@pytest.mark.parametrize("method, url, options, status", [
+    ("post", "/event", {"json": {**EVENT, "site_id": "junk"}}, 400),
+    ("post", "/events", {"json": [EVENT, {**EVENT, "site_id": "junk"}]}, 400),
+    ("post", "/api/event", {"data": PAGEVIEW.replace("example.com", "junk.test"),
+                            "headers": {"User-Agent": BROWSER}}, 202),
+])
+def test_answers_to_a_site_not_in_sites_are_described(config, openapi, method, url, options, status):
+    client = create_app(config.with_overrides(sites=frozenset({"site1", "example.com"}))).test_client()
+    response = getattr(client, method)(url, **options)
+    assert response.status_code == status
+    described(openapi, response)
+
+
 @pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
                                  "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
 def test_unreadable_database_answers_are_described_503s(client, config, openapi, url):

@@ -1,5 +1,6 @@
 """Browser traffic: the Plausible Events API, cookieless visitors, enrichment and bots."""
 import gzip
+import logging
 import os
 import shutil
 import sqlite3
@@ -234,6 +235,63 @@ def test_bots_are_dropped_visibly(client, config, user_agent):
     assert response.status_code == 202
     assert response.headers["X-Analytics-Dropped"] == "bot"
     assert client.get("/health").get_json()["queue_size"] == 0
+
+
+@pytest.fixture
+def listed_client(config):
+    from ingestion_api import create_app
+    return create_app(config.with_overrides(sites=frozenset({"example.test", "www.Shop.test"}))).test_client()
+
+
+def test_an_event_for_a_domain_not_in_sites_is_dropped_visibly(listed_client, caplog):
+    caplog.set_level(logging.INFO, logger="ingestion_api")
+    response = send(listed_client, '{"n":"pageview","u":"http://junk.test/","d":"junk.test"}')
+    assert response.status_code == 202 and response.data == b"ok"
+    assert response.headers["X-Analytics-Dropped"] == "unknown-site"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert listed_client.get("/health").get_json()["queue_size"] == 0
+    assert "dropped event reason=unknown-site sites='junk.test'" in caplog.text
+    assert 'analytics_events_dropped_total{reason="unknown-site"} 1.0' in \
+        listed_client.get("/metrics").get_data(as_text=True)
+
+
+def test_of_the_domains_in_d_only_those_in_sites_get_the_event(listed_client, drain, config, caplog):
+    caplog.set_level(logging.INFO, logger="ingestion_api")
+    response = send(listed_client, '{"n":"pageview","u":"http://example.test/","d":"junk.test,example.test,x.test"}')
+    assert response.status_code == 202
+    assert "X-Analytics-Dropped" not in response.headers
+    drain()
+    assert [row[0] for row in rows(config)] == ["example.test"]
+    assert "dropped event reason=unknown-site sites='junk.test,x.test'" in caplog.text
+    assert 'analytics_events_dropped_total{reason="unknown-site"} 2.0' in \
+        listed_client.get("/metrics").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("domain", ["shop.test", "www.shop.test", " Shop.test", "WWW.SHOP.TEST"])
+def test_a_domain_matches_sites_after_the_normalisation_d_always_gets(listed_client, drain, config, domain):
+    response = send(listed_client, '{"n":"pageview","u":"http://shop.test/","d":"%s"}' % domain)
+    assert "X-Analytics-Dropped" not in response.headers
+    drain()
+    assert [row[0] for row in rows(config)] == ["shop.test"]
+
+
+def test_a_bot_is_dropped_as_a_bot_whatever_its_domain(listed_client):
+    response = send(listed_client, '{"n":"pageview","u":"http://junk.test/","d":"junk.test"}',
+                    user_agent="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)")
+    assert response.headers["X-Analytics-Dropped"] == "bot"
+
+
+def test_an_invalid_event_for_a_domain_not_in_sites_is_still_a_400(listed_client):
+    response = send(listed_client, '{"n":"pageview","d":"junk.test"}')
+    assert response.status_code == 400
+    assert "url" in response.get_json()["errors"]
+
+
+def test_without_sites_every_domain_is_taken(client, drain, config):
+    response = send(client, '{"n":"pageview","u":"http://junk.test/","d":"junk.test"}')
+    assert "X-Analytics-Dropped" not in response.headers
+    drain()
+    assert [row[0] for row in rows(config)] == ["junk.test"]
 
 
 def test_sources_utm_tags_and_devices_are_worked_out_by_the_processor(client, drain):

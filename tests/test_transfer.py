@@ -51,6 +51,23 @@ def test_import_validates_like_the_api_and_reports_rejections(config, tmp_path):
     assert count_events(config) == 90
 
 
+def test_import_rejects_the_sites_not_in_sites_like_the_api(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 20, site="imp")
+    with open(tmp_path / "in.jsonl", "ab") as file:
+        file.write(b'{"site_id": "junk", "event_type": "page_view"}\n')
+    result = run_processor(config, "import", str(tmp_path / "in.jsonl"), SITES="other, imp")
+    assert result.returncode == 3, result.stderr
+    assert "line 21 rejected: Unknown site_id: junk" in result.stderr
+    assert "stored=20 rejected=1" in result.stderr
+    assert count_events(config) == 20
+
+
+def test_import_without_sites_takes_every_site(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 5, site="anything")
+    assert run_processor(config, "import", str(tmp_path / "in.jsonl"), SITES="").returncode == 0
+    assert count_events(config) == 5
+
+
 def test_rerunning_an_import_never_counts_twice(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 50)
     assert run_processor(config, "import", str(tmp_path / "in.jsonl")).returncode == 0
