@@ -261,6 +261,7 @@ import logging, os, sys, time
 from config import load_config
 from processor import setup_logging
 setup_logging(load_config(environ={"PROCESSOR_LOG_MAX_BYTES": "4000"}, data_dir=sys.argv[1]))
+open(sys.argv[1] + "/ready-" + sys.argv[2], "w").close()
 while not os.path.exists(sys.argv[1] + "/go"):
     time.sleep(0.01)
 for number in range(100):
@@ -273,7 +274,8 @@ def test_processors_that_share_the_log_file_rotate_it_without_losing_a_line(data
     # processors of a Redis queue on one machine share DATA_DIR, so processor.log too
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(data_dir), str(writer)],
                                 cwd=REPO, stderr=subprocess.DEVNULL) for writer in range(3)]
-    time.sleep(1)
+    wait_for(lambda: all((data_dir / f"ready-{writer}").exists() for writer in range(3))
+             or any(writer.poll() is not None for writer in writers), 30, "the writers did not start")
     (data_dir / "go").touch()       # all three write at once
     assert [writer.wait(timeout=60) for writer in writers] == [0, 0, 0]
     files = sorted(data_dir.glob("processor.log*"))
