@@ -126,8 +126,16 @@ def test_batch_that_is_not_an_array_is_rejected(client):
     assert "array" in response.get_json()["error"]
 
 
-def test_batch_is_one_locked_append(client, config):
-    client.post("/events", json=[EVENT] * 3)
+def test_batch_is_one_locked_append(app, config, monkeypatch):
+    queue, appends = app.extensions["analytics"]["queue"], []
+    append = queue.append
+
+    def counted_append(lines):
+        appends.append(len(lines))
+        return append(lines)
+    monkeypatch.setattr(queue, "append", counted_append)
+    assert app.test_client().post("/events", json=[EVENT] * 3).status_code == 200
+    assert appends == [3]
     from shared_queue import open_queue
     assert open_queue(config).size() == 3
 
