@@ -5,8 +5,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -307,12 +307,15 @@ def test_a_lock_file_that_cannot_be_made_is_the_file_named(data_dir):
     assert result.stderr == f"cannot open the log file (PROCESSOR_LOG_FILE): {lock}: Is a directory\n"
 
 
-def test_a_warning_repeated_during_an_outage_is_one_line_that_counts_the_rest(caplog):
-    from logs import EverySoOften
-    failures = EverySoOften(logging.getLogger("ingestion_api"), seconds=0.2)
-    for _ in range(5):
+def test_a_warning_repeated_during_an_outage_is_one_line_that_counts_the_rest(caplog, monkeypatch):
+    import logs
+    now = [1000.0]
+    monkeypatch.setattr(logs, "time", SimpleNamespace(monotonic=lambda: now[0]))     # its clock
+    failures = logs.EverySoOften(logging.getLogger("ingestion_api"), seconds=10)
+    for seconds in (0, 1, 5, 9.9, 9.99):
+        now[0] = 1000.0 + seconds
         failures.warning("queue append failed: %s", "disk full")
-    time.sleep(0.25)
+    now[0] = 1010.5
     failures.warning("queue append failed: %s", "disk full")
     assert [record.getMessage() for record in caplog.records] == [
         "queue append failed: disk full",
