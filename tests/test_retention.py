@@ -1,8 +1,11 @@
 """Retention deletes old events and rollup rows in small batches, on every store."""
 import itertools
+import os
 import logging
 import re
+import sqlite3
 import threading
+from contextlib import closing
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
@@ -266,3 +269,17 @@ def test_visitor_salts_over_48_hours_old_are_deleted_after_a_day_without_traffic
     store.daily_salt(SECRET_NAME, b"k" * 32, forget_before="")
     run_pass(store, config)     # no retention settings: the salts go all the same
     assert query(store, "SELECT day FROM salts ORDER BY day") == [(SECRET_NAME,)]
+
+
+@pytest.mark.embedded
+def test_a_deleted_salt_leaves_no_copy_in_the_sqlite_file(config, store):
+    """SQLite keeps a deleted row's bytes in the page's free space unless told to overwrite them."""
+    old, today = os.urandom(32), os.urandom(32)
+    store.daily_salt("2025-01-01", old, forget_before="")
+    store.daily_salt("2025-01-03", today, forget_before="2025-01-02")      # the API's deletion
+    store.daily_salt("2025-01-02", old[::-1], forget_before="")
+    store.forget_salts("2025-01-03")                                      # the processor's
+    with closing(sqlite3.connect(config.database_path)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = open(config.database_path, "rb").read()
+    assert today in data and old not in data and old[::-1] not in data
