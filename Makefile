@@ -14,7 +14,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 run: $(VENV)/installed
-	honcho start
+	honcho start || test $$? -eq 130    # Ctrl-C: both stopped cleanly, as honcho reports
 
 test: $(VENV)/installed
 	.ci/services
