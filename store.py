@@ -149,7 +149,9 @@ MIGRATIONS = [
                                                       value);
     """,
 ]
-ROLLUPS_SINCE = 2       # upgrading from before this version folds the existing events
+# upgrading from before this version folds the stored events afresh: there were no rollups
+# before version 2, and version 2's counted paths and event types only, not sources
+REFOLD_BEFORE = 3
 
 
 def _statements(script):
@@ -365,7 +367,7 @@ class SQLiteStore:
                 for statement in _statements(migration):
                     connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {number}")
-            if 0 < version < ROLLUPS_SINCE:
+            if 0 < version < REFOLD_BEFORE:
                 log.info("folding the existing events into the new rollups")
                 _refold(connection, progress=None)
         return len(MIGRATIONS)

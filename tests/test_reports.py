@@ -138,3 +138,49 @@ def test_migration_upgrades_a_version_one_database_in_place(tmp_path):
         for period in PERIODS:
             assert (RollupReports(store.connection).stats(site, period)
                     == RawReports(store.connection).stats(site, period))
+
+
+# the rollups a version-two processor kept: counts per hour, sets of users per hour, and the
+# path and event type of each event per day and all time (version three added sources)
+VERSION_TWO_FOLD = """
+INSERT INTO hourly_totals SELECT site_id, substr(timestamp, 1, 13), sum(event_type = 'page_view'),
+    count(*) FROM events GROUP BY 1, 2;
+INSERT INTO hourly_users SELECT DISTINCT site_id, substr(timestamp, 1, 13), user_id FROM events
+    WHERE user_id IS NOT NULL;
+INSERT INTO site_totals SELECT site_id, sum(event_type = 'page_view'), count(*),
+    count(DISTINCT user_id) FROM events GROUP BY 1;
+INSERT INTO site_users SELECT DISTINCT site_id, user_id FROM events WHERE user_id IS NOT NULL;
+INSERT INTO daily_values SELECT site_id, property, substr(timestamp, 1, 10), value,
+    sum(event_type = 'page_view'), count(*) FROM version_two_values GROUP BY 1, 2, 3, 4;
+INSERT INTO total_values SELECT site_id, property, value, sum(event_type = 'page_view'), count(*)
+    FROM version_two_values GROUP BY 1, 2, 3;
+INSERT INTO daily_value_users SELECT DISTINCT site_id, property, value, substr(timestamp, 1, 10),
+    user_id FROM version_two_values WHERE user_id IS NOT NULL;
+"""
+
+
+def test_migration_from_version_two_counts_the_stored_events_by_source(tmp_path):
+    path = str(tmp_path / "analytics.db")
+    connection = sqlite3.connect(path)
+    for migration in MIGRATIONS[:2]:
+        connection.executescript(migration)
+    connection.execute("PRAGMA user_version = 2")
+    rows = [(e["site_id"], e["event_type"], e["path"] or None, e["user_id"],
+             validate_event(e)["timestamp"]) for e in generated_events(500, seed=5)]
+    connection.executemany("INSERT INTO events (site_id, event_type, path, user_id, timestamp) "
+                           "VALUES (?, ?, ?, ?, ?)", rows)
+    connection.execute("CREATE TEMP VIEW version_two_values AS "
+                       "SELECT *, 'path' AS property, coalesce(path, '') AS value FROM events UNION ALL "
+                       "SELECT *, 'event_type', event_type FROM events")
+    connection.executescript(VERSION_TWO_FOLD)
+    connection.close()
+    store = SQLiteStore(path)
+    assert store.migrate() == len(MIGRATIONS)
+    assert store.count_events() == 500
+    for site in SITES:
+        for period in PERIODS:
+            for prop in ("source", "path", "event_type"):
+                assert (RollupReports(store.connection).breakdown(site, prop, period, 50)
+                        == RawReports(store.connection).breakdown(site, prop, period, 50))
+            assert (RollupReports(store.connection).stats(site, period)
+                    == RawReports(store.connection).stats(site, period))
