@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from itertools import compress
@@ -246,11 +247,25 @@ def open_store(config):
     return SQLiteStore(config.database_path, durable=config.fsync == "always")
 
 
-def migrate_store(config):
-    """Bring the schema up to date at a program's start, and give back the connection it took."""
+def migrate_store(config, retry_every=1.0):
+    """Bring the schema up to date at a program's start, and give back the connection it took.
+
+    A database that cannot be reached yet (a SQLite file another program holds
+    while it migrates or rebuilds the rollups, which can take minutes; a
+    PostgreSQL server still starting) is waited for, as the processor does;
+    one that can never be opened is final.
+    """
     store = open_store(config)
     try:
-        store.migrate()
+        while True:
+            try:
+                return store.migrate()
+            except StoreUnavailable as error:
+                if error.lasting:
+                    raise
+                log.warning("cannot migrate the database yet: %s; retrying in %.0fs",
+                            " ".join(str(error).split()), retry_every)
+                time.sleep(retry_every)
     finally:
         store.close()
 
@@ -360,16 +375,30 @@ class SQLiteStore:
         connection.execute("COMMIT")
 
     def migrate(self):
-        with self.atomic() as connection:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                log.info("migrating %s to schema version %d", self.path, number)
-                for statement in _statements(migration):
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA user_version = {number}")
-            if 0 < version < REFOLD_BEFORE:
-                log.info("folding the existing events into the new rollups")
-                _refold(connection, progress=None)
+        """Bring the schema up to date; StoreUnavailable while another program holds the database.
+
+        A schema already up to date takes no write lock: an API worker that
+        starts (a reload, a worker replaced) while rebuild-rollups holds the
+        lock for minutes must boot all the same.
+        """
+        if self.schema_version() >= len(MIGRATIONS):
+            return len(MIGRATIONS)
+        try:
+            with self.atomic() as connection:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                    log.info("migrating %s to schema version %d", self.path, number)
+                    for statement in _statements(migration):
+                        connection.execute(statement)
+                    connection.execute(f"PRAGMA user_version = {number}")
+                if 0 < version < REFOLD_BEFORE:
+                    log.info("folding the existing events into the new rollups")
+                    _refold(connection, progress=None)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorname != "SQLITE_BUSY":
+                raise
+            raise StoreUnavailable(f"SQLite {self.path}: {error} (another program is writing it: "
+                                   "a migration, rebuild-rollups)") from error
         return len(MIGRATIONS)
 
     def schema_version(self):

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -326,6 +327,59 @@ def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, comm
     assert result.returncode != 0
     assert f"cannot start: SQLite {database}: unable to open database file\n" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def hold_write_lock(data_dir):
+    """A connection holding the database's write lock, as rebuild-rollups or a migration's fold does
+    for as long as it runs."""
+    holder = sqlite3.connect(data_dir / "analytics.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_api_workers_started_while_another_program_writes_the_database_boot(data_dir, children):
+    api = Api(data_dir, workers=2)
+    children.append(api)
+    holder = hold_write_lock(data_dir)
+    try:
+        old_workers = set(api.worker_pids())
+        os.kill(api.process.pid, signal.SIGHUP)     # new workers, as a reload or a crashed worker gets
+
+        def new_workers_answer():
+            assert api.process.poll() is None, "gunicorn stopped:\n" + log_tail(data_dir, "gunicorn")
+            workers = set(api.worker_pids())
+            return len(workers) == 2 and not workers & old_workers and is_healthy(api.url)
+        wait_for(new_workers_answer, 30, "the reloaded workers answer")
+        assert requests.post(api.url + "/event", json={"site_id": "s", "event_type": "page_view"},
+                             timeout=10).status_code == 200
+        assert api.process.poll() is None, "gunicorn stopped:\n" + log_tail(data_dir, "gunicorn")
+    finally:
+        holder.rollback()
+
+
+def test_an_api_started_while_another_program_migrates_the_database_waits_for_it(data_dir, children):
+    from store import MIGRATIONS
+    connection = sqlite3.connect(data_dir / "analytics.db")
+    for migration in MIGRATIONS[:-1]:
+        connection.executescript(migration)
+    connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.close()
+    holder = hold_write_lock(data_dir)
+    started = []
+    starting = threading.Thread(target=lambda: started.append(Api(data_dir, workers=1)))
+    starting.start()
+    try:
+        wait_for(lambda: "cannot migrate the database yet" in log_tail(data_dir, "gunicorn"), 30,
+                 "the API says it waits for the database")
+    finally:
+        holder.rollback()
+        starting.join()
+    children.extend(started)
+    assert started, "gunicorn did not start:\n" + log_tail(data_dir, "gunicorn")
+    assert started[0].health()["status"] == "healthy"
+    assert sqlite3.connect(data_dir / "analytics.db").execute(
+        "PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 @pytest.mark.parametrize("url,problem", [
