@@ -106,6 +106,8 @@ def on_starting(server):
         migrate_store(config)
     except StoreUnavailable as error:
         raise SystemExit(f"cannot start: {error}") from None
+    except KeyboardInterrupt:                 # Ctrl-C while waiting for the database
+        raise SystemExit(130) from None
     if config.metrics:
         from metrics import API, use_metrics_directory
         try:

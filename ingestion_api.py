@@ -326,4 +326,6 @@ if __name__ == "__main__":
         raise SystemExit(f"configuration error: {error}") from None
     except StoreUnavailable as error:
         raise SystemExit(f"cannot start: {error}") from None
+    except KeyboardInterrupt:                 # Ctrl-C while waiting for the database
+        raise SystemExit(130) from None
     application.run(host=settings.host, port=settings.port, threaded=True)

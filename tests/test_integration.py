@@ -357,7 +357,7 @@ def test_api_workers_started_while_another_program_writes_the_database_boot(data
         holder.rollback()
 
 
-def test_an_api_started_while_another_program_migrates_the_database_waits_for_it(data_dir, children):
+def one_migration_behind(data_dir):
     from store import MIGRATIONS
     connection = sqlite3.connect(data_dir / "analytics.db")
     for migration in MIGRATIONS[:-1]:
@@ -365,6 +365,11 @@ def test_an_api_started_while_another_program_migrates_the_database_waits_for_it
     connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.close()
+
+
+def test_an_api_started_while_another_program_migrates_the_database_waits_for_it(data_dir, children):
+    from store import MIGRATIONS
+    one_migration_behind(data_dir)
     holder = hold_write_lock(data_dir)
     started = []
     starting = threading.Thread(target=lambda: started.append(Api(data_dir, workers=1)))
@@ -380,6 +385,25 @@ def test_an_api_started_while_another_program_migrates_the_database_waits_for_it
     assert started[0].health()["status"] == "healthy"
     assert sqlite3.connect(data_dir / "analytics.db").execute(
         "PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+@pytest.mark.parametrize("command", [["ingestion_api.py"], ["-m", "gunicorn", "ingestion_api:app"]],
+                         ids=["python", "gunicorn"])
+def test_ctrl_c_while_the_api_waits_for_the_database_stops_it_without_a_traceback(data_dir, command):
+    one_migration_behind(data_dir)
+    holder = hold_write_lock(data_dir)
+    err = data_dir.parent / "api.err"
+    try:
+        with open(err, "w") as stderr:
+            api = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, env=environment(data_dir, PORT=free_port()))
+        wait_for(lambda: "cannot migrate the database yet" in err.read_text(), 30, "the API waits")
+        api.send_signal(signal.SIGINT)
+        assert api.wait(timeout=30) == 130
+    finally:
+        holder.rollback()
+        stop(api)
+    assert "Traceback" not in err.read_text()
 
 
 @pytest.mark.parametrize("url,problem", [
