@@ -512,6 +512,10 @@ class FileQueueConsumer:
             fd = os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644)
             queue._record_whole_end(os.fstat(fd).st_ino, 0)
             os.close(fd)
+            if queue._fd is not None:
+                # the sealed segment is deleted once read, and an open descriptor would keep
+                # its disk space for as long as the processor runs
+                queue._reopen_if_rotated()
             self._active_segment += 1
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)

@@ -223,6 +223,29 @@ def test_consumed_segments_are_reclaimed_while_writers_append(queue_path):
     assert int(consumer.read(1).checkpoint.split(":")[0]) > 5    # it did rotate
 
 
+def test_the_processor_holds_no_reclaimed_segment_open(queue_path):
+    # a segment deleted while a descriptor is open keeps its disk space (up to
+    # QUEUE_SEGMENT_BYTES) until that descriptor is closed
+    processor = FileQueue(queue_path, segment_bytes=2000)
+    consumer = processor.consumer()
+    api = FileQueue(queue_path, segment_bytes=2000)
+    for round_number in range(10):
+        api.append([line(round_number * 100 + i) for i in range(20)])
+        read_all(consumer)
+    assert int(consumer.read(1).checkpoint.split(":")[0]) > 1    # the first segment is gone
+    assert deleted_files_held_open(queue_path) == []
+
+
+def deleted_files_held_open(prefix):
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:       # the descriptor listdir used
+            pass
+    return [path for path in held if path.startswith(prefix) and path.endswith(" (deleted)")]
+
+
 def test_segments_are_sealed_even_when_the_consumer_never_catches_up(queue_path):
     queue = FileQueue(queue_path, segment_bytes=1000)
     consumer = queue.consumer()
