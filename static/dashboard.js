@@ -71,10 +71,23 @@ function readFragment() {
   return state.get("site");
 }
 
-function writeFragment() {
+// a choice made on the page is a step in the history (Back undoes it); the page's own corrections are not
+function writeFragment(push) {
   const state = {site: $("site").value, period: $("period").value};
   if (state.period === "custom") Object.assign(state, period());
-  history.replaceState(null, "", "#" + new URLSearchParams(state));
+  const hash = "#" + new URLSearchParams(state);
+  if (hash === location.hash) return;
+  if (push) history.pushState(null, "", hash);
+  else history.replaceState(null, "", hash);
+}
+
+// a bookmark opened on the page, an edited address or back/forward: show what the URL names
+function followFragment() {
+  const site = readFragment();
+  $("range").hidden = $("period").value !== "custom";
+  if (site === null) return;
+  fragmentSite = site;
+  if ([...$("site").options].some((option) => option.value === site)) $("site").value = site;
 }
 
 // -- drawing ------------------------------------------------------------------
@@ -183,7 +196,7 @@ function withdraw(text, state) {
   document.body.dataset.state = state;
 }
 
-async function loadReport() {
+async function loadReport(push) {
   const current = ++generation;
   const site = $("site").value;
   const {from, to} = period();
@@ -192,7 +205,7 @@ async function loadReport() {
     withdraw("Choose a range whose start is not after its end.", "invalid");
     return;
   }
-  writeFragment();
+  writeFragment(push === true);
   document.body.dataset.state = "loading";
   const hourly = from === to;
   const base = {site_id: site, from, to};
@@ -259,13 +272,17 @@ function init() {
   const today = isoDay(Date.now());
   if (!$("from").value) $("from").value = isoDay(Date.now() - 6 * DAY);
   if (!$("to").value) $("to").value = today;
-  $("site").addEventListener("change", loadReport);
+  $("site").addEventListener("change", () => loadReport(true));
   $("period").addEventListener("change", () => {
     $("range").hidden = $("period").value !== "custom";
+    loadReport(true);
+  });
+  $("from").addEventListener("change", () => loadReport(true));
+  $("to").addEventListener("change", () => loadReport(true));
+  window.addEventListener("hashchange", () => {
+    followFragment();
     loadReport();
   });
-  $("from").addEventListener("change", loadReport);
-  $("to").addEventListener("change", loadReport);
   $("controls").addEventListener("submit", (event) => event.preventDefault());
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();

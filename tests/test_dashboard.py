@@ -331,6 +331,45 @@ def test_site_picker_switches_sites_and_the_url_remembers_the_choice(open_dashbo
     other.assert_no_console_errors()
 
 
+def test_the_page_follows_the_url_on_back_forward_and_an_edited_fragment(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open("#site=docs.example&period=7d")
+    dashboard.wait_until_shown()
+    dashboard.choose("#site", "shop.example")
+    dashboard.choose("#period", "30d")
+
+    # each choice is a step back and forward go through, showing what the URL names
+    dashboard.page.go_back()
+    dashboard.page.wait_for_function("document.getElementById('period').value === '7d'")
+    dashboard.wait_until_shown()
+    assert urlsplit(dashboard.page.url).fragment == "site=shop.example&period=7d"
+    dashboard.assert_shows_the_reports("shop.example", today() - timedelta(days=6), today())
+    dashboard.page.go_back()
+    dashboard.page.wait_for_function("document.getElementById('site').value === 'docs.example'")
+    dashboard.wait_until_shown()
+    dashboard.assert_shows_the_reports("docs.example", today() - timedelta(days=6), today())
+    dashboard.page.go_forward()
+    dashboard.page.wait_for_function("document.getElementById('site').value === 'shop.example'")
+    dashboard.wait_until_shown()
+    dashboard.assert_shows_the_reports("shop.example", today() - timedelta(days=6), today())
+
+    # a bookmark opened, or the address edited, on the open page
+    start, end = today() - timedelta(days=4), today() - timedelta(days=1)
+    dashboard.page.evaluate("hash => { location.hash = hash; }",
+                            f"#site=blog.example&period=custom&from={start}&to={end}")
+    dashboard.page.wait_for_function("document.getElementById('site').value === 'blog.example'")
+    dashboard.wait_until_shown()
+    assert dashboard.page.is_visible("#range")
+    dashboard.assert_shows_the_reports("blog.example", start, end)
+
+    # a site the server does not know: the site shown stays, and so does the URL that names it
+    dashboard.page.evaluate("location.hash = '#site=nowhere.example&period=today'")
+    dashboard.page.wait_for_function("location.hash === '#site=blog.example&period=today'")
+    dashboard.wait_until_shown()
+    dashboard.assert_shows_the_reports("blog.example", today(), today())
+    dashboard.assert_no_console_errors()
+
+
 def test_reads_as_a_column_on_a_phone(open_dashboard, server):
     dashboard = open_dashboard(server, viewport={"width": 375, "height": 740})
     dashboard.open()
