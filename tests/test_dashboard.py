@@ -397,6 +397,14 @@ def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dash
     dashboard.page.wait_for_selector("#key-form:not([hidden])")
     assert dashboard.page.is_hidden("#report")
 
+    # every field has a label, read out by screen readers and clicked to focus it
+    labels = dashboard.page.eval_on_selector_all(
+        "input, select", "fields => fields.map(f => [f.id, f.labels.length ? f.labels[0].textContent.trim() : null])")
+    assert all(label for _, label in labels), labels
+    assert ["key", "API key"] in labels
+    dashboard.page.click("label[for=key]")
+    assert dashboard.page.evaluate("document.activeElement.id") == "key"
+
     dashboard.page.fill("#key", "not-the-key")
     dashboard.page.click("#key-form button")
     dashboard.page.wait_for_selector("#key-reason:has-text('refused')")
