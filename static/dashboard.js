@@ -39,7 +39,13 @@ async function api(path, params) {
   if (key && !/^[\x21-\x7e]+$/.test(key)) throw new NeedKey();
   if (key) headers.Authorization = "Bearer " + key;
   const query = params ? "?" + new URLSearchParams(params) : "";
-  const response = await fetch(path + query, {headers, cache: "no-store"});
+  let response;
+  try {
+    response = await fetch(path + query, {headers, cache: "no-store"});
+  } catch (error) {
+    // the browser's own words ("Failed to fetch") do not say what happened
+    throw new Error("the server did not answer. Is it running, and is this computer online?");
+  }
   if (response.status === 401) throw new NeedKey();
   let body = null;
   try { body = await response.json(); } catch (error) { /* not JSON: reported below */ }

@@ -310,6 +310,19 @@ def test_a_refused_report_shows_the_servers_reason_and_no_numbers(open_dashboard
         server.stop()
 
 
+def test_a_server_that_stopped_answering_is_said_so_and_its_old_numbers_go(open_dashboard, data_dir):
+    server = Server(data_dir)
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    server.stop()
+    dashboard.page.select_option("#period", "30d")
+    dashboard.page.wait_for_selector("body[data-state=failed]")
+    assert dashboard.text("#status") == ("Could not load the reports: the server did not answer. "
+                                         "Is it running, and is this computer online?")
+    assert dashboard.page.is_hidden("#report")
+
+
 def test_site_picker_switches_sites_and_the_url_remembers_the_choice(open_dashboard, server):
     dashboard = open_dashboard(server)
     dashboard.open()
