@@ -186,6 +186,7 @@ function show(report) {
               rows.map((row) => [row.value === null ? breakdown.empty : row.value, row[count], row.unique_users]));
   });
   lastReport = report;
+  $("report").removeAttribute("aria-busy");
   document.body.dataset.state = "shown";     // for tests and scripts: every number is in place
 }
 
@@ -199,6 +200,7 @@ function say(text) {
 function withdraw(text, state) {
   say(text);
   $("report").hidden = true;
+  $("report").removeAttribute("aria-busy");
   document.body.dataset.state = state;
 }
 
@@ -212,6 +214,8 @@ async function loadReport(push) {
     return;
   }
   writeFragment(push === true);
+  // until the answers come, the numbers shown are another selection's: dimmed, not passed off as these
+  $("report").setAttribute("aria-busy", "true");
   document.body.dataset.state = "loading";
   const hourly = from === to;
   const base = {site_id: site, from, to};

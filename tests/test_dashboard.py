@@ -323,6 +323,27 @@ def test_a_server_that_stopped_answering_is_said_so_and_its_old_numbers_go(open_
     assert dashboard.page.is_hidden("#report")
 
 
+def test_while_a_slow_report_loads_the_previous_numbers_are_dimmed(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    week = dashboard.text("#views")
+    held = []
+    dashboard.page.route("**/stats?*", lambda route: held.append(route))
+    dashboard.page.select_option("#period", "30d")
+    dashboard.page.wait_for_selector("body[data-state=loading]")
+    dashboard.page.wait_for_function("() => getComputedStyle(document.getElementById('report')).opacity < 0.5")
+    assert dashboard.page.get_attribute("#report", "aria-busy") == "true"
+    assert dashboard.text("#views") == week         # the last period's number, no longer passed off as current
+    for route in held:
+        route.continue_()
+    dashboard.wait_until_shown()
+    assert dashboard.page.get_attribute("#report", "aria-busy") is None
+    assert dashboard.page.evaluate("getComputedStyle(document.getElementById('report')).opacity") == "1"
+    dashboard.assert_shows_the_reports(sorted(SITES)[0], today() - timedelta(days=29), today())
+    dashboard.assert_no_console_errors()
+
+
 def test_site_picker_switches_sites_and_the_url_remembers_the_choice(open_dashboard, server):
     dashboard = open_dashboard(server)
     dashboard.open()
