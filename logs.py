@@ -99,7 +99,17 @@ class EverySoOften:
 
 
 def formatter(log_format):
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT)
+    return JsonFormatter() if log_format == "json" else TextFormatter(TEXT)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message: a library's message may carry its own line breaks (libpq's
+    "...refused\n\tIs the server running...?"), which line-based tools would read as a line
+    without time or level. A traceback still follows its line."""
+
+    def formatMessage(self, record):
+        record.message = LINE_BREAK.sub(" ", record.message)
+        return super().formatMessage(record)
 
 
 def log_to_stderr(config):
@@ -125,6 +135,7 @@ SCRUBBED = ("gunicorn.error", "werkzeug")
 # gunicorn's line for such a request, formatted before it is logged, with the client's bytes in it
 INVALID_REQUEST = re.compile(r"Invalid request from ip=\S*?: (.*)", re.DOTALL)
 WERKZEUG_ADDRESS = re.compile(r"^\S+(?= - - \[)")
+LINE_BREAK = re.compile(r"[ \t]*\r?\n\s*")
 ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -1,5 +1,6 @@
 """LOG_FORMAT=json: one JSON object per line, carrying the fields each line was logged with."""
 import logging
+import os
 import re
 import signal
 import socket
@@ -14,7 +15,7 @@ import requests
 
 from config import load_config
 from events import encode_event, validate_event
-from logs import AccessJsonFormatter, JsonFormatter, scrub
+from logs import AccessJsonFormatter, JsonFormatter, formatter, scrub
 from processes import (REPO, Api, environment, free_port, is_healthy, run_processor_once, start_processor,
                        stop, wait_for)
 from retention import utc_today
@@ -58,6 +59,23 @@ def test_an_exception_is_carried_as_its_traceback_on_the_same_line():
     assert "\n" not in text
     line = orjson.loads(text)
     assert "ValueError: boom" in line["exception"] and line["level"] == "ERROR"
+
+
+def test_a_text_line_is_one_line_whatever_breaks_its_message_holds_and_a_traceback_follows_it():
+    message = ('error connecting: connection to server at "127.0.0.1", port 9 failed: Connection '
+               "refused\n\tIs the server running on that host and accepting TCP/IP connections?")
+    record = logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, message, (), None)
+    [line] = formatter("text").format(record).splitlines()
+    assert line.endswith("WARNING psycopg.pool [%d] error connecting: connection to server at "
+                         '"127.0.0.1", port 9 failed: Connection refused Is the server running on '
+                         "that host and accepting TCP/IP connections?" % os.getpid())
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        failed = logging.LogRecord("processor", logging.ERROR, __file__, 1, "batch\nfailed", (),
+                                   sys.exc_info())
+    first, *traceback = formatter("text").format(failed).splitlines()
+    assert first.endswith("batch failed") and traceback[-2:] == ["ValueError: bad", "thing"]
 
 
 def test_access_lines_carry_the_request_but_not_the_client_address():
