@@ -43,6 +43,7 @@ from ingest import ApiError
 from logs import EverySoOften
 from shared_queue import open_for_mapping
 from store import StoreUnavailable
+from tracking import parse_address
 
 SCOPE = "ingest"
 # The secret shares the visitor salts' table under a name that is no UTC day,
@@ -151,11 +152,9 @@ class IngestRateLimit:
 def counted_as(address):
     """An IPv4 address as itself, an IPv6 one as its /64: a subscriber is given a whole /64
     and may send from any of its 2^64 addresses, each of which would have a limit of its own."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = parse_address(address)         # an IPv4 peer of a socket bound to [::] is IPv4
+    if ip is None:
         return address
-    ip = getattr(ip, "ipv4_mapped", None) or ip      # an IPv4 peer of a socket bound to [::]
     if ip.version == 6:
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)

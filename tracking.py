@@ -146,7 +146,9 @@ def plausible_events(data, now, user_agent, visitor):
 
 # -- who is asking -------------------------------------------------------------
 
-def _address(text):
+def parse_address(text):
+    """An address as written in a header or by the socket (a port, brackets, quotes around it),
+    an IPv4-mapped one as the IPv4 address; None if it is none."""
     text = text.strip().strip('"')
     if text.startswith("["):                      # [v6]:port
         text = text[1:text.find("]")]
@@ -189,7 +191,7 @@ def client_ip(remote_addr, headers, trusted, on_both=lambda: None):
     if not trusted:
         return remote_addr or ""        # the server's own record of the peer: nothing to look past
     if remote_addr:
-        address = _address(remote_addr)
+        address = parse_address(remote_addr)
         if address is None or not _is_trusted(address, trusted):
             return str(address) if address else ""
     elif UNIX_SOCKET in trusted:
@@ -197,7 +199,7 @@ def client_ip(remote_addr, headers, trusted, on_both=lambda: None):
     else:
         return ""
     for hop in reversed(_forwarded_chain(headers, on_both)):
-        hop_address = _address(hop)
+        hop_address = parse_address(hop)
         if hop_address is None:
             break
         address = hop_address
