@@ -294,17 +294,22 @@ def test_an_empty_server_says_how_to_send_data(open_dashboard, tmp_path):
         server.stop()
 
 
+def failed_report(dashboard):
+    """Choose the last 30 days, which fails; the numbers go. Returns the status message."""
+    dashboard.page.select_option("#period", "30d")
+    dashboard.page.wait_for_selector("body[data-state=failed]")
+    assert dashboard.page.is_hidden("#report")
+    return dashboard.text("#status")
+
+
 def test_a_refused_report_shows_the_servers_reason_and_no_numbers(open_dashboard, data_dir):
     server = Server(data_dir, report_max_days=7)
     try:
         dashboard = open_dashboard(server)
         dashboard.open()
         dashboard.wait_until_shown()
-        dashboard.page.select_option("#period", "30d")
-        dashboard.page.wait_for_selector("body[data-state=failed]")
-        assert dashboard.text("#status") == ("Could not load the reports: "
-                                             "Invalid to: the range from..to is 30 days, at most 7")
-        assert dashboard.page.is_hidden("#report")
+        assert failed_report(dashboard) == ("Could not load the reports: "
+                                            "Invalid to: the range from..to is 30 days, at most 7")
         assert all("status of 400" in text for text in dashboard.console_errors), dashboard.console_errors
     finally:
         server.stop()
@@ -316,11 +321,8 @@ def test_a_server_that_stopped_answering_is_said_so_and_its_old_numbers_go(open_
     dashboard.open()
     dashboard.wait_until_shown()
     server.stop()
-    dashboard.page.select_option("#period", "30d")
-    dashboard.page.wait_for_selector("body[data-state=failed]")
-    assert dashboard.text("#status") == ("Could not load the reports: the server did not answer. "
-                                         "Is it running, and is this computer online?")
-    assert dashboard.page.is_hidden("#report")
+    assert failed_report(dashboard) == ("Could not load the reports: the server did not answer. "
+                                        "Is it running, and is this computer online?")
 
 
 def test_while_a_slow_report_loads_the_previous_numbers_are_dimmed(open_dashboard, server):
