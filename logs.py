@@ -147,8 +147,8 @@ def scrub(record):
             # what the client sent goes in as an argument: read as the message, its key=value
             # text would become JSON fields of its choosing, and 8 KB of letters cost 0.5 s to read
             record.msg, record.args = "Invalid request from a client: %s", (invalid[1],)
-    elif isinstance(record.msg, str):
-        record.msg = WERKZEUG_ADDRESS.sub("a client", record.msg, count=1)
+    elif isinstance(record.msg, str):      # werkzeug styles its start banner in the message itself
+        record.msg = ANSI_STYLE.sub("", WERKZEUG_ADDRESS.sub("a client", record.msg, count=1))
         if isinstance(record.args, tuple):      # werkzeug styles the request line, an argument
             record.args = tuple(ANSI_STYLE.sub("", arg) if isinstance(arg, str) else arg
                                 for arg in record.args)
