@@ -198,7 +198,9 @@ def storage_uri(config):
         return config.rate_limit_storage_url
     if config.queue_path.startswith(REDIS_SCHEMES):
         from redis_queue import _split_stream
-        return _split_stream(config.queue_path)[0]
+        url = _split_stream(config.queue_path)[0]
+        # the limits library names a Redis on a unix socket redis+unix://, the Redis client unix://
+        return "redis+" + url if url.startswith("unix://") else url
     return "sharedfile://" + os.path.abspath(config.queue_path) + ".ratelimit"
 
 

@@ -1,5 +1,9 @@
 """Rate limiting of ingestion per client IP: one limit for the fast path and Flask, shared by processes."""
 import io
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import redis
@@ -8,6 +12,7 @@ from limits import parse_many
 from config import ConfigurationError, load_config
 from ingestion_api import create_app
 from conftest import REDIS
+from processes import stop, wait_for
 from test_queue import run_on_a_full_disk
 
 ALL_BACKENDS = True
@@ -133,6 +138,34 @@ def test_redis_never_holds_the_client_address_in_a_counter_key(tmp_path, redis_s
     finally:
         if keys:
             server.delete(*keys)
+
+
+@pytest.fixture
+def redis_on_a_unix_socket():
+    """A redis-server of the test's own listening on a unix socket only, as QUEUE_URL=unix://... expects."""
+    directory = Path(tempfile.mkdtemp(prefix="redis-"))     # short: a socket path holds 107 bytes at most
+    socket_path = directory / "redis.sock"
+    server = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(socket_path),
+                               "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    try:
+        wait_for(lambda: socket_path.exists() and client.ping(), 15, "redis did not start")
+        yield client
+    finally:
+        client.close()
+        stop(server)
+        shutil.rmtree(directory)
+
+
+def test_a_queue_on_a_redis_unix_socket_keeps_the_counters_in_that_redis(tmp_path, redis_on_a_unix_socket):
+    socket_path = redis_on_a_unix_socket.connection_pool.connection_kwargs["path"]
+    config = load_config(environ={}, data_dir=str(tmp_path), queue_url=f"unix://{socket_path}?db=0",
+                         rate_limit="2/minute")
+    client = create_app(config).test_client()
+    assert [post(client).status_code for _ in range(3)] == [200, 200, 429]
+    assert redis_on_a_unix_socket.xlen("analytics:events") == 2
+    assert len(list(redis_on_a_unix_socket.scan_iter("LIMITS:*"))) == 1
 
 
 @pytest.mark.embedded
