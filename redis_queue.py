@@ -66,7 +66,11 @@ class RedisQueue:
         return f"redis:{self.stream}"
 
     def describe(self):
+        """Where the queue is, for the log: never the password, which the URL may carry."""
         parts = urlsplit(self.url)
+        if parts.scheme == "unix":          # a socket's path, and its database as an option
+            db = dict(parse_qsl(parts.query)).get("db")
+            return f"unix://{parts.path}{f'?db={db}' if db else ''} stream={self.stream}"
         return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path} stream={self.stream}"
 
     @property

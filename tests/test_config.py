@@ -88,6 +88,15 @@ def test_a_unix_socket_queue_url_keeps_its_path():
     assert connection.path == "/run/redis/redis.sock" and connection.db == 2
 
 
+@pytest.mark.parametrize("url, described", [
+    ("redis://:secret@cache.internal:6380/2?stream=site-events", "redis://cache.internal:6380/2 stream=site-events"),
+    ("unix:///run/redis/redis.sock?db=2&password=secret", "unix:///run/redis/redis.sock?db=2 stream=analytics:events"),
+    ("unix:///run/redis/redis.sock", "unix:///run/redis/redis.sock stream=analytics:events"),
+])
+def test_a_redis_queue_is_described_in_the_log_by_where_it_is_without_its_password(url, described):
+    assert RedisQueue(url).describe() == described
+
+
 def test_a_metrics_dir_that_cannot_be_made_stops_the_processor_in_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
