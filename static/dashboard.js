@@ -123,9 +123,12 @@ function fillTable(table, heading, rows) {
   }
 }
 
+// coordinates to a tenth of a pixel: finer ones draw the same and only make the markup long
 function svg(tag, attributes, text) {
   const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  for (const [name, value] of Object.entries(attributes)) {
+    element.setAttribute(name, typeof value === "number" ? Math.round(value * 10) / 10 : value);
+  }
   if (text !== undefined) element.textContent = text;
   return element;
 }

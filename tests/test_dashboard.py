@@ -424,6 +424,11 @@ def test_the_chart_is_drawn_as_wide_as_its_card_when_the_report_first_appears(op
     width = dashboard.page.evaluate("document.getElementById('chart').clientWidth")
     assert width > 600
     assert dashboard.page.get_attribute("#chart svg", "viewBox") == f"0 0 {width} 220"
+    coordinates = dashboard.page.eval_on_selector_all(
+        "#chart rect, #chart circle, #chart line, #chart text",
+        "shapes => shapes.flatMap(s => ['x', 'y', 'x1', 'y1', 'cx', 'cy', 'width', 'height']"
+        ".map(name => s.getAttribute(name)).filter(value => value !== null))")
+    assert coordinates and all(re.fullmatch(r"-?\d+(\.\d)?", value) for value in coordinates)
     dashboard.assert_no_console_errors()
 
 
