@@ -115,3 +115,35 @@ def test_ids_of_batches_taken_together_never_repeat():
 def test_an_iso_week_date_is_stored_as_the_calendar_date_it_names():
     event = validate_event({**BASE, "timestamp": "2025-W01-1T12:00:00.000Z"}, NOW)
     assert event["timestamp"] == "2024-12-30T12:00:00.000Z"
+
+
+def both_ways(timestamp):
+    """The timestamp stored for an event checked alone and in a batch."""
+    event = {**BASE, "timestamp": timestamp}
+    batch = encode_valid_events([event], NOW)
+    return validate_event(event, NOW)["timestamp"], batch and stored(batch[0])["timestamp"]
+
+
+@pytest.mark.parametrize("timestamp, stored_as", [
+    ("2000-01-01T00:00:00Z", "2000-01-01T00:00:00.000Z"),             # the first moment taken
+    ("2000-01-01T01:00:00+01:00", "2000-01-01T00:00:00.000Z"),
+    ("2025-06-02T12:00:00.000Z", "2025-06-02T12:00:00.000Z"),         # a day ahead of NOW: the last
+    ("2025-06-02T14:00:00+02:00", "2025-06-02T12:00:00.000Z"),
+    ("2025-05-31T10:00:00,250Z", "2025-05-31T10:00:00.250Z"),         # a decimal comma, same width
+    ("2025-05-31 10:00:00.000Z", "2025-05-31T10:00:00.000Z"),         # a space for the T, same width
+    ("2025-05-31T10:00:00.123456Z", "2025-05-31T10:00:00.123Z"),
+])
+def test_a_timestamp_from_2000_to_a_day_ahead_is_stored_in_the_one_fixed_width_form(timestamp, stored_as):
+    assert both_ways(timestamp) == (stored_as, stored_as)
+
+
+@pytest.mark.parametrize("timestamp, error", [
+    ("1999-12-31T23:59:59.999Z", "before 2000-01-01"),
+    ("2000-01-01T00:59:59+01:00", "before 2000-01-01"),
+    ("2025-06-02T12:00:00.001Z", "more than one day in the future"),
+    ("2025-06-02T13:00:00+00:59", "more than one day in the future"),
+])
+def test_a_timestamp_before_2000_or_over_a_day_ahead_is_refused(timestamp, error):
+    with pytest.raises(InvalidEvent, match=f"^Invalid timestamp: {error}$"):
+        validate_event({**BASE, "timestamp": timestamp}, NOW)
+    assert encode_valid_events([{**BASE, "timestamp": timestamp}], NOW) is None
