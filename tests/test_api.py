@@ -92,9 +92,11 @@ def test_batch_as_json_array_is_accepted_whole(client, drain):
     assert stats(client, site_id="site1")["total_views"] == 5
 
 
-def test_batch_as_ndjson_is_accepted(client, drain):
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/x-ndjson; charset=utf-8",
+                                          "Application/X-NDJSON"])
+def test_batch_as_ndjson_is_accepted(client, drain, content_type):
     body = "\n".join(['{"site_id":"s","event_type":"page_view","path":"/a"}'] * 3) + "\n"
-    response = client.post("/events", data=body, content_type="application/x-ndjson")
+    response = client.post("/events", data=body, content_type=content_type)
     assert response.get_json() == {"message": "Events received", "count": 3}
 
 
@@ -118,6 +120,11 @@ def test_batch_over_the_event_limit_is_rejected(client, config):
     response = client.post("/events", json=[EVENT] * (config.max_batch_events + 1))
     assert response.status_code == 400
     assert "at most 1000" in response.get_json()["error"]
+
+
+def test_batch_of_exactly_the_event_limit_is_accepted(client, config):
+    response = client.post("/events", json=[EVENT] * config.max_batch_events)
+    assert response.get_json() == {"message": "Events received", "count": config.max_batch_events}
 
 
 def test_batch_that_is_not_an_array_is_rejected(client):
@@ -197,6 +204,7 @@ def test_stats_contract(client, drain):
         client.post("/event", json={"site_id": "s", "event_type": "page_view",
                                     "path": path, "user_id": user})
     client.post("/event", json={"site_id": "s", "event_type": "click", "path": "/a", "user_id": "u3"})
+    client.post("/event", json={"site_id": "s", "event_type": "click", "path": "/never-viewed"})
     client.post("/event", json={"site_id": "other", "event_type": "page_view", "path": "/a"})
     drain()
     assert stats(client, site_id="s") == {
@@ -212,6 +220,14 @@ def test_top_paths_ties_are_ordered_by_path_and_limited(client, drain):
     drain()
     assert stats(client, site_id="s", limit=2)["top_paths"] == [
         {"path": "/x", "views": 2}, {"path": "/y", "views": 1}]
+
+
+def test_top_paths_are_ten_unless_a_limit_is_given(client, drain):
+    client.post("/events", json=[{"site_id": "s", "event_type": "page_view", "path": f"/{n:02d}"}
+                                 for n in range(12)])
+    drain()
+    assert [row["path"] for row in stats(client, site_id="s")["top_paths"]] == [f"/{n:02d}" for n in range(10)]
+    assert len(stats(client, site_id="s", limit=12)["top_paths"]) == 12
 
 
 def test_date_restricts_every_figure_to_that_utc_day(client, drain):

@@ -178,3 +178,18 @@ def test_a_chunked_batch_of_exactly_the_limit_is_accepted_whole(app, config):
     response = post_chunked(app, "/events", body, "application/x-ndjson")
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["count"] == lines == app.extensions["analytics"]["queue"].size()
+
+
+@pytest.mark.parametrize("path,body,limit", [
+    ("/event", b'{"site_id":"s","event_type":"v"}', "max_body_bytes"),
+    ("/events", b'[{"site_id":"s","event_type":"v"}]', "max_batch_bytes"),
+    ("/api/event", PAGEVIEW, "max_body_bytes"),
+], ids=["event", "events", "api/event"])
+def test_a_body_of_exactly_the_limit_is_taken_and_one_byte_more_is_a_413(app, config, path, body, limit):
+    size = getattr(config, limit)
+    for extra, status in ((0, 202 if path == "/api/event" else 200), (1, 413)):
+        padded = body + b" " * (size + extra - len(body))        # JSON may end in blank space
+        sent = app.test_client().post(path, data=padded, content_type="text/plain",
+                                      headers={"User-Agent": CHROME})
+        chunked = post_chunked(app, path, padded, "text/plain", **{"User-Agent": CHROME})
+        assert (sent.status_code, chunked.status_code) == (status, status), (extra, sent.data)
