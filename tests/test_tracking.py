@@ -7,6 +7,7 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 
 from store import open_store
@@ -377,3 +378,94 @@ def test_event_is_503_not_500_when_the_visitor_salts_cannot_be_read(client, conf
     assert response.status_code == 503
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "error" in response.get_json()
+
+
+@pytest.mark.parametrize("body, status", [
+    ('{"n":"%s","u":"http://a.test/","d":"a.test"}' % ("x" * 120), 202),
+    ('{"n":"%s","u":"http://a.test/","d":"a.test"}' % ("x" * 121), 400),
+    ('{"n":"pageview","u":"http://a.test/%s","d":"a.test"}' % ("p" * (2000 - 14)), 202),
+    ('{"n":"pageview","u":"http://a.test/%s","d":"a.test"}' % ("p" * (2000 - 13)), 400),
+], ids=["name of 120", "name of 121", "url of 2000", "url of 2001"])
+def test_plausible_s_limits_are_a_name_of_120_and_a_url_of_2000_characters(client, body, status):
+    assert send(client, body).status_code == status
+
+
+def test_the_long_field_names_plausible_accepts_are_read_as_the_short_ones(client, drain, config):
+    short = ('{"n":"Signup","u":"https://shop.test/app#/plans","d":"shop.test","r":"https://news.test/",'
+             '"p":{"plan":"pro"},"h":1}')
+    send(client, short)
+    send(client, '{"name":"Signup","url":"https://shop.test/app#/plans","domain":"shop.test",'
+                 '"referrer":"https://news.test/","props":{"plan":"pro"},"hashMode":1}')
+    send(client, short.replace('"p"', '"m"'))
+    send(client, short.replace('"p"', '"meta"'))
+    drain()
+    assert rows(config, "SELECT site_id, event_type, path, referrer, props FROM events ORDER BY id") == [
+        ("shop.test", "Signup", "/app#/plans", "https://news.test/", '{"plan":"pro"}')] * 4
+
+
+@pytest.mark.parametrize("scroll_depth, engaged_ms, stored", [
+    (55, 478, (55, 478)),
+    (150, -1, (100, 0)),
+    (-3, 10**12, (0, 86_400_000)),
+    (42.7, 478.9, (42, 478)),
+    ('"50"', "true", (None, None)),
+    ("null", "[1]", (None, None)),
+])
+def test_engagement_keeps_a_scroll_depth_of_0_to_100_and_at_most_a_day_engaged(
+        client, drain, config, scroll_depth, engaged_ms, stored):
+    send(client, ENGAGEMENT.replace('"sd":100', f'"sd":{scroll_depth}').replace('"e":478', f'"e":{engaged_ms}'))
+    drain()
+    assert rows(config, "SELECT scroll_depth, engaged_ms FROM events") == [stored]
+
+
+def test_props_keep_string_and_number_values_as_strings_and_leave_out_the_rest(client, drain, config):
+    send(client, '{"n":"Signup","u":"%s/","d":"example.test","p":{"plan":"pro","seats":3,"price":9.5,'
+                 '"trial":true,"coupon":null,"tags":["a"],"extra":{"x":1},"bad/key":"x","nul":"a\\u0000b"}}' % PAGE)
+    send(client, '{"n":"Signup","u":"%s/","d":"example.test","p":{"trial":false}}' % PAGE)
+    drain()
+    assert rows(config, "SELECT props FROM events ORDER BY id") == [('{"plan":"pro","seats":"3","price":"9.5"}',), (None,)]
+
+
+def test_an_event_keeps_the_first_30_of_its_props(client, drain, config):
+    props = ",".join(f'"k{number:02d}":"v"' for number in range(40))
+    send(client, '{"n":"Signup","u":"%s/","d":"example.test","p":{%s}}' % (PAGE, props))
+    drain()
+    [(stored,)] = rows(config, "SELECT props FROM events ORDER BY id")
+    assert list(orjson.loads(stored)) == [f"k{number:02d}" for number in range(30)]
+
+
+def test_a_referrer_with_a_nul_character_is_left_out_and_its_event_kept(client, drain, config):
+    send(client, '{"n":"pageview","u":"%s/","d":"example.test","r":"https://news.test/\\u0000x"}' % PAGE)
+    drain()
+    assert rows(config, "SELECT event_type, referrer, source FROM events") == [("page_view", None, None)]
+
+
+@pytest.mark.parametrize("url, referrer, source", [
+    ("https://example.test/", "https://news.test/story", "news.test"),
+    ("https://example.test/", "https://www.news.test/story", "news.test"),
+    ("https://example.test/", "https://blog.example.test/post", None),      # a subdomain of the site
+    ("https://example.test/", "https://www.example.test/", None),
+    ("https://example.test/?utm_source=mail", "https://news.test/story", "mail"),    # the tag wins
+    ("https://example.test/?utm_source=mail", None, "mail"),
+])
+def test_the_source_is_the_utm_source_else_the_referring_host_outside_the_site(client, drain, url, referrer, source):
+    send(client, orjson.dumps({"n": "pageview", "u": url, "d": "example.test", "r": referrer}))
+    drain()
+    body = client.get("/stats/breakdown?site_id=example.test&property=source").get_json()
+    assert [row["value"] for row in body["results"]] == [source]
+
+
+@pytest.mark.parametrize("user_agent, device", [
+    (CHROME, "desktop"),
+    (IPHONE, "mobile"),
+    (IPHONE.replace("iPhone; CPU iPhone OS", "iPad; CPU OS"), "tablet"),
+    ("Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+     "Mobile Safari/537.36", "mobile"),
+    ("Mozilla/5.0 (Android 13; Tablet; rv:120.0) Gecko/120.0 Firefox/120.0", "tablet"),
+    ("Mozilla/5.0 (Android 13; Mobile; rv:120.0) Gecko/120.0 Firefox/120.0", "mobile"),
+])
+def test_the_device_is_desktop_mobile_or_tablet(client, drain, user_agent, device):
+    send(client, PAGEVIEW, user_agent=user_agent)
+    drain()
+    body = client.get("/stats/breakdown?site_id=example.test&property=device").get_json()
+    assert [row["value"] for row in body["results"]] == [device]
