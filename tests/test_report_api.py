@@ -62,6 +62,24 @@ def test_timeseries_by_hour(loaded):
     assert points[11] == {"date": "2025-05-01T11:00:00Z", "views": 1, "unique_users": 1}
 
 
+def test_timeseries_by_hour_covers_up_to_31_days(client):
+    points = get(client, "/stats/timeseries", site_id="s", interval="hour",
+                 **{"from": "2025-01-01", "to": "2025-01-31"})["points"]
+    assert len(points) == 31 * 24
+    assert (points[0]["date"], points[-1]["date"]) == ("2025-01-01T00:00:00Z", "2025-01-31T23:00:00Z")
+
+
+def test_unique_users_over_a_range_count_every_day_of_it(client, drain):
+    events = [{"site_id": "s", "event_type": "page_view", "user_id": user, "timestamp": moment}
+              for user, moment in [("u1", "2025-05-01T10:00:00Z"), ("u2", "2025-06-01T10:00:00Z")]]
+    assert client.post("/events", json=events).status_code == 200
+    drain()
+    for first, last, users in [("2025-05-01", "2025-06-01", 2), ("2025-05-01", "2025-05-01", 1),
+                               ("2025-06-01", "2025-06-01", 1), ("2025-05-02", "2025-05-31", 0)]:
+        body = get(client, "/stats", site_id="s", **{"from": first, "to": last})
+        assert body["unique_users"] == users, (first, last)
+
+
 @pytest.mark.parametrize("interval, label", [("day", "0055-04-04"), ("hour", "0055-04-04T00:00:00Z")])
 def test_timeseries_labels_early_years_with_four_digits(client, interval, label):
     points = get(client, "/stats/timeseries", site_id="s", interval=interval, date="0055-04-04")["points"]
@@ -73,6 +91,17 @@ def test_breakdown_by_path(loaded):
     assert body == {"site_id": "s", "property": "path", "from": None, "to": None, "results": [
         {"value": "/a", "views": 2, "events": 2, "unique_users": 2},
         {"value": "/b", "views": 1, "events": 2, "unique_users": 2}]}
+
+
+def test_breakdown_ties_in_views_are_ordered_by_events_then_value(client, drain):
+    events = [("/x", "page_view"), ("/x", "click"), ("/x", "click"), ("/w", "page_view"), ("/w", "click"),
+              ("/y", "page_view"), ("/v", "page_view")]
+    assert client.post("/events", json=[{"site_id": "s", "event_type": kind, "path": path}
+                                        for path, kind in events]).status_code == 200
+    drain()
+    results = get(client, "/stats/breakdown", site_id="s", property="path")["results"]
+    assert [(row["value"], row["views"], row["events"]) for row in results] == [
+        ("/x", 1, 3), ("/w", 1, 2), ("/v", 1, 1), ("/y", 1, 1)]
 
 
 def test_breakdown_by_event_type_with_a_limit(loaded):
@@ -107,9 +136,13 @@ def test_sites_is_empty_before_any_data(client):
     ("/stats", {"site_id": "s", "from": "2025-05-02", "to": "2025-05-01"}, "before from"),
     ("/stats", {"site_id": "s", "from": "2000-01-01", "to": "2025-05-01"}, "at most 3660"),
     ("/stats", {"site_id": "s", "date": "2025-05-01", "from": "2025-05-01", "to": "2025-05-01"}, "date"),
+    ("/stats", {"site_id": "s", "date": "2025-05-01", "from": "2025-05-01"}, "date"),
+    ("/stats", {"site_id": "s", "date": "2025-05-01", "to": "2025-05-01"}, "date"),
     ("/stats/timeseries", {"from": "2025-05-01", "to": "2025-05-01"}, "site_id"),
     ("/stats/timeseries", {"site_id": "s", "interval": "week"}, "interval"),
     ("/stats/timeseries", {"site_id": "s", "interval": "hour", "from": "2025-01-01", "to": "2025-05-01"}, "interval=hour"),
+    ("/stats/timeseries", {"site_id": "s", "interval": "hour", "from": "2025-01-01", "to": "2025-02-01"},
+     "is 32 days, at most 31 with interval=hour"),
     ("/stats/breakdown", {"site_id": "s"}, "property"),
     ("/stats/breakdown", {"site_id": "s", "property": "colour"}, "property"),
     ("/stats/breakdown", {"site_id": "s", "property": "path", "limit": "0"}, "limit"),
@@ -123,6 +156,7 @@ def test_range_limit_is_configurable(config):
     client = create_app(config.with_overrides(report_max_days=7)).test_client()
     body = get(client, "/stats", status=400, site_id="s", **{"from": "2025-05-01", "to": "2025-05-08"})
     assert "at most 7" in body["error"]
+    get(client, "/stats", site_id="s", **{"from": "2025-05-01", "to": "2025-05-07"})
     # the default daily series (30 days) shrinks to the limit rather than break it
     assert len(get(client, "/stats/timeseries", site_id="s")["points"]) == 7
 
@@ -142,8 +176,9 @@ def test_reports_need_a_key_when_keys_are_set(keyed, url):
         response = keyed.get(url, headers=headers)
         assert response.status_code == 401
         assert "API key" in response.get_json()["error"]
-    for key in ("first-key", "second-key"):
-        assert keyed.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # the scheme's name is case-insensitive (RFC 9110)
+    for authorization in ("Bearer first-key", "Bearer second-key", "bearer first-key", "BEARER  second-key"):
+        assert keyed.get(url, headers={"Authorization": authorization}).status_code == 200
 
 
 def test_ingestion_and_health_stay_open_with_keys(keyed):
