@@ -1,4 +1,5 @@
 """Settings: a bad value stops the program at start, naming the variable; good ones pass."""
+import ipaddress
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from redis_queue import RedisQueue
     ("PROCESSOR_POLL_INTERVAL", "nan"), ("PROCESSOR_POLL_INTERVAL", "inf"),
     ("RETENTION_INTERVAL", "1e12"), ("FSYNC_INTERVAL", "nan"), ("QUEUE_CLAIM_IDLE", "inf"),
     ("PROCESSOR_BATCH_SIZE", "99999999999999999999"), ("RETENTION_BATCH_SIZE", "3000000000"),
+    ("MAX_BODY_BYTES", "0"), ("MAX_BATCH_EVENTS", "-1"),
     ("RETENTION_DAYS", "1000000"), ("ROLLUP_RETENTION_DAYS", "99999999999"),
     ("REPORT_MAX_DAYS", "3652059"), ("REPORT_MAX_DAYS", "0"),
     ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
@@ -49,6 +51,20 @@ def test_sites_are_a_list_of_ids_and_unset_takes_every_site():
     assert load_config(environ={"SITES": " site1,example.com  www.Shop.test,"}).sites == \
         {"site1", "example.com", "www.Shop.test"}
     assert load_config(environ={"SITES": ""}).sites == load_config(environ={}).sites == frozenset()
+    assert load_config(environ={"SITES": "x" * 256}).sites == {"x" * 256}    # as long as a site_id may be
+
+
+def test_api_keys_and_an_api_keys_file_add_up(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("file-key\n")
+    assert load_config(environ={"API_KEYS": "env-key", "API_KEYS_FILE": str(keys)}).api_keys == \
+        ("env-key", "file-key")
+
+
+def test_a_trusted_proxy_network_written_with_host_bits_is_that_network():
+    config = load_config(environ={"TRUSTED_PROXIES": "10.1.2.3/8, 2001:db8::1/32 unix 192.0.2.7"})
+    assert config.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"),
+                                      "unix", ipaddress.ip_network("192.0.2.7/32"))
 
 
 def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
