@@ -69,6 +69,26 @@ def test_plausible_endpoint_is_limited_and_keeps_its_cors_header(limited):
 
 
 @pytest.mark.embedded
+def test_preflights_do_not_use_up_the_limit(limited):
+    client = create_app(limited).test_client()
+    for _ in range(5):
+        assert client.options("/api/event", environ_base={"REMOTE_ADDR": "203.0.113.5"}).status_code == 204
+    assert 429 not in [post(client, "/api/event").status_code for _ in range(3)]
+    assert post(client, "/api/event").status_code == 429
+
+
+@pytest.mark.embedded
+def test_retry_after_is_never_0(config):
+    client = create_app(config.with_overrides(rate_limit="1/second")).test_client()
+    for _ in range(100):        # a window may end between two requests: until one is over the limit
+        response = post(client)
+        if response.status_code == 429:
+            break
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.embedded
 def test_only_ingestion_is_limited(limited):
     client = create_app(limited).test_client()
     for _ in range(4):
