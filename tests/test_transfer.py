@@ -132,6 +132,31 @@ def test_a_file_rewritten_in_place_is_imported_from_its_beginning(config, tmp_pa
     assert sites == [("imp", 50), ("rewritten", new_count)]
 
 
+def test_an_import_position_saved_before_positions_had_a_crc_is_gone_on_from(config, tmp_path):
+    path = tmp_path / "in.jsonl"
+    events_file(path, 10)
+    five_lines = sum(map(len, path.read_bytes().splitlines(keepends=True)[:5]))
+    store = open_store(config)
+    store.migrate()
+    store.write([], transfer.import_source(str(path)), f"{five_lines}:5")     # offset:line, no CRC
+    assert transfer.import_file(store, str(path), show_progress=False) == (5, 0)
+    assert count_events(config) == 5
+
+
+def test_export_is_in_time_order_and_holds_the_last_millisecond_of_its_last_day(config, tmp_path):
+    with open(tmp_path / "in.jsonl", "wb") as file:       # in the order they came, not their time
+        for path, moment in [("/next-day", "2025-02-03T00:00:00.000Z"), ("/last", "2025-02-02T23:59:59.999Z"),
+                             ("/first", "2025-02-01T00:00:00.000Z"), ("/second", "2025-02-01T00:00:00.001Z")]:
+            file.write(orjson.dumps({"site_id": "imp", "event_type": "page_view", "path": path,
+                                     "timestamp": moment}) + b"\n")
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    for bounds, paths in [([], ["/first", "/second", "/last", "/next-day"]),
+                          (["--from", "2025-02-01", "--to", "2025-02-02"], ["/first", "/second", "/last"])]:
+        result = run_processor(config, "export", "--site", "imp", *bounds)
+        assert result.returncode == 0, result.stderr
+        assert [orjson.loads(line)["path"] for line in result.stdout.splitlines()] == paths
+
+
 def test_export_streams_json_lines_for_a_range(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 56)
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
