@@ -261,6 +261,22 @@ def test_a_failed_retention_batch_is_logged_and_retried_later_not_skipped(config
     assert retention.step() == 4 * 20
 
 
+def test_a_batch_that_keeps_failing_is_retried_ever_less_often_up_to_five_minutes(config, store):
+    now, tries = [0.0], []
+    retention = Retention(store, config.with_overrides(retention_days=1, retention_interval=1.0),
+                          today=lambda: TODAY, clock=lambda: now[0])
+
+    def failing_delete(*args):
+        tries.append(now[0])
+        raise StoreUnavailable("database went away")
+    store.delete_before = failing_delete
+    while now[0] < 1000:
+        retention.step()
+        now[0] += 0.5
+    # waits of 1, 2, 4, ... seconds after each failure, never more than MAX_BACKOFF (300)
+    assert tries == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 127.0, 255.0, 511.0, 811.0]
+
+
 def test_visitor_salts_over_48_hours_old_are_deleted_after_a_day_without_traffic(config, store):
     visitors = Visitors(store)
     for back in (3, 2):         # the last requests came two days ago
