@@ -373,8 +373,10 @@ def test_legacy_npm_tracker_end_to_end(visit, api):
 
 def test_our_script_tag_end_to_end(visit, api):
     page, traffic = visit("script-tag.html")
-    browse(page, "analytics('Signup', {props: {plan: 'pro'}})")
+    browse(page, "analytics('Signup', {props: {plan: 'pro'}, callback: answer => window.signupAnswer = answer})")
     traffic.wait_for_sent(4)
+    traffic.wait_until(lambda: page.evaluate("window.signupAnswer"), "the custom event's callback")
+    assert page.evaluate("window.signupAnswer") == {"status": 202}
 
     assert traffic.sent() == [("pageview", "/script-tag.html", None),
                               ("pageview", "/pricing", None),
@@ -392,6 +394,14 @@ def test_our_script_tag_end_to_end(visit, api):
     assert [row["value"] for row in api.breakdown("browser")] == ["Chrome"]
 
 
+def test_our_script_tag_without_data_domain_sends_the_page_s_host_name(visit, api):
+    page, traffic = visit("script-tag-no-domain.html")
+    traffic.wait_for_sent(1)
+    assert [body["d"] for body in traffic.bodies()] == [SITE]
+    traffic.assert_no_errors()
+    traffic.assert_every_event_accepted()
+
+
 def test_a_custom_event_sent_before_our_script_loads_is_queued_and_sent(visit, api):
     page, traffic = visit("script-tag-inline-event.html")      # README's snippet
     traffic.wait_for_sent(2)
@@ -401,11 +411,18 @@ def test_a_custom_event_sent_before_our_script_loads_is_queued_and_sent(visit, a
     traffic.assert_every_event_accepted()
 
 
+# Playwright's Chromium says navigator.webdriver: taken away, each other sign of automation alone
+NOT_WEBDRIVER = "Object.defineProperty(Navigator.prototype, 'webdriver', {get: () => false});"
+
+
 @pytest.mark.parametrize("page_name,host,init_script,reason", [
     ("script-tag.html", SITE, "localStorage.analytics_ignore = 'true'", "opted out"),
     ("script-tag-defaults.html", SITE, None, "automation"),
+    *[("script-tag-defaults.html", SITE, f"{NOT_WEBDRIVER} window.{name} = {{}};", "automation")
+      for name in ("_phantom", "__nightmare", "Cypress")],
     ("script-tag.html", "localhost", None, "localhost"),
-], ids=["opted-out", "automation", "localhost"])
+    ("script-tag.html", "127.0.0.1", None, "localhost"),
+], ids=["opted-out", "automation", "phantom", "nightmare", "cypress", "localhost", "127.0.0.1"])
 def test_our_script_sends_nothing_when_it_must_not(visit, api, page_name, host, init_script, reason):
     page, traffic = visit(page_name, host=host, init_script=init_script)
     page.evaluate("history.pushState({}, '', '/pricing')")
