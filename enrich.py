@@ -31,7 +31,9 @@ def describe_user_agent(user_agent):
     browser = result.user_agent.family if result.user_agent else None
     system = result.os.family if result.os else None
     family = result.device.family if result.device else ""
-    if any(name in family for name in TABLET_FAMILIES):
+    # Android phones' browsers say Mobile and Android tablets' do not (Google's rule for
+    # telling them apart); Chrome's reduced User-Agent names no device model to go by
+    if any(name in family for name in TABLET_FAMILIES) or (system == "Android" and "Mobile" not in user_agent):
         device = "tablet"
     elif system in MOBILE_SYSTEMS or "Mobile" in user_agent:
         device = "mobile"

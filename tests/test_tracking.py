@@ -461,6 +461,11 @@ def test_the_source_is_the_utm_source_else_the_referring_host_outside_the_site(c
     (IPHONE.replace("iPhone; CPU iPhone OS", "iPad; CPU OS"), "tablet"),
     ("Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
      "Mobile Safari/537.36", "mobile"),
+    # an Android tablet's browser leaves Mobile out: Chrome's reduced User-Agent says nothing else
+    ("Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+     "Safari/537.36", "tablet"),
+    ("Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+     "Safari/537.36", "tablet"),
     ("Mozilla/5.0 (Android 13; Tablet; rv:120.0) Gecko/120.0 Firefox/120.0", "tablet"),
     ("Mozilla/5.0 (Android 13; Mobile; rv:120.0) Gecko/120.0 Firefox/120.0", "mobile"),
 ])
