@@ -1,6 +1,8 @@
 """The processor, driven one step at a time."""
+import re
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import orjson
@@ -226,3 +228,31 @@ def test_an_outage_is_logged_in_one_line_per_retry_and_the_batch_stored_after(co
         "batch failed; retrying in 0.2s: PostgreSQL: server closed the connection unexpectedly"]
     assert all(record.exc_info is None for record in retries)
     assert stored_user_ids(config) == ["u0", "u1", "u2"]
+
+
+class WaitsAtOnce(threading.Event):
+    """A stop flag whose waits return at once: the retries' waits are read from the log instead."""
+
+    def wait(self, timeout=None):
+        return self.is_set()
+
+
+def test_retries_wait_twice_as_long_each_time_up_to_30s_and_start_over_once_a_batch_is_stored(
+        config, queue, caplog):
+    from store import StoreUnavailable
+    queue.append([event(i) for i in range(2)])
+    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=1))
+    processor.start()
+    processor.stopping = WaitsAtOnce()
+    real_write, fails = processor.store.write, [True] * 10 + [False, True, False]
+
+    def write_through_two_outages(*args):
+        if fails.pop(0):
+            raise StoreUnavailable("PostgreSQL: connection refused")
+        return real_write(*args)
+    processor.store.write = write_through_two_outages
+    processor.run(once=True)
+    waits = [float(re.match(r"batch failed; retrying in ([\d.]+)s", record.getMessage())[1])
+             for record in caplog.records if record.getMessage().startswith("batch failed")]
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 0.1]
+    assert stored_user_ids(config) == ["u0", "u1"]
