@@ -122,6 +122,21 @@ def test_rebuild_recomputes_the_same_rollups(database, both):
     assert progress[-1][0] == progress[-1][1] == 3000
 
 
+def test_an_upgrade_keeps_the_all_time_totals_of_events_retention_deleted(database, tmp_path):
+    """All-time totals count every event ever stored (README): an upgrade must not count them
+    afresh from the events retention left."""
+    path = str(tmp_path / "analytics.db")
+    copy = sqlite3.connect(path, isolation_level=None)
+    sqlite3.connect(database).backup(copy)
+    before = RollupReports(copy).stats("big", Period())
+    copy.execute("DELETE FROM events WHERE timestamp < ?", (str(FIRST_DAY + timedelta(days=3)),))
+    copy.execute("DROP INDEX daily_values_ranked")      # the last migration undone
+    copy.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    copy.close()
+    SQLiteStore(path).migrate()
+    assert RollupReports(sqlite3.connect(path)).stats("big", Period()) == before
+
+
 def test_migration_upgrades_a_version_one_database_in_place(tmp_path):
     path = str(tmp_path / "analytics.db")
     connection = sqlite3.connect(path)
