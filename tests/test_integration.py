@@ -357,6 +357,19 @@ def test_api_workers_started_while_another_program_writes_the_database_boot(data
         holder.rollback()
 
 
+def test_an_api_started_while_another_program_writes_a_current_database_boots_at_once(data_dir, children):
+    from store import SQLiteStore
+    store = SQLiteStore(str(data_dir / "analytics.db"))
+    store.migrate()
+    store.close()
+    holder = hold_write_lock(data_dir)
+    try:
+        children.append(Api(data_dir, workers=1))
+        assert "cannot migrate the database yet" not in log_tail(data_dir, "gunicorn")
+    finally:
+        holder.rollback()
+
+
 def one_migration_behind(data_dir):
     from store import MIGRATIONS
     connection = sqlite3.connect(data_dir / "analytics.db")
