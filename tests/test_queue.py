@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -133,6 +134,20 @@ def test_size_counts_acknowledged_but_unconsumed_events(queue_path):
     consumer = queue.consumer()
     consumer.acknowledge(consumer.read(3))
     assert queue.size() == 2
+
+
+def accepted_at(seconds):
+    """A queued line whose id says it was accepted at seconds since 1970, as the API's ids do."""
+    return b'{"id":"%014x%016x"}\n' % (int(seconds * 1_000_000), 0)
+
+
+def test_the_oldest_age_is_that_of_the_first_event_not_yet_stored(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([accepted_at(time.time() - 3600), accepted_at(time.time())])
+    consumer = queue.consumer()
+    assert queue.oldest_age() >= 3600
+    consumer.acknowledge(consumer.read(1))
+    assert queue.oldest_age() < 1800
 
 
 def test_size_is_recounted_when_the_state_file_is_lost(queue_path):
