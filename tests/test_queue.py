@@ -136,6 +136,14 @@ def test_size_counts_acknowledged_but_unconsumed_events(queue_path):
     assert queue.size() == 2
 
 
+def test_size_counts_what_is_left_once_the_processor_restarts_from_its_checkpoint(queue_path):
+    queue = FileQueue(queue_path)
+    queue.append([line(i) for i in range(5)])
+    stored = consumed_up_to(FileQueue(queue_path), 3)
+    FileQueue(queue_path).consumer(stored)
+    assert queue.size() == 2
+
+
 def accepted_at(seconds):
     """A queued line whose id says it was accepted at seconds since 1970, as the API's ids do."""
     return b'{"id":"%014x%016x"}\n' % (int(seconds * 1_000_000), 0)
