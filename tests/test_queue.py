@@ -6,6 +6,7 @@ import errno
 import resource
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -685,6 +686,44 @@ def test_a_redis_that_lost_its_data_is_consumed_again(config):
     store = open_store(config)
     assert store.connection.execute("SELECT count(*) FROM events").fetchone()[0] == 1
     store.close()
+
+
+def numbered_events(numbers):
+    return [encode_event(validate_event({"site_id": "s", "event_type": "page_view", "user_id": f"u{n}"}))
+            for n in numbers]
+
+
+def read_and_die(config, count):
+    """A processor that read a batch and was killed before it stored it."""
+    open_queue(config).consumer().read(count)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("backend", ["redis+sqlite"])
+def test_a_batch_whose_processor_died_is_stored_whatever_the_others_trimmed_meanwhile(
+        config, drain, monkeypatch):
+    import redis_queue
+    monkeypatch.setattr(redis_queue, "FORGET_CONSUMER_MS", 0)    # the dead processor is long gone
+    queue = open_queue(config)
+    queue.append(numbered_events(range(3)))
+    dead = multiprocessing.get_context("fork").Process(target=read_and_die, args=(config, 3))
+    dead.start()
+    dead.join(60)
+    queue.append(numbered_events(range(3, 5)))
+    drain(claim_idle=3600)      # stores the two new events, then trims the stream it drained
+    drain(claim_idle=0)         # takes over the dead processor's batch
+    stored = sqlite3.connect(config.database_path).execute("SELECT user_id FROM events").fetchall()
+    assert sorted(user for (user,) in stored) == [f"u{n}" for n in range(5)]
+
+
+@pytest.mark.parametrize("backend", ["redis+sqlite"])
+def test_entries_another_consumer_group_has_not_read_are_kept_when_the_stream_is_trimmed(config, drain):
+    queue = open_queue(config)
+    queue.append(numbered_events(range(3)))
+    queue.client.xgroup_create(queue.stream, "archive", id="0")
+    drain()
+    [(_, entries)] = queue.client.xreadgroup("archive", "archiver", {queue.stream: ">"})
+    assert len(entries) == 3
 
 
 @pytest.mark.parametrize("operator", [os.remove, lambda path: open(path, "wb").close()],
