@@ -140,6 +140,17 @@ def test_a_batch_that_failed_to_store_is_stored_later_not_lost(config):
     store.close()
 
 
+def test_a_restarted_processor_goes_on_after_what_was_stored(config):
+    queue = open_queue(config)
+    queue.append([b"not an event\n"] + generated_lines(20))
+    processor_for(config).run(once=True)
+    restarted = processor_for(config)
+    assert queue.size() == 0
+    restarted.run(once=True)
+    with open(config.dead_letter_path, "rb") as letters:
+        assert len(letters.readlines()) == 1        # the bad line was read once, not again
+
+
 def test_schema_migrations_are_idempotent(config):
     store = open_store(config)
     assert store.migrate() == store.migrate()
