@@ -131,6 +131,7 @@ def test_a_batch_that_failed_to_store_is_stored_later_not_lost(config):
     processor.store.write = failing_write
     with pytest.raises(StoreUnavailable):
         processor.step()
+    assert open_queue(config).size() == 30     # read, not stored: still waiting
     processor.store.write = real_write
     processor.run(once=True)
     store = open_store(config)
