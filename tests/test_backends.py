@@ -1,10 +1,13 @@
 """The contract every queue and store keeps, run on each combination with the real services."""
 import random
+import sqlite3
 import sys
 from datetime import date, datetime, timedelta, timezone
 
+import psycopg
 import pytest
 
+from enrich import NOTHING
 from events import encode_event, validate_event
 from processor import Processor
 from reports import Period
@@ -150,6 +153,24 @@ def test_a_restarted_processor_goes_on_after_what_was_stored(config):
     restarted.run(once=True)
     with open(config.dead_letter_path, "rb") as letters:
         assert len(letters.readlines()) == 1        # the bad line was read once, not again
+
+
+def page_view_row(event_id, site_id="s"):
+    """A row as the processor stores it (ROW_COLUMNS): the event's columns, its id, nothing enriched."""
+    return (site_id, "page_view", "/", None, "2025-03-01T12:00:00.000Z", event_id) + NOTHING
+
+
+def test_a_write_that_fails_leaves_nothing_of_itself_and_the_next_write_is_stored(config):
+    store = open_store(config)
+    store.migrate()
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        store.write([page_view_row("e1"), page_view_row("e2", site_id=None)], "q", "after the failed batch")
+    store.write([page_view_row("e3")], "q", "after the next batch")
+    connection = store.connect(readonly=True)
+    assert connection.execute("SELECT event_id FROM events").fetchall() == [("e3",)]
+    connection.close()
+    assert store.checkpoint("q") == "after the next batch"
+    store.close()
 
 
 def test_schema_migrations_are_idempotent(config):
