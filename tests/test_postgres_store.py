@@ -1,5 +1,7 @@
 """What only the PostgreSQL store has: its own migrations, and databases whose collation is not C."""
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from config import load_config
 from conftest import POSTGRES
 from ingestion_api import create_app
-from postgres_store import MIGRATIONS
+from postgres_store import MIGRATIONS, PostgresStore
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
@@ -111,7 +113,6 @@ def test_props_tied_on_counts_are_ranked_in_byte_order_whatever_the_database_col
 
 
 def test_a_report_connection_lost_before_its_snapshot_begins_goes_back_to_the_pool(postgres_database):
-    from postgres_store import PostgresStore
     from store import StoreUnavailable
     store = PostgresStore(postgres_database)
     pool = store.pool
@@ -129,3 +130,19 @@ def test_a_report_connection_lost_before_its_snapshot_begins_goes_back_to_the_po
     connection = store.reader()          # the pool still has room
     store.release(connection)
     store.close()
+
+
+def test_programs_started_together_on_a_new_database_all_migrate_it(postgres_database):
+    """The API and its processors started at once (compose, systemd) on an empty database."""
+    starting = threading.Barrier(6)
+
+    def start():
+        store = PostgresStore(postgres_database)
+        store.pool.wait()
+        starting.wait()
+        try:
+            return store.migrate()
+        finally:
+            store.close()
+    with ThreadPoolExecutor(6) as programs:
+        assert list(programs.map(lambda _: start(), range(6))) == [len(MIGRATIONS)] * 6
