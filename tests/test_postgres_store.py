@@ -2,6 +2,7 @@
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -13,7 +14,7 @@ from postgres_store import MIGRATIONS, PostgresStore
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
-from store import open_store
+from store import StoreUnavailable, open_store
 
 VALUE_TABLES = {"daily_values": "site_id, property, day, value, shard",
                 "total_values": "site_id, property, value, shard",
@@ -112,21 +113,27 @@ def test_props_tied_on_counts_are_ranked_in_byte_order_whatever_the_database_col
     app.extensions["analytics"]["queue"].close()
 
 
-def test_a_report_connection_lost_before_its_snapshot_begins_goes_back_to_the_pool(postgres_database):
-    from store import StoreUnavailable
-    store = PostgresStore(postgres_database)
-    pool = store.pool
+@contextmanager
+def connections_lost_once_checked(pool):
+    """The server drops each connection the pool hands out between the pool's check and its use."""
     checked = pool._check
 
-    def check_then_lose(connection):     # the server drops it between the pool's check and BEGIN
+    def check_then_lose(connection):
         checked(connection)
         administer(f"SELECT pg_terminate_backend({connection.info.backend_pid})")
-
     pool._check = check_then_lose
-    for _ in range(pool.max_size + 1):   # one more than the pool holds: none may be kept
-        with pytest.raises(StoreUnavailable):
-            store.reader()
-    pool._check = checked
+    try:
+        yield
+    finally:
+        pool._check = checked
+
+
+def test_a_report_connection_lost_before_its_snapshot_begins_goes_back_to_the_pool(postgres_database):
+    store = PostgresStore(postgres_database)
+    with connections_lost_once_checked(store.pool):
+        for _ in range(store.pool.max_size + 1):   # one more than the pool holds: none may be kept
+            with pytest.raises(StoreUnavailable):
+                store.reader()
     connection = store.reader()          # the pool still has room
     store.release(connection)
     store.close()
@@ -146,3 +153,13 @@ def test_programs_started_together_on_a_new_database_all_migrate_it(postgres_dat
             store.close()
     with ThreadPoolExecutor(6) as programs:
         assert list(programs.map(lambda _: start(), range(6))) == [len(MIGRATIONS)] * 6
+
+
+def test_a_write_whose_connection_is_lost_is_an_outage_to_retry(postgres_database):
+    store = PostgresStore(postgres_database)
+    store.migrate()
+    with connections_lost_once_checked(store.pool), pytest.raises(StoreUnavailable):
+        store.write([], "q", "not stored")
+    store.write([], "q", "stored")
+    assert store.checkpoint("q") == "stored"
+    store.close()
