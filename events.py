@@ -220,4 +220,38 @@ def parse_line(line):
         raise InvalidEvent("path and user_id must be strings or null")
     if not (type(timestamp) is str and len(timestamp) == 24 and timestamp[-1] == "Z"):
         raise InvalidEvent("timestamp is not in stored form")
+    _check_kept_as_queued(data, row, line)
     return row, data
+
+
+# What the store keeps of a line as it is, beside the row (see enrich.py), and of what type
+# the APIs queue it. Anything else, or a NUL that PostgreSQL text cannot hold, would fail the
+# write of its batch on every retry: the processor would store nothing more.
+KEPT_TEXTS = ("id", "visitor_id", "referrer")
+KEPT_NUMBERS = ("scroll_depth", "engaged_ms")
+MAX_KEPT_NUMBER = 2**31 - 1            # PostgreSQL's INTEGER
+
+
+def _check_kept_as_queued(data, row, line):
+    for name in KEPT_TEXTS:
+        value = data.get(name)
+        if value is not None and type(value) is not str:
+            raise InvalidEvent(f"{name} must be a string or null")
+    for name in KEPT_NUMBERS:
+        value = data.get(name)
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_KEPT_NUMBER):
+            raise InvalidEvent(f"{name} must be a whole number from 0 to {MAX_KEPT_NUMBER} or null")
+    props = data.get("props")
+    if props is not None and (type(props) is not dict or not all(type(value) is str
+                                                                for value in props.values())):
+        raise InvalidEvent("props must be an object of strings or null")
+    # JSON writes a NUL as \u0000: only a line with those bytes can hold one
+    if b"\\u0000" in line and any("\x00" in text for text in _kept_texts(data, row)):
+        raise InvalidEvent("a field contains a NUL character")
+
+
+def _kept_texts(data, row):
+    yield from (value for value in row if value is not None)
+    yield from (data.get(name) or "" for name in KEPT_TEXTS)
+    yield from data.get("props") or {}
+    yield from (data.get("props") or {}).values()

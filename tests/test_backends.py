@@ -4,6 +4,7 @@ import sqlite3
 import sys
 from datetime import date, datetime, timedelta, timezone
 
+import orjson
 import psycopg
 import pytest
 
@@ -171,6 +172,32 @@ def test_a_write_that_fails_leaves_nothing_of_itself_and_the_next_write_is_store
     connection.close()
     assert store.checkpoint("q") == "after the next batch"
     store.close()
+
+
+# fields of queued lines of types, or with characters, that no API queues; each one made the
+# batch's write fail on every retry, and the processor stored nothing more
+NOT_QUEUED_BY_ANY_API = [{"id": {"a": 1}}, {"id": [1]}, {"visitor_id": {"a": 1}}, {"props": [1, 2]},
+                         {"props": "plan"}, {"props": {"plan": {"a": 1}}}, {"props": {"plan": "pro\x00"}},
+                         {"scroll_depth": {"a": 1}}, {"scroll_depth": "deep"}, {"engaged_ms": 3_000_000_000},
+                         {"site_id": "s\x00"}, {"path": "/\x00"}, {"visitor_id": "v\x00"},
+                         {"referrer": "https://news.test/\x00"}]
+
+
+def test_lines_no_api_queues_go_to_the_dead_letter_file_and_the_events_after_them_are_stored(config):
+    event = {"site_id": "s", "event_type": "page_view", "path": "/", "user_id": None,
+             "timestamp": "2025-03-01T12:00:00.000Z", "visitor_id": "v", "ua": CHROME}
+    strange = [orjson.dumps({**event, "id": f"strange-{number}", **fields}, option=orjson.OPT_APPEND_NEWLINE)
+               for number, fields in enumerate(NOT_QUEUED_BY_ANY_API)]
+    open_queue(config).append(strange + generated_lines(5))
+    processor = processor_for(config, batch_size=100)
+    assert processor.step() == len(strange) + 5
+    assert processor.dead == len(strange)
+    store = open_store(config)
+    connection = store.connect(readonly=True)
+    assert connection.execute("SELECT count(*) FROM events").fetchone()[0] == 5
+    connection.close()
+    store.close()
+    processor.close()
 
 
 def test_schema_migrations_are_idempotent(config):
