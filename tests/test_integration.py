@@ -409,7 +409,8 @@ def test_ctrl_c_while_the_api_waits_for_the_database_stops_it_without_a_tracebac
     try:
         with open(err, "w") as stderr:
             api = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=stderr, env=environment(data_dir, PORT=free_port()))
+                                   stderr=stderr, env=environment(data_dir, PORT=free_port()),
+                                   start_new_session=True)     # so that stop() ends its workers too
         wait_for(lambda: "cannot migrate the database yet" in err.read_text(), 30, "the API waits")
         api.send_signal(signal.SIGINT)
         assert api.wait(timeout=30) == 130
