@@ -402,6 +402,14 @@ def test_our_script_tag_without_data_domain_sends_the_page_s_host_name(visit, ap
     traffic.assert_every_event_accepted()
 
 
+def test_only_the_value_true_of_the_opt_out_flag_stops_our_script(visit, api):
+    page, traffic = visit("script-tag.html", init_script="localStorage.analytics_ignore = 'false'")
+    traffic.wait_for_sent(1)
+    assert traffic.sent() == [("pageview", "/script-tag.html", None)]
+    traffic.assert_no_errors()
+    traffic.assert_every_event_accepted()
+
+
 def test_a_custom_event_sent_before_our_script_loads_is_queued_and_sent(visit, api):
     page, traffic = visit("script-tag-inline-event.html")      # README's snippet
     traffic.wait_for_sent(2)
@@ -435,6 +443,22 @@ def test_our_script_sends_nothing_when_it_must_not(visit, api, page_name, host, 
     assert traffic.events == []
     traffic.assert_no_errors()
     assert api.get("/health")["queue_size"] == 0
+
+
+def test_our_script_on_a_page_saved_to_a_file_sends_nothing(browser, api, tmp_path):
+    saved = tmp_path / "saved.html"
+    saved.write_text((PAGES / "script-tag.html").read_text().replace("{{api}}", api.public_url))
+    context = browser.new_context(user_agent=DESKTOP_CHROME)
+    try:
+        page = context.new_page()
+        traffic = Traffic(page)
+        page.goto(saved.as_uri())
+        traffic.wait_until(lambda: traffic.warnings(), "a warning")
+        assert traffic.warnings() == ["analytics: ignoring pageview: localhost"]
+        assert traffic.events == []
+        traffic.assert_no_errors()
+    finally:
+        context.close()
 
 
 def test_headless_chromium_is_dropped_as_a_bot(visit, api):
