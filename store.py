@@ -364,9 +364,19 @@ class SQLiteStore:
 
     @contextmanager
     def atomic(self):
-        """One write transaction; IMMEDIATE so two writers queue instead of deadlocking."""
+        """One write transaction; IMMEDIATE so two writers queue instead of deadlocking.
+
+        A write lock held past the busy timeout is an outage to wait out (the
+        caller logs one line and retries), not a bug to show a traceback for.
+        """
         connection = self.connection
-        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorname != "SQLITE_BUSY":
+                raise
+            raise StoreUnavailable(f"SQLite {self.path}: {error} (another program is writing it: "
+                                   "a migration, rebuild-rollups)") from error
         try:
             yield connection
         except BaseException:
@@ -383,22 +393,16 @@ class SQLiteStore:
         """
         if self.schema_version() >= len(MIGRATIONS):
             return len(MIGRATIONS)
-        try:
-            with self.atomic() as connection:
-                version = connection.execute("PRAGMA user_version").fetchone()[0]
-                for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                    log.info("migrating %s to schema version %d", self.path, number)
-                    for statement in _statements(migration):
-                        connection.execute(statement)
-                    connection.execute(f"PRAGMA user_version = {number}")
-                if 0 < version < REFOLD_BEFORE:
-                    log.info("folding the existing events into the new rollups")
-                    _refold(connection, progress=None)
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorname != "SQLITE_BUSY":
-                raise
-            raise StoreUnavailable(f"SQLite {self.path}: {error} (another program is writing it: "
-                                   "a migration, rebuild-rollups)") from error
+        with self.atomic() as connection:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                log.info("migrating %s to schema version %d", self.path, number)
+                for statement in _statements(migration):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {number}")
+            if 0 < version < REFOLD_BEFORE:
+                log.info("folding the existing events into the new rollups")
+                _refold(connection, progress=None)
         return len(MIGRATIONS)
 
     def schema_version(self):

@@ -3,6 +3,7 @@ import re
 import shutil
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -86,6 +87,27 @@ def test_invalid_lines_go_to_the_dead_letter_file_and_processing_goes_on(config,
         '{"site_id":"s","event_type":"v","path":null,"user_id":null,"timestamp":"x"}']
     assert all(letter["reason"] for letter in letters)
     assert processor.dead == 4
+
+
+@contextmanager
+def another_program_writing(config):
+    other_writer = sqlite3.connect(config.database_path, isolation_level=None)
+    other_writer.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other_writer.rollback()
+        other_writer.close()
+
+
+def test_a_database_another_program_keeps_writing_is_an_outage_to_wait_out(config, queue, processor):
+    from store import StoreUnavailable
+    queue.append([event(1)])
+    with another_program_writing(config), pytest.raises(StoreUnavailable) as outage:
+        processor.step()                        # after the store's busy timeout
+    assert "database is locked (another program is writing it" in str(outage.value)
+    processor.run(once=True)
+    assert stored_user_ids(config) == ["u1"]
 
 
 def test_a_batch_of_only_bad_lines_still_moves_the_checkpoint(config, queue, processor):
