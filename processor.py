@@ -53,6 +53,9 @@ class Processor:
         self.on_batch = on_batch        # on_batch(lines, seconds) after each stored batch (metrics)
         self.stored = 0
         self.dead = 0
+        # lines of a batch not stored yet that are already in the dead-letter file: a retry of
+        # the batch (after an outage) reads them again
+        self._dead_lettered = set()
         self._consumer = None
         self.retention = Retention(store, config)
 
@@ -80,6 +83,7 @@ class Processor:
         if rejected:
             self._dead_letter(rejected)
         self.store.write(rows, self.queue.name, batch.checkpoint)
+        self._dead_lettered.clear()
         self._consumer.acknowledge(batch)
         self.stored += len(rows)
         seconds = time.monotonic() - started
@@ -132,6 +136,8 @@ class Processor:
         self.store.close()
 
     def _dead_letter(self, rejected):
+        """Write rejected lines before their batch is stored: a crash then repeats a letter, never loses one."""
+        rejected = [(line, reason) for line, reason in rejected if line not in self._dead_lettered]
         now = datetime.now(timezone.utc).isoformat()
         with open(self.config.dead_letter_path, "ab") as file:
             for line, reason in rejected:
@@ -139,6 +145,7 @@ class Processor:
                 file.write(orjson.dumps({"reason": reason, "line": text, "at": now},
                                         option=orjson.OPT_APPEND_NEWLINE))
                 log.warning("dead letter reason=%r line=%.200r", reason, text)
+        self._dead_lettered.update(line for line, _ in rejected)
         self.dead += len(rejected)
 
 

@@ -110,6 +110,18 @@ def test_a_database_another_program_keeps_writing_is_an_outage_to_wait_out(confi
     assert stored_user_ids(config) == ["u1"]
 
 
+def test_a_batch_retried_after_an_outage_writes_its_dead_letters_once(config, queue, processor):
+    from store import StoreUnavailable
+    queue.append([event(1), b"not json\n", event(2)])
+    with another_program_writing(config), pytest.raises(StoreUnavailable):
+        processor.step()
+    processor.run(once=True)
+    with open(config.dead_letter_path, "rb") as file:
+        assert [orjson.loads(line)["line"] for line in file] == ["not json"]
+    assert processor.dead == 1
+    assert stored_user_ids(config) == ["u1", "u2"]
+
+
 def test_a_batch_of_only_bad_lines_still_moves_the_checkpoint(config, queue, processor):
     queue.append([b"garbage\n"] * 5)
     assert [processor.step(), processor.step(), processor.step()] == [4, 1, 0]
