@@ -295,3 +295,11 @@ class Load:
     def stop(self, timeout=60.0):
         self.stopping.set()
         return self.finish(timeout)
+
+
+def hold_write_lock(database_path):
+    """A connection holding a SQLite database's write lock, as rebuild-rollups or a migration's
+    fold does for as long as it runs; its rollback() lets go."""
+    holder = sqlite3.connect(database_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder

@@ -24,8 +24,8 @@ from config import load_config
 from events import encode_event, validate_event
 from processes import (
     REPO, Api, Load, committed_checkpoint, duplicated_user_ids, environment, exit_code, free_port,
-    is_healthy, log_tail, queue_counters, queue_files, run_processor_once, session, start_processor,
-    stop, stored_count, stored_user_ids, wait_for)
+    hold_write_lock, is_healthy, log_tail, queue_counters, queue_files, run_processor_once, session,
+    start_processor, stop, stored_count, stored_user_ids, wait_for)
 from shared_queue import open_queue, parse_checkpoint
 
 SEGMENT_BYTES = 20_000
@@ -329,18 +329,10 @@ def test_an_api_that_cannot_open_its_database_says_so_in_one_line(tmp_path, comm
     assert "Traceback" not in result.stderr
 
 
-def hold_write_lock(data_dir):
-    """A connection holding the database's write lock, as rebuild-rollups or a migration's fold does
-    for as long as it runs."""
-    holder = sqlite3.connect(data_dir / "analytics.db", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    return holder
-
-
 def test_api_workers_started_while_another_program_writes_the_database_boot(data_dir, children):
     api = Api(data_dir, workers=2)
     children.append(api)
-    holder = hold_write_lock(data_dir)
+    holder = hold_write_lock(data_dir / "analytics.db")
     try:
         old_workers = set(api.worker_pids())
         os.kill(api.process.pid, signal.SIGHUP)     # new workers, as a reload or a crashed worker gets
@@ -362,7 +354,7 @@ def test_an_api_started_while_another_program_writes_a_current_database_boots_at
     store = SQLiteStore(str(data_dir / "analytics.db"))
     store.migrate()
     store.close()
-    holder = hold_write_lock(data_dir)
+    holder = hold_write_lock(data_dir / "analytics.db")
     try:
         children.append(Api(data_dir, workers=1))
         assert "cannot migrate the database yet" not in log_tail(data_dir, "gunicorn")
@@ -383,7 +375,7 @@ def one_migration_behind(data_dir):
 def test_an_api_started_while_another_program_migrates_the_database_waits_for_it(data_dir, children):
     from store import MIGRATIONS
     one_migration_behind(data_dir)
-    holder = hold_write_lock(data_dir)
+    holder = hold_write_lock(data_dir / "analytics.db")
     started = []
     starting = threading.Thread(target=lambda: started.append(Api(data_dir, workers=1)))
     starting.start()
@@ -404,7 +396,7 @@ def test_an_api_started_while_another_program_migrates_the_database_waits_for_it
                          ids=["python", "gunicorn"])
 def test_ctrl_c_while_the_api_waits_for_the_database_stops_it_without_a_traceback(data_dir, command):
     one_migration_behind(data_dir)
-    holder = hold_write_lock(data_dir)
+    holder = hold_write_lock(data_dir / "analytics.db")
     err = data_dir.parent / "api.err"
     try:
         with open(err, "w") as stderr:

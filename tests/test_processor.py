@@ -3,14 +3,13 @@ import re
 import shutil
 import sqlite3
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 
 from events import encode_event, validate_event
-from processes import exit_code, log_tail, start_processor
+from processes import exit_code, hold_write_lock, log_tail, start_processor
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
@@ -89,22 +88,15 @@ def test_invalid_lines_go_to_the_dead_letter_file_and_processing_goes_on(config,
     assert processor.dead == 4
 
 
-@contextmanager
-def another_program_writing(config):
-    other_writer = sqlite3.connect(config.database_path, isolation_level=None)
-    other_writer.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        other_writer.rollback()
-        other_writer.close()
-
-
 def test_a_database_another_program_keeps_writing_is_an_outage_to_wait_out(config, queue, processor):
     from store import StoreUnavailable
     queue.append([event(1)])
-    with another_program_writing(config), pytest.raises(StoreUnavailable) as outage:
-        processor.step()                        # after the store's busy timeout
+    holder = hold_write_lock(config.database_path)
+    try:
+        with pytest.raises(StoreUnavailable) as outage:
+            processor.step()                    # after the store's busy timeout
+    finally:
+        holder.rollback()
     assert "database is locked (another program is writing it" in str(outage.value)
     processor.run(once=True)
     assert stored_user_ids(config) == ["u1"]
@@ -113,8 +105,12 @@ def test_a_database_another_program_keeps_writing_is_an_outage_to_wait_out(confi
 def test_a_batch_retried_after_an_outage_writes_its_dead_letters_once(config, queue, processor):
     from store import StoreUnavailable
     queue.append([event(1), b"not json\n", event(2)])
-    with another_program_writing(config), pytest.raises(StoreUnavailable):
-        processor.step()
+    holder = hold_write_lock(config.database_path)
+    try:
+        with pytest.raises(StoreUnavailable):
+            processor.step()
+    finally:
+        holder.rollback()
     processor.run(once=True)
     with open(config.dead_letter_path, "rb") as file:
         assert [orjson.loads(line)["line"] for line in file] == ["not json"]
