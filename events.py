@@ -251,7 +251,8 @@ def _check_kept_as_queued(data, row, line):
 
 
 def _kept_texts(data, row):
+    props = data.get("props") or {}
     yield from (value for value in row if value is not None)
     yield from (data.get(name) or "" for name in KEPT_TEXTS)
-    yield from data.get("props") or {}
-    yield from (data.get("props") or {}).values()
+    yield from props
+    yield from props.values()
