@@ -53,8 +53,8 @@ class Processor:
         self.on_batch = on_batch        # on_batch(lines, seconds) after each stored batch (metrics)
         self.stored = 0
         self.dead = 0
-        # lines of a batch not stored yet that are already in the dead-letter file: a retry of
-        # the batch (after an outage) reads them again
+        # lines of a batch not yet stored and acknowledged that are already in the dead-letter
+        # file: a retry of the batch (after an outage) reads them again
         self._dead_lettered = set()
         self._consumer = None
         self.retention = Retention(store, config)
@@ -83,8 +83,8 @@ class Processor:
         if rejected:
             self._dead_letter(rejected)
         self.store.write(rows, self.queue.name, batch.checkpoint)
-        self._dead_lettered.clear()
         self._consumer.acknowledge(batch)
+        self._dead_lettered.clear()
         self.stored += len(rows)
         seconds = time.monotonic() - started
         log.debug("batch stored rows=%d rejected=%d seconds=%.3f", len(rows), len(rejected), seconds)

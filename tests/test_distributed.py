@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
+import orjson
 import psycopg
 import pytest
 import redis
@@ -24,14 +25,17 @@ import requests
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from config import load_config
 from events import encode_event, validate_event
 from postgres_store import PostgresStore
+from processor import Processor
 from processes import (
     Api, Load, duplicated_user_ids, free_port, log_tail, start_processor, stop, stored_count,
     stored_user_ids, wait_for)
 from redis_queue import GROUP, RedisQueue
 from reports import Period
 from shared_queue import QueueUnavailable
+from store import open_store
 
 CLAIM_IDLE = 1          # seconds before a live processor takes over a dead one's entries
 PG_CLUSTER = ("15", "main")
@@ -607,3 +611,31 @@ def test_redis_going_down_before_a_stored_batch_is_acknowledged_is_logged_as_an_
     assert own_redis.stop() == 0
     with pytest.raises(QueueUnavailable, match="cannot reach Redis"):
         consumer.acknowledge(batch)
+
+
+def test_a_batch_stored_but_not_acknowledged_when_redis_went_down_writes_its_dead_letters_once(
+        own_redis, data_dir):
+    """Read again from its pending entries once Redis is back, the batch's events are stored once
+    (by id), and its invalid line must not go to the dead-letter file a second time."""
+    config = load_config(environ={}, data_dir=str(data_dir),
+                         queue_url=f"{own_redis.url}?stream=analytics-test:letters")
+    queue = RedisQueue(config.queue_url)
+    queue.append([encode_event(validate_event({"site_id": "letters", "event_type": "page_view",
+                                               "user_id": "u1"})), b"not json\n"])
+    processor = Processor(queue, open_store(config), config)
+    processor.start()
+    store_write = processor.store.write
+
+    def write_then_lose_redis(*args):
+        store_write(*args)
+        assert own_redis.stop() == 0
+    processor.store.write = write_then_lose_redis
+    with pytest.raises(QueueUnavailable):
+        processor.step()
+    processor.store.write = store_write
+    own_redis.start()
+    processor.run(once=True)
+    with open(config.dead_letter_path, "rb") as file:
+        assert [orjson.loads(line)["line"] for line in file] == ["not json"]
+    assert processor.dead == 1
+    assert stored_user_ids(data_dir) == {"u1"}
