@@ -263,7 +263,9 @@ def url_tail(url):
 def browser():
     with sync_api.sync_playwright() as playwright:
         # a fresh, empty profile directory comes with every launch
+        # with the back/forward cache a visitor's Chromium has, which Playwright turns off
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             ignore_default_args=["--disable-back-forward-cache"],
                                              headless=True, timeout=30_000)
         yield browser
         browser.close()
@@ -392,6 +394,62 @@ def test_our_script_tag_end_to_end(visit, api):
     assert stats["top_paths"] == [{"path": "/script-tag.html", "views": 2}, {"path": "/pricing", "views": 1}]
     assert api.breakdown("props.plan") == [{"value": "pro", "views": 0, "events": 1, "unique_users": 1}]
     assert [row["value"] for row in api.breakdown("browser")] == ["Chrome"]
+
+
+def test_our_script_counts_a_page_shown_again_from_the_back_forward_cache(visit, site, api):
+    page, traffic = visit("script-tag.html")
+    traffic.wait_for_sent(1)
+    page.evaluate("addEventListener('pageshow', event => { window.restored = event.persisted })")
+    page.goto(site.url("plain.html"))
+    page.go_back(wait_until="commit")           # a page restored from the cache has no load event
+    page.wait_for_function("window.restored !== undefined")
+    assert page.evaluate("window.restored") is True, "the page was loaded again, not restored"
+    traffic.wait_for_sent(2)
+    assert traffic.sent() == [("pageview", "/script-tag.html", None)] * 2
+    # Chromium aborts the reading of answers when it freezes a page for the cache: the
+    # statuses came, and the store says the rest
+    assert [event["status"] for event in traffic.events] == [202, 202]
+    traffic.assert_no_errors()
+
+    api.drain()
+    assert api.stats()["top_paths"] == [{"path": "/script-tag.html", "views": 2}]
+
+
+def test_our_script_counts_a_page_opened_in_the_background_once_it_is_shown(visit, api):
+    hidden = ("Object.defineProperty(Document.prototype, 'visibilityState', "
+              "{get: () => window.shown ? 'visible' : 'hidden', configurable: true});")
+    page, traffic = visit("script-tag.html", init_script=hidden)
+    page.wait_for_function("typeof window.analytics === 'function'")     # the script has run
+    page.wait_for_timeout(200)
+    assert traffic.events == []
+    page.evaluate("window.shown = true; document.dispatchEvent(new Event('visibilitychange'))")
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")     # shown once only
+    traffic.wait_for_sent(1)
+    page.wait_for_timeout(200)
+    assert traffic.sent() == [("pageview", "/script-tag.html", None)]
+    traffic.assert_no_errors()
+    traffic.assert_every_event_accepted()
+
+
+def test_our_script_with_data_hash_counts_each_fragment_as_a_page(visit, api):
+    page, traffic = visit("script-tag-hash.html")
+    traffic.wait_for_sent(1)
+    page.evaluate("location.hash = '#/pricing'")
+    traffic.wait_for_sent(2)
+    page.evaluate("history.pushState({}, '', '/script-tag-hash.html?ref=x#/pricing')")  # same page
+    page.evaluate("location.hash = '#/docs'")
+    traffic.wait_for_sent(3)
+    page.wait_for_timeout(200)
+    assert [body["u"].split("/", 3)[3] for body in traffic.bodies()] == [
+        "script-tag-hash.html", "script-tag-hash.html#/pricing", "script-tag-hash.html?ref=x#/docs"]
+    assert all(body["h"] == 1 for body in traffic.bodies())
+    traffic.assert_no_errors()
+    traffic.assert_every_event_accepted()
+
+    api.drain()
+    assert api.stats()["top_paths"] == [{"path": "/script-tag-hash.html", "views": 1},
+                                        {"path": "/script-tag-hash.html#/docs", "views": 1},
+                                        {"path": "/script-tag-hash.html#/pricing", "views": 1}]
 
 
 def test_our_script_tag_without_data_domain_sends_the_page_s_host_name(visit, api):
