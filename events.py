@@ -4,8 +4,9 @@ The API validates every event before it is queued, and the processor checks
 every queued line again before it is stored, so both import these rules.
 """
 import random
+import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Annotated, Optional
 
 import msgspec
@@ -15,6 +16,14 @@ EVENT_COLUMNS = ("site_id", "event_type", "path", "user_id", "timestamp")   # a 
 MAX_LENGTHS = {"site_id": 256, "event_type": 256, "user_id": 256, "path": 2048}
 OLDEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=timezone.utc)
 FUTURE_TOLERANCE = timedelta(days=1)
+# ISO 8601 forms that datetime.fromisoformat does not read on Python 3.11 (3.14 reads 24:00 itself):
+# 24:00 for the end of a day, a leap second (hh:59:60) and an ordinal date (2025-151)
+END_OF_DAY = re.compile(r"(?<=[Tt ])24(?=(?::?00(?::?00(?:[.,]0+)?)?)?(?:Z|[+-]|$))", re.ASCII)
+LEAP_SECOND = re.compile(r"([Tt ]\d\d:?\d\d:?)60(?:[.,]\d+)?(?=Z|[+-]|$)", re.ASCII)
+ORDINAL_DATE = re.compile(r"^(\d{4})-?(\d{3})(?=[Tt ]|$)", re.ASCII)
+# what JavaScript's Date.toISOString() sends: already the stored form, kept as it is (not so
+# hour 24 or second 60, which Python 3.14 reads as 00:00 of the next day and 3.11 not at all)
+STORED_FORM = re.compile(r"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z", re.ASCII)
 
 
 class InvalidEvent(ValueError):
@@ -65,30 +74,58 @@ def parse_timestamp(value, now):
         raise InvalidEvent("Invalid field type: timestamp must be a string")
     if "\x00" in value:        # fromisoformat reads only up to it
         raise InvalidEvent("Invalid field: timestamp contains a NUL character")
+    stored_form = len(value) == 24 and STORED_FORM.fullmatch(value)
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value) if stored_form else _read_iso(value)
     except ValueError:
         raise InvalidEvent("Invalid timestamp: expected ISO 8601, "
                            "for example 2025-01-31T12:00:00Z") from None
+    except OverflowError:       # the end of 9999-12-31
+        raise InvalidEvent("Invalid timestamp: more than one day in the future") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     if moment < OLDEST_TIMESTAMP:
         raise InvalidEvent("Invalid timestamp: before 2000-01-01")
     if moment > now + FUTURE_TOLERANCE:
         raise InvalidEvent("Invalid timestamp: more than one day in the future")
-    if _is_stored_form(value):
-        return value    # what JavaScript's Date.toISOString() sends: already stored form
-    return format_timestamp(moment)
+    return value if stored_form else format_timestamp(moment)
 
 
-def _is_stored_form(value):
-    """True for YYYY-MM-DDTHH:MM:SS.mmmZ, given that value parsed as ISO 8601.
+def _read_iso(value):
+    """The moment value names, in any ISO 8601 form that datetime.fromisoformat reads,
+    or one of the others: 24:00 is the next day's midnight, and a leap second
+    (23:59:60 UTC) is kept as the last millisecond before it, in its own UTC day
+    and hour (the stored form has no :60)."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return _read_rewritten(value)       # only then: rewriting every timestamp would cost more
 
-    Every separator is checked: an ISO week date such as 2025-W01-1T12:00:00.000Z
-    has the same length and must be rewritten as a calendar date.
-    """
-    return len(value) == 24 and value[4] == "-" and value[7] == "-" and value[10] == "T" \
-        and value[13] == ":" and value[16] == ":" and value[19] == "." and value[23] == "Z"
+
+def _read_rewritten(value):
+    text = ORDINAL_DATE.sub(_calendar_date, value, count=1)
+    text, leap_second = LEAP_SECOND.subn(r"\g<1>59.999", text, count=1)
+    text, end_of_day = END_OF_DAY.subn("00", text, count=1)
+    if text == value:
+        raise ValueError(f"not ISO 8601: {value!r}")
+    moment = datetime.fromisoformat(text)
+    if leap_second and _utc_minute_of_day(moment) != 23 * 60 + 59:
+        raise ValueError("a leap second is 23:59:60 UTC")
+    return moment + timedelta(days=1) if end_of_day else moment
+
+
+def _utc_minute_of_day(moment):
+    """Without astimezone, which fails on the first and last days Python knows."""
+    offset = moment.utcoffset() or timedelta(0)
+    return (moment.hour * 60 + moment.minute - offset // timedelta(minutes=1)) % (24 * 60)
+
+
+def _calendar_date(match):
+    year, day = int(match[1]), int(match[2])
+    moment = date.fromordinal(date(year, 1, 1).toordinal() + day - 1)     # ValueError before 0001-01-01
+    if moment.year != year:
+        raise ValueError(f"{year} has no day {day}")
+    return moment.isoformat()
 
 
 def _check_string(name, value, required):

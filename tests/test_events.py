@@ -137,6 +137,41 @@ def test_a_timestamp_from_2000_to_a_day_ahead_is_stored_in_the_one_fixed_width_f
     assert both_ways(timestamp) == (stored_as, stored_as)
 
 
+# ISO 8601 forms Python 3.11's datetime.fromisoformat does not read (3.14 reads 24:00 alone)
+@pytest.mark.parametrize("timestamp, stored_as", [
+    ("2025-05-31T24:00:00Z", "2025-06-01T00:00:00.000Z"),             # the end of a day: the next midnight
+    ("2025-05-31T24:00:00.000Z", "2025-06-01T00:00:00.000Z"),         # as wide as the stored form
+    ("2025-05-31T24:00+02:00", "2025-05-31T22:00:00.000Z"),
+    ("2025-05-31T24Z", "2025-06-01T00:00:00.000Z"),
+    ("20250531T240000Z", "2025-06-01T00:00:00.000Z"),
+    ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59.999Z"),             # a leap second, in its own UTC day
+    ("2016-12-31T23:59:60.000Z", "2016-12-31T23:59:59.999Z"),
+    ("2017-01-01T05:29:60.5+05:30", "2016-12-31T23:59:59.999Z"),
+    ("20161231T235960Z", "2016-12-31T23:59:59.999Z"),
+    ("2025-151T10:00:00Z", "2025-05-31T10:00:00.000Z"),               # an ordinal date
+    ("2025151T100000Z", "2025-05-31T10:00:00.000Z"),
+    ("2024-366", "2024-12-31T00:00:00.000Z"),
+])
+def test_iso_8601_forms_for_midnight_leap_seconds_and_days_of_the_year_are_read(timestamp, stored_as):
+    assert both_ways(timestamp) == (stored_as, stored_as)
+
+
+@pytest.mark.parametrize("timestamp", [
+    "2025-05-31T24:00:01Z", "2025-05-31T24:01:00Z", "2025-05-31T24:00:00.001Z", "2025-05-31T25:00:00Z",
+    "2016-12-31T23:58:60Z", "2016-12-31T23:59:61Z", "2025-000T10:00:00Z", "2025-366T10:00:00Z",
+])
+def test_a_time_or_day_that_does_not_exist_is_refused(timestamp):
+    with pytest.raises(InvalidEvent, match="^Invalid timestamp: expected ISO 8601"):
+        validate_event({**BASE, "timestamp": timestamp}, NOW)
+    assert encode_valid_events([{**BASE, "timestamp": timestamp}], NOW) is None
+
+
+def test_the_end_of_the_last_day_python_knows_is_too_far_ahead():
+    with pytest.raises(InvalidEvent, match="^Invalid timestamp: more than one day in the future$"):
+        validate_event({**BASE, "timestamp": "9999-12-31T24:00:00Z"}, NOW)
+    assert encode_valid_events([{**BASE, "timestamp": "9999-12-31T24:00:00Z"}], NOW) is None
+
+
 @pytest.mark.parametrize("timestamp, error", [
     ("1999-12-31T23:59:59.999Z", "before 2000-01-01"),
     ("2000-01-01T00:59:59+01:00", "before 2000-01-01"),
