@@ -24,6 +24,9 @@ ORDINAL_DATE = re.compile(r"^(\d{4})-?(\d{3})(?=[Tt ]|$)", re.ASCII)
 # what JavaScript's Date.toISOString() sends: already the stored form, kept as it is (not so
 # hour 24 or second 60, which Python 3.14 reads as 00:00 of the next day and 3.11 not at all)
 STORED_FORM = re.compile(r"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z", re.ASCII)
+# a decimal fraction of an hour (10.5) or a minute (10:30.5), which fromisoformat reads as
+# one of a second
+UNIT_FRACTION = re.compile(r"([Tt ]\d\d(?::?\d\d)?)([.,]\d+)(?=Z|[+-]|$)", re.ASCII)
 
 
 class InvalidEvent(ValueError):
@@ -95,11 +98,14 @@ def _read_iso(value):
     """The moment value names, in any ISO 8601 form that datetime.fromisoformat reads,
     or one of the others: 24:00 is the next day's midnight, and a leap second
     (23:59:60 UTC) is kept as the last millisecond before it, in its own UTC day
-    and hour (the stored form has no :60)."""
+    and hour (the stored form has no :60). A fraction of an hour or a minute is
+    that much of it, not the fraction of a second fromisoformat makes of it."""
     try:
-        return datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value)
     except ValueError:
         return _read_rewritten(value)       # only then: rewriting every timestamp would cost more
+    # such a fraction is read as one of second 0
+    return _with_unit_fraction(value, moment) if moment.microsecond and not moment.second else moment
 
 
 def _read_rewritten(value):
@@ -108,10 +114,23 @@ def _read_rewritten(value):
     text, end_of_day = END_OF_DAY.subn("00", text, count=1)
     if text == value:
         raise ValueError(f"not ISO 8601: {value!r}")
-    moment = datetime.fromisoformat(text)
+    moment = _with_unit_fraction(text, datetime.fromisoformat(text))
     if leap_second and _utc_minute_of_day(moment) != 23 * 60 + 59:
         raise ValueError("a leap second is 23:59:60 UTC")
     return moment + timedelta(days=1) if end_of_day else moment
+
+
+def _with_unit_fraction(text, moment):
+    """moment, read by fromisoformat from text, with a fraction of an hour or a minute in text
+    counted as that much of it."""
+    fraction = UNIT_FRACTION.search(text)
+    if fraction is None:
+        return moment
+    unit = 3_600_000_000 if len(fraction[1]) == 3 else 60_000_000      # microseconds
+    digits = fraction[2][1:13]
+    whole = datetime.fromisoformat(text[:fraction.end(1)] + text[fraction.end():])
+    # cut, never rounded: 23.99999999999 is still in hour 23
+    return whole + timedelta(microseconds=unit * int(digits) // 10 ** len(digits))
 
 
 def _utc_minute_of_day(moment):

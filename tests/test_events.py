@@ -156,6 +156,22 @@ def test_iso_8601_forms_for_midnight_leap_seconds_and_days_of_the_year_are_read(
     assert both_ways(timestamp) == (stored_as, stored_as)
 
 
+# datetime.fromisoformat reads 10.5 (half past ten) as 10:00:00.5, a fraction of a second
+@pytest.mark.parametrize("timestamp, stored_as", [
+    ("2025-05-31T10.5Z", "2025-05-31T10:30:00.000Z"),
+    ("2025-05-31T10,25Z", "2025-05-31T10:15:00.000Z"),
+    ("2025-05-31T10.5+02:00", "2025-05-31T08:30:00.000Z"),
+    ("2025-05-31T10:30.5Z", "2025-05-31T10:30:30.000Z"),
+    ("20250531T1030.25Z", "2025-05-31T10:30:15.000Z"),
+    ("2025-05-31T23.999999", "2025-05-31T23:59:59.996Z"),
+    ("2025-05-31T23.99999999999999999999", "2025-05-31T23:59:59.999Z"),    # still in its hour and day
+    ("2025-151T10.5Z", "2025-05-31T10:30:00.000Z"),
+    ("2025-05-31T10:30:00.5Z", "2025-05-31T10:30:00.500Z"),           # of a second, as before
+])
+def test_a_decimal_fraction_of_an_hour_or_a_minute_is_that_much_of_it(timestamp, stored_as):
+    assert both_ways(timestamp) == (stored_as, stored_as)
+
+
 @pytest.mark.parametrize("timestamp", [
     "2025-05-31T24:00:01Z", "2025-05-31T24:01:00Z", "2025-05-31T24:00:00.001Z", "2025-05-31T25:00:00Z",
     "2016-12-31T23:58:60Z", "2016-12-31T23:59:61Z", "2025-000T10:00:00Z", "2025-366T10:00:00Z",
