@@ -200,11 +200,12 @@ def number(text):
 
 @pytest.fixture
 def open_dashboard(browser):
-    """open_dashboard(server, viewport=None) -> a Dashboard in a fresh browser profile."""
+    """open_dashboard(server, viewport=None, timezone_id=None) -> a Dashboard in a fresh browser profile."""
     contexts = []
 
-    def open_page(server, viewport=None):
-        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900})
+    def open_page(server, viewport=None, timezone_id=None):
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900},
+                                      timezone_id=timezone_id)
         context.set_default_timeout(15_000)
         contexts.append(context)
         return Dashboard(context.new_page(), server)
@@ -265,6 +266,27 @@ def test_dashboard_shows_exactly_what_the_reports_say(open_dashboard, server):
     dashboard.wait_until_shown()
     dashboard.assert_shows_the_reports(sites[0], start, end)
     assert len(dashboard.page.query_selector_all("#chart rect.bar")) == 10
+    dashboard.assert_no_console_errors()
+
+
+def test_periods_are_utc_days_in_a_browser_whose_date_is_another(open_dashboard, server):
+    # UTC+14 is a day ahead from 10:00 UTC on, UTC-12 a day behind until 12:00 UTC
+    zone = "Pacific/Kiritimati" if datetime.now(timezone.utc).hour >= 10 else "Etc/GMT+12"
+    dashboard = open_dashboard(server, timezone_id=zone)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    assert dashboard.page.evaluate("new Date().getDate()") != today().day      # the local date
+    site = sorted(SITES)[0]
+    dashboard.assert_shows_the_reports(site, today() - timedelta(days=6), today())
+    dashboard.choose("#period", "today")
+    dashboard.assert_shows_the_reports(site, today(), today())
+    assert dashboard.page.eval_on_selector_all("#chart rect.bar title", "titles => titles.map(t => t.textContent)")[
+        0].startswith(f"{today().isoformat()}T00:00:00Z: ")
+    dashboard.page.select_option("#period", "custom")
+    dashboard.wait_until_shown()
+    assert (dashboard.page.input_value("#from"), dashboard.page.input_value("#to")) == (
+        (today() - timedelta(days=6)).isoformat(), today().isoformat())
+    dashboard.assert_shows_the_reports(site, today() - timedelta(days=6), today())
     dashboard.assert_no_console_errors()
 
 
