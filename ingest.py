@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import orjson
 from werkzeug.datastructures import EnvironHeaders
-from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 
 from events import InvalidEvent, encode_event, encode_valid_events, parse_json, validate_event
@@ -58,6 +58,13 @@ class ApiError(Exception):
         self.body = {"error": message, **extra}
         self.status = status
         self.headers = headers
+
+
+class IncompleteBody(BadRequest):
+    """A body that ended before its Content-Length or its last chunk: the client stopped sending
+    midway, so what came is part of a request, never taken (cut between NDJSON lines, it parses)."""
+
+    description = "Incomplete request body: the connection ended before all of it arrived"
 
 
 def json_answer(body, status=200):
@@ -234,7 +241,10 @@ class FastPath:
         def read_body():
             if length > limit:
                 raise RequestEntityTooLarge()
-            return environ["wsgi.input"].read(length)
+            body = environ["wsgi.input"].read(length)
+            if len(body) < length:
+                raise IncompleteBody()
+            return body
 
         try:
             self.rate_limit.hit(lambda: self.ingest.client_address(environ.get("REMOTE_ADDR"),

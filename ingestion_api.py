@@ -28,11 +28,11 @@ import orjson
 import yaml
 from flask import Flask, Response, g, request
 from flask_cors import CORS
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from config import ConfigurationError, load_config
 from events import InvalidEvent
-from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, Ingest, error_answer
+from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, error_answer
 from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
@@ -117,6 +117,8 @@ def whole_body():
     """
     try:
         body = request.get_data(cache=False)
+    except ClientDisconnected:      # a chunked body without its last chunk
+        raise IncompleteBody() from None
     except HTTPException:
         raise
     except Exception as error:      # the server could not parse the body: gunicorn, a bad chunk size

@@ -505,3 +505,34 @@ def test_a_request_gunicorn_cannot_parse_is_answered_in_json_like_the_app(
     assert "Content-Type: application/json" in headers
     assert f"Content-Length: {len(body)}" in headers
     assert orjson.loads(body)["error"].startswith(error)
+
+
+def send_and_close(port, request):
+    """Send request, close our sending side as a client that stops mid-upload does, read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+NDJSON_LINES = b"".join(b'{"site_id":"cut","event_type":"page_view","path":"/%d"}\n' % n for n in range(5))
+NDJSON_PART = NDJSON_LINES[:NDJSON_LINES.index(b"\n", 100) + 1]     # whole lines: valid NDJSON by itself
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_cut_off_before_its_end_is_a_400_and_nothing_of_it_is_queued(data_dir, children, framing):
+    api = Api(data_dir, workers=1)
+    children.append(api)
+    if framing == "content-length":
+        framing = f"Content-Length: {len(NDJSON_LINES)}\r\n\r\n".encode() + NDJSON_PART
+    else:                           # the last chunk, of size 0, never comes
+        framing = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(NDJSON_PART), NDJSON_PART)
+    answer = send_and_close(api.port, b"POST /events HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Type: application/x-ndjson\r\n" + framing)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert orjson.loads(body)["error"].startswith("Incomplete request body")
+    assert api.health()["queue_size"] == 0

@@ -137,6 +137,16 @@ def test_answer_is_described(client, openapi, method, url, options, status):
     described(openapi, response)
 
 
+@pytest.mark.parametrize("url, body", [("/event", '{"site_id": "s", "event_type": "x"}'),
+                                       ("/events", '{"site_id": "s", "event_type": "x"}\n'),
+                                       ("/api/event", PAGEVIEW)])
+def test_a_body_shorter_than_its_content_length_is_a_described_400(client, openapi, url, body):
+    response = client.post(url, data=body, content_type="text/plain", headers={"User-Agent": BROWSER},
+                           environ_overrides={"CONTENT_LENGTH": str(len(body) + 10)})
+    assert response.status_code == 400
+    assert described(openapi, response).get_json()["error"].startswith("Incomplete request body")
+
+
 def test_unchanged_script_is_a_described_304(client, openapi):
     etag = client.get("/js/script.js").headers["ETag"]
     response = client.get("/js/script.js", headers={"If-None-Match": etag})
