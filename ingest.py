@@ -33,6 +33,8 @@ log = logging.getLogger("ingestion_api")
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
+# Ingestion is open and sends no cookies, so any page may send events and read the answer:
+# a page that cannot read it sees a failure even when the event was taken, and may send it again.
 ANY_ORIGIN = (("Access-Control-Allow-Origin", "*"),)
 INGEST_PATHS = ("/event", "/events", "/api/event")
 
@@ -218,9 +220,9 @@ class FastPath:
         config = ingest.config
         # path -> (handler, body limit, headers added to every answer)
         self.routes = {
-            "/event": (lambda environ, body: ingest.event(body()), config.max_body_bytes, ()),
+            "/event": (lambda environ, body: ingest.event(body()), config.max_body_bytes, ANY_ORIGIN),
             "/events": (lambda environ, body: ingest.events(body(), _mimetype(environ)),
-                        config.max_batch_bytes, ()),
+                        config.max_batch_bytes, ANY_ORIGIN),
             "/api/event": (lambda environ, body: ingest.plausible(
                 environ.get("HTTP_USER_AGENT", ""), body, environ.get("REMOTE_ADDR"),
                 EnvironHeaders(environ)), config.max_body_bytes, ANY_ORIGIN),

@@ -531,3 +531,27 @@ def test_headless_chromium_is_dropped_as_a_bot(visit, api):
     api.drain()
     stats = api.stats()
     assert stats["total_views"] == 0 and stats["unique_users"] == 0
+
+
+# (what the page sends, fetch's options): our JSON API, called by a page's own code
+EVENT = json.dumps({"site_id": SITE, "event_type": "page_view", "path": "/fetch"})
+FETCHES = [
+    ("/event", {"method": "POST", "headers": {"Content-Type": "application/json"}, "body": EVENT}),
+    ("/event", {"method": "POST", "body": EVENT}),            # text/plain: no preflight
+    ("/events", {"method": "POST", "headers": {"Content-Type": "application/json"}, "body": f"[{EVENT}]"}),
+    ("/events", {"method": "POST", "headers": {"Content-Type": "application/x-ndjson"}, "body": EVENT}),
+    ("/event", {"method": "POST", "headers": {"Content-Type": "application/json"}, "body": "{}"}),
+]
+
+
+def test_a_page_of_another_site_reads_every_answer_of_the_json_api(visit, api):
+    """A fetch the page cannot read fails in the page even when the event was taken, so a
+    script that retries on failure would store it twice."""
+    page, traffic = visit("plain.html")
+    answers = page.evaluate("""async ([api, fetches]) => Promise.all(fetches.map(([path, init]) =>
+        fetch(api + path, init).then(async r => [r.status, await r.json()], e => String(e))))""",
+                            [api.public_url, FETCHES])
+    event, batch = [200, {"message": "Event received"}], [200, {"message": "Events received", "count": 1}]
+    assert answers == [event, event, batch, batch, [400, {"error": "Missing required field: site_id"}]]
+    api.drain()
+    assert api.stats()["total_views"] == 4

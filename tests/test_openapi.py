@@ -103,6 +103,8 @@ EXCHANGES = [
     ("post", "/api/event", {"data": "{", "headers": {"User-Agent": BROWSER}}, 400),
     ("post", "/api/event", {"data": "x" * 70_000, "headers": {"User-Agent": BROWSER}}, 413),
     ("options", "/api/event", {}, 204),
+    ("options", "/event", {}, 204),
+    ("options", "/events", {}, 204),
     ("get", "/stats?site_id=site1", {}, 200),
     ("get", "/stats?site_id=site1&date=2025-01-15&limit=5", {}, 200),
     ("get", "/stats?site_id=site1&from=2025-01-01&to=2025-01-31", {}, 200),
