@@ -69,6 +69,19 @@ class IncompleteBody(BadRequest):
     description = "Incomplete request body: the connection ended before all of it arrived"
 
 
+# codings a client compresses a body with; the body is read as it is whatever else Content-Encoding
+# says (identity, or a charset some clients put there by mistake)
+COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
+
+def refuse_compressed(content_encoding):
+    """A compressed body is a 415 that says so (RFC 7694), not an "Invalid JSON" for its bytes."""
+    codings = {coding.strip() for coding in content_encoding.lower().split(",")}
+    if codings & COMPRESSIONS:
+        raise ApiError(f"Unsupported Content-Encoding: {content_encoding.strip()[:100]}; "
+                       "send the body uncompressed", 415, headers=(("Accept-Encoding", "identity"),))
+
+
 def json_answer(body, status=200):
     return Answer(status, orjson.dumps(body) + b"\n")
 
@@ -243,6 +256,7 @@ class FastPath:
         def read_body():
             if length > limit:
                 raise RequestEntityTooLarge()
+            refuse_compressed(environ.get("HTTP_CONTENT_ENCODING", ""))
             body = environ["wsgi.input"].read(length)
             if len(body) < length:
                 raise IncompleteBody()

@@ -32,7 +32,8 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, R
 
 from config import ConfigurationError, load_config
 from events import InvalidEvent
-from ingest import ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, error_answer
+from ingest import (
+    ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, error_answer, refuse_compressed)
 from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
@@ -119,6 +120,7 @@ def whole_body():
     For a body without a Content-Length, werkzeug reads up to the limit and stops
     there without a word: a body cut at the limit reads one byte more.
     """
+    refuse_compressed(request.headers.get("Content-Encoding", ""))
     try:
         body = request.get_data(cache=False)
     except ClientDisconnected:      # a chunked body without its last chunk

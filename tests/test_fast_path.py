@@ -1,4 +1,5 @@
 """The WSGI fast path answers the ingest POSTs exactly as the Flask routes behind it do."""
+import gzip
 import io
 import shutil
 
@@ -193,3 +194,35 @@ def test_a_body_of_exactly_the_limit_is_taken_and_one_byte_more_is_a_413(app, co
                                       headers={"User-Agent": CHROME})
         chunked = post_chunked(app, path, padded, "text/plain", **{"User-Agent": CHROME})
         assert (sent.status_code, chunked.status_code) == (status, status), (extra, sent.data)
+
+
+COMPRESSIBLE = [("/event", b'{"site_id":"s","event_type":"v"}', "application/json"),
+                ("/events", b'{"site_id":"s","event_type":"v"}\n', "application/x-ndjson"),
+                ("/api/event", PAGEVIEW, "text/plain")]
+
+
+@pytest.mark.parametrize("path,body,content_type", COMPRESSIBLE, ids=["event", "events", "api/event"])
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "br", "zstd", "GZIP"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_compressed_body_is_a_415_naming_its_encoding_and_nothing_is_queued(
+        app, path, body, content_type, encoding, chunked):
+    headers = {"Content-Encoding": encoding, "User-Agent": CHROME}
+    compressed = gzip.compress(body)
+    if chunked:
+        response = post_chunked(app, path, compressed, content_type, **headers)
+    else:
+        response = app.test_client().post(path, data=compressed, content_type=content_type, headers=headers)
+    assert response.status_code == 415
+    assert response.get_json() == {
+        "error": f"Unsupported Content-Encoding: {encoding}; send the body uncompressed"}
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert app.extensions["analytics"]["queue"].size() == 0
+
+
+@pytest.mark.parametrize("path,body,content_type", COMPRESSIBLE, ids=["event", "events", "api/event"])
+@pytest.mark.parametrize("encoding", ["identity", "utf-8"])     # the second one: a client's mistake, harmless
+def test_a_body_sent_as_it_is_is_taken_whatever_else_content_encoding_says(app, path, body, content_type, encoding):
+    response = app.test_client().post(path, data=body, content_type=content_type,
+                                      headers={"Content-Encoding": encoding, "User-Agent": CHROME})
+    assert response.status_code in (200, 202)
+    assert app.extensions["analytics"]["queue"].size() == 1

@@ -3,6 +3,7 @@
 Answers are checked with openapi-core, which validates a response against the
 operation, status and content type the document gives for it.
 """
+import gzip
 import re
 import shutil
 from pathlib import Path
@@ -102,6 +103,10 @@ EXCHANGES = [
                             "headers": {"User-Agent": BROWSER}}, 400),
     ("post", "/api/event", {"data": "{", "headers": {"User-Agent": BROWSER}}, 400),
     ("post", "/api/event", {"data": "x" * 70_000, "headers": {"User-Agent": BROWSER}}, 413),
+    ("post", "/event", {"data": gzip.compress(b"{}"), "headers": {"Content-Encoding": "gzip"}}, 415),
+    ("post", "/events", {"data": gzip.compress(b"[]"), "headers": {"Content-Encoding": "gzip"}}, 415),
+    ("post", "/api/event", {"data": gzip.compress(PAGEVIEW.encode()),
+                            "headers": {"Content-Encoding": "gzip", "User-Agent": BROWSER}}, 415),
     ("options", "/api/event", {}, 204),
     ("options", "/event", {}, 204),
     ("options", "/events", {}, 204),
