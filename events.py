@@ -33,12 +33,19 @@ class InvalidEvent(ValueError):
     """The message names the problem and is safe to show to the client."""
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_json(body):
     """Parse a request body as JSON whatever its Content-Type says.
 
     orjson rejects invalid UTF-8, lone surrogates, NaN and nesting deeper
-    than 1,024 levels, so none of those can reach the queue.
+    than 1,024 levels, so none of those can reach the queue. A UTF-8 byte
+    order mark before the JSON is ignored, as RFC 8259 allows: Windows tools
+    (Notepad, PowerShell 5's Out-File) begin the files they save with one.
     """
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM):]
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

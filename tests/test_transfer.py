@@ -62,6 +62,15 @@ def test_import_rejects_the_sites_not_in_sites_like_the_api(config, tmp_path):
     assert count_events(config) == 20
 
 
+def test_an_import_file_that_starts_with_a_byte_order_mark_is_read_from_its_first_line(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 5)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())      # as Windows Notepad saves UTF-8
+    result = run_processor(config, "import", str(path))
+    assert result.returncode == 0, result.stderr
+    assert count_events(config) == 5
+
+
 def test_import_without_sites_takes_every_site(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 5, site="anything")
     assert run_processor(config, "import", str(tmp_path / "in.jsonl"), SITES="").returncode == 0
