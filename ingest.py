@@ -82,6 +82,11 @@ def refuse_compressed(content_encoding):
                        "send the body uncompressed", 415, headers=(("Accept-Encoding", "identity"),))
 
 
+def body_too_large(limit):
+    """The 413 of a body over limit bytes: a client that knows the limit can split a batch to fit."""
+    return RequestEntityTooLarge(f"Request body too large: at most {limit} bytes")
+
+
 def json_answer(body, status=200):
     return Answer(status, orjson.dumps(body) + b"\n")
 
@@ -255,7 +260,7 @@ class FastPath:
 
         def read_body():
             if length > limit:
-                raise RequestEntityTooLarge()
+                raise body_too_large(limit)
             refuse_compressed(environ.get("HTTP_CONTENT_ENCODING", ""))
             body = environ["wsgi.input"].read(length)
             if len(body) < length:

@@ -33,7 +33,8 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, R
 from config import ConfigurationError, load_config
 from events import InvalidEvent
 from ingest import (
-    ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, error_answer, refuse_compressed)
+    ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, body_too_large, error_answer,
+    refuse_compressed)
 from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
@@ -125,13 +126,15 @@ def whole_body():
         body = request.get_data(cache=False)
     except ClientDisconnected:      # a chunked body without its last chunk
         raise IncompleteBody() from None
+    except RequestEntityTooLarge:
+        raise body_too_large(request.max_content_length) from None
     except HTTPException:
         raise
     except Exception as error:      # the server could not parse the body: gunicorn, a bad chunk size
         raise BadRequest(f"Invalid request body: {type(error).__name__}") from None
     if not request.content_length and len(body) >= request.max_content_length \
             and request.environ["wsgi.input"].read(1):
-        raise RequestEntityTooLarge()
+        raise body_too_large(request.max_content_length)
     return body
 
 

@@ -226,3 +226,17 @@ def test_a_body_sent_as_it_is_is_taken_whatever_else_content_encoding_says(app, 
                                       headers={"Content-Encoding": encoding, "User-Agent": CHROME})
     assert response.status_code in (200, 202)
     assert app.extensions["analytics"]["queue"].size() == 1
+
+
+@pytest.mark.parametrize("path,limit", [("/event", "max_body_bytes"), ("/events", "max_batch_bytes"),
+                                        ("/api/event", "max_body_bytes")], ids=["event", "events", "api/event"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_413_says_how_large_a_body_may_be(app, config, path, limit, chunked):
+    size = getattr(config, limit)
+    body, headers = b"[" + b" " * size + b"]", {"User-Agent": CHROME}
+    if chunked:
+        response = post_chunked(app, path, body, "text/plain", **headers)
+    else:
+        response = app.test_client().post(path, data=body, content_type="text/plain", headers=headers)
+    assert response.status_code == 413
+    assert response.get_json() == {"error": f"Request body too large: at most {size} bytes"}
