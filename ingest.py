@@ -76,6 +76,8 @@ COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress",
 
 def refuse_compressed(content_encoding):
     """A compressed body is a 415 that says so (RFC 7694), not an "Invalid JSON" for its bytes."""
+    if not content_encoding:        # nearly every request: nothing to split on the hot path
+        return
     codings = {coding.strip() for coding in content_encoding.lower().split(",")}
     if codings & COMPRESSIONS:
         raise ApiError(f"Unsupported Content-Encoding: {content_encoding.strip()[:100]}; "

@@ -6,7 +6,8 @@ same gunicorn settings is the cost of Flask, validation and the queue append.
 """
 
 BODY = b'{"message":"Event received"}\n'
-HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(BODY)))]
+HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(BODY))),
+           ("Access-Control-Allow-Origin", "*")]
 
 
 def app(environ, start_response):
