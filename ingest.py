@@ -206,10 +206,13 @@ class Ingest:
         self.metrics.events_accepted(endpoint, len(lines))
 
 
+NDJSON = ("application/x-ndjson", "application/ndjson")
+
+
 def parse_batch(body, mimetype):
     """A batch body as a list of items; NDJSON indexes count events, as in an array."""
-    if mimetype != "application/x-ndjson":
-        items = parse_json(body)
+    if mimetype not in NDJSON:
+        items = _parse_json_batch(body)
         if not isinstance(items, list):
             raise ApiError("Invalid batch: expected a JSON array of events")
         return items
@@ -220,6 +223,17 @@ def parse_batch(body, mimetype):
         except InvalidEvent as error:
             raise ApiError(str(error), index=index) from None
     return items
+
+
+def _parse_json_batch(body):
+    try:
+        return parse_json(body)
+    except InvalidEvent:
+        lines = body.strip().splitlines()
+        if len(lines) > 1 and lines[0].rstrip().endswith(b"}"):      # one event per line
+            raise ApiError("Invalid JSON: a batch of one event per line (NDJSON) is sent with "
+                           "Content-Type: application/x-ndjson") from None
+        raise
 
 
 STATUS_LINES = {code: f"{code} {name.upper()}" for code, name in HTTP_STATUS_CODES.items()}

@@ -93,7 +93,7 @@ def test_batch_as_json_array_is_accepted_whole(client, drain):
 
 
 @pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/x-ndjson; charset=utf-8",
-                                          "Application/X-NDJSON"])
+                                          "Application/X-NDJSON", "application/ndjson"])
 def test_batch_as_ndjson_is_accepted(client, drain, content_type):
     body = "\n".join(['{"site_id":"s","event_type":"page_view","path":"/a"}'] * 3) + "\n"
     response = client.post("/events", data=body, content_type=content_type)
@@ -107,6 +107,20 @@ def test_one_invalid_event_rejects_the_whole_batch_and_names_it(client, config):
     assert response.status_code == 400
     assert response.get_json() == {"error": "Missing required field: event_type", "index": 2}
     assert not os.path.exists(config.queue_path) or os.path.getsize(config.queue_path) == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_ndjson_sent_without_its_content_type_is_refused_with_the_type_to_send(client, content_type):
+    body = "\n".join(['{"site_id":"s","event_type":"page_view","path":"/a"}'] * 3) + "\n"
+    response = client.post("/events", data=body, content_type=content_type)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Invalid JSON: a batch of one event per line (NDJSON) "
+                                            "is sent with Content-Type: application/x-ndjson"}
+
+
+def test_a_batch_that_is_not_json_at_all_is_plain_invalid_json(client):
+    response = client.post("/events", data="{oops\n[1]", content_type="application/json")
+    assert response.get_json() == {"error": "Invalid JSON"}
 
 
 def test_invalid_ndjson_line_is_named_by_index(client):
