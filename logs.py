@@ -111,6 +111,11 @@ class TextFormatter(logging.Formatter):
         record.message = LINE_BREAK.sub(" ", record.message)
         return super().formatMessage(record)
 
+    def formatTime(self, record, datefmt=None):
+        """UTC, said so, as the days in messages and reports are: a local time without its
+        offset reads as UTC beside them on any server whose zone is not."""
+        return utc_time(record.created)
+
 
 def log_to_stderr(config):
     """The API's lines (and its libraries') on stderr at LOG_LEVEL, in LOG_FORMAT.

@@ -6,7 +6,8 @@ import signal
 import socket
 import subprocess
 import sys
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import orjson
@@ -59,6 +60,19 @@ def test_an_exception_is_carried_as_its_traceback_on_the_same_line():
     assert "\n" not in text
     line = orjson.loads(text)
     assert "ValueError: boom" in line["exception"] and line["level"] == "ERROR"
+
+
+def test_a_text_line_begins_with_its_time_in_utc_whatever_the_server_s_time_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        record = logging.LogRecord("processor", logging.INFO, __file__, 1, "started", (), None)
+        record.created = datetime(2025, 3, 1, 10, 0, 0, 123000, timezone.utc).timestamp()
+        line = formatter("text").format(record)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert line == f"2025-03-01T10:00:00.123Z INFO processor [{os.getpid()}] started"
 
 
 def test_a_text_line_is_one_line_whatever_breaks_its_message_holds_and_a_traceback_follows_it():
@@ -150,7 +164,7 @@ def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(da
     first(errors, "Shutting down")
 
 
-TEXT_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} %s ingestion_api \[%s\] %s"
+TEXT_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z %s ingestion_api \[%s\] %s"
 BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
 
