@@ -240,17 +240,31 @@ class PostgresStore:
         self._pool = self._pid = None
 
     def migrate(self):
-        with self.atomic() as connection:
-            connection.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-            connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0] or 0
-            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                log.info("migrating %s to schema version %d", self.describe(), number)
-                for statement in filter(str.strip, migration.split(";")):
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (:v)", {"v": number})
+        """Bring the schema up to date; a schema already current takes no DDL, so that a login
+        that may only read and write rows runs on a schema its owner migrated."""
+        try:
+            with self.atomic() as connection:
+                connection.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                version = self._schema_version(connection)
+                for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                    log.info("migrating %s to schema version %d", self.describe(), number)
+                    for statement in filter(str.strip, migration.split(";")):
+                        connection.execute(statement)
+                    connection.execute("INSERT INTO schema_version VALUES (:v)", {"v": number})
+        except psycopg.errors.InsufficientPrivilege as error:
+            # no wait will grant it: say so once and stop, as for a SQLite file that cannot be opened
+            raise StoreUnavailable(
+                f"PostgreSQL: {error.diag.message_primary}; the schema is not up to date and this "
+                f"user may not change it: grant it CREATE on the schema (or own it), or start once "
+                f"as a user that may", lasting=True) from error
         return len(MIGRATIONS)
+
+    @staticmethod
+    def _schema_version(connection):
+        if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            return 0
+        return connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
 
     def write(self, rows, queue, checkpoint):
         """COPY the rows in, keep the new ones, fold them, record the checkpoint: one transaction."""

@@ -1,4 +1,6 @@
 """What only the PostgreSQL store has: its own migrations, and databases whose collation is not C."""
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,7 @@ from config import load_config
 from conftest import POSTGRES
 from ingestion_api import create_app
 from postgres_store import MIGRATIONS, PostgresStore
+from processes import REPO, environment, exit_code, free_port, log_tail, start_processor
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
@@ -163,3 +166,55 @@ def test_a_write_whose_connection_is_lost_is_an_outage_to_retry(postgres_databas
     store.write([], "q", "stored")
     assert store.checkpoint("q") == "stored"
     store.close()
+
+
+@pytest.fixture
+def database_user(postgres_database):
+    """A login of its own that may use the test schema but create nothing in it; yields its URL."""
+    name = f"analytics_test_user_{uuid.uuid4().hex[:12]}"
+    schema = postgres_database.rpartition("%3D")[2]
+    administer(f"CREATE ROLE {name} LOGIN")
+    administer(f"GRANT USAGE ON SCHEMA {schema} TO {name}")
+    yield postgres_database.replace("postgres@", f"{name}@")
+    administer(f"DROP OWNED BY {name}")
+    administer(f"DROP ROLE {name}")
+
+
+def grant_reading_and_writing(schema_url, user_url):
+    """What a DBA gives the programs' login on a schema its owner migrated: rows, not tables."""
+    schema, user = schema_url.rpartition("%3D")[2], user_url.split("//")[1].split("@")[0]
+    administer(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {user}")
+
+
+def test_a_user_that_may_only_read_and_write_rows_runs_on_a_schema_its_owner_migrated(
+        tmp_path, postgres_database, database_user):
+    owner = PostgresStore(postgres_database)
+    owner.migrate()
+    owner.close()
+    grant_reading_and_writing(postgres_database, database_user)
+    config = load_config(environ={}, data_dir=str(tmp_path), database_url=database_user)
+    client = create_app(config).test_client()
+    signup(client, "s", {"plan": "pro"})
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    assert client.get("/stats?site_id=s").get_json()["unique_users"] == 1
+
+
+def test_a_user_that_may_not_create_the_schema_stops_the_processor_in_one_line(data_dir, database_user,
+                                                                               children):
+    processor = start_processor(data_dir, DATABASE_URL=database_user)
+    children.append(processor)
+    assert exit_code(processor, timeout=30) == 2
+    log = log_tail(data_dir, "processor")
+    assert "cannot start: PostgreSQL: permission denied for schema" in log
+    assert "CREATE" in log and "Traceback" not in log
+
+
+def test_a_user_that_may_not_create_the_schema_stops_gunicorn_in_one_line(tmp_path, database_user):
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "ingestion_api:app"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env=environment(tmp_path, PORT=free_port(), DATABASE_URL=database_user))
+    assert result.returncode != 0
+    assert "cannot start: PostgreSQL: permission denied for schema" in result.stderr
+    assert "Traceback" not in result.stderr
