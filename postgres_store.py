@@ -32,6 +32,8 @@ JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
 # long: a sync API worker waiting 5 s per report or browser event during an outage is a
 # worker not taking POST /event, which needs no database
 UNREACHABLE_PAUSE = 2.0
+USER_INFO = re.compile(r"//[^@/]*@")
+PASSWORD_PARAMETER = re.compile(r"([?&])password=[^&]*&?")
 MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
 
 COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
@@ -164,7 +166,9 @@ class PostgresStore:
         raise NotForThisStore("a PostgreSQL store is backed up with pg_dump, not by this command")
 
     def describe(self):
-        return re.sub(r"//[^@/]*@", "//", self.url)       # no password in logs
+        """The URL for the log: never the password, before the host or as a parameter."""
+        url = USER_INFO.sub("//", self.url, count=1)
+        return PASSWORD_PARAMETER.sub(r"\1", url).rstrip("?&")
 
     @property
     def pool(self):

@@ -13,7 +13,8 @@ from config import load_config
 from conftest import POSTGRES
 from ingestion_api import create_app
 from postgres_store import MIGRATIONS, PostgresStore
-from processes import REPO, environment, exit_code, free_port, log_tail, start_processor
+from processes import (REPO, environment, exit_code, free_port, log_tail, run_processor_once,
+                       start_processor)
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
@@ -218,3 +219,14 @@ def test_a_user_that_may_not_create_the_schema_stops_gunicorn_in_one_line(tmp_pa
     assert result.returncode != 0
     assert "cannot start: PostgreSQL: permission denied for schema" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("where", ["user", "query"])
+def test_the_password_of_the_database_url_is_in_no_log_line(data_dir, postgres_database, where):
+    secret = "s3cret-Pa55"
+    url = (postgres_database.replace("postgres@", f"postgres:{secret}@") if where == "user"
+           else f"{postgres_database}&password={secret}&application_name=analytics")
+    run_processor_once(data_dir, DATABASE_URL=url)
+    log = (data_dir / "processor.log").read_text()
+    assert "processor started" in log
+    assert secret not in log
