@@ -19,6 +19,11 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 MAX_INT = 2**31 - 1         # SQLite, Redis and C take no more
 MAX_SECONDS = 86_400
 MAX_DAYS = 36_500
+# in a URL: user and password before the host (up to the last @: a password may hold one),
+# or a password parameter
+USER_INFO = re.compile(r"://.*@")
+PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
+SECRET_SETTINGS = ("API_KEYS",)
 UNIX_SOCKET = "unix"        # in TRUSTED_PROXIES: the peer of gunicorn -b unix:..., which has no address
 
 
@@ -274,6 +279,15 @@ ENVIRONMENT = {
 }
 
 
+def _shown(name, text):
+    """A setting as a configuration error names it: without the keys or passwords it holds,
+    since the line goes to the journal or a log file that more people read than the settings."""
+    if name in SECRET_SETTINGS:
+        return name
+    hidden = PASSWORD_PARAMETER.sub(r"\1***", USER_INFO.sub("://***@", text))
+    return f"{name}={hidden!r}"
+
+
 def load_config(environ=None, **overrides):
     """Build a Config from environment variables, then apply overrides."""
     environ = os.environ if environ is None else environ
@@ -288,7 +302,7 @@ def load_config(environ=None, **overrides):
             values[attribute] = values.get(attribute, ()) + value if attribute == "api_keys" else value
         except ValueError as error:
             raise ConfigurationError(
-                f"{name}={text!r} is not valid: {error}. "
+                f"{_shown(name, text)} is not valid: {error}. "
                 f"Unset it to use the default or see the settings table in README.md."
             ) from None
     values.update(overrides)

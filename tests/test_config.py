@@ -97,6 +97,20 @@ def test_a_url_of_a_kind_we_do_not_speak_is_refused_rather_than_taken_for_a_file
         load_config(environ={name: url})
 
 
+@pytest.mark.parametrize("name, value", [
+    ("QUEUE_URL", "redis://:s3cret@127.0.0.1:notaport/0"),
+    ("QUEUE_URL", "redis://:s3cr@et@127.0.0.1:notaport/0"),
+    ("QUEUE_URL", "unix:///run/redis.sock?password=s3cret&strem=x"),
+    ("DATABASE_URL", "mysql://root:s3cret@127.0.0.1/analytics"),
+    ("API_KEYS", "s3cret-key \u043a\u043b\u044e\u0447"),
+])
+def test_a_value_refused_is_named_without_the_secret_it_holds(name, value):
+    """The line goes to the journal or a log file, which more people read than the settings."""
+    with pytest.raises(ConfigurationError, match=name) as refused:
+        load_config(environ={name: value})
+    assert "s3" not in str(refused.value)
+
+
 def test_a_unix_socket_queue_url_keeps_its_path():
     queue = RedisQueue("unix:///run/redis/redis.sock?db=2&stream=site-events")
     assert (queue.url, queue.stream) == ("unix:///run/redis/redis.sock?db=2", "site-events")
