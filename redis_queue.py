@@ -11,6 +11,7 @@ processor has acknowledged are trimmed, so memory stays bounded.
 """
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ GROUP = "processors"
 FIELD = b"e"
 TRIM_EVERY = 10_000         # acknowledged entries between two trims
 FORGET_CONSUMER_MS = 3_600_000
+DATABASE_NUMBER = re.compile(r"(/\d*)?")
 
 
 def _split_stream(url):
@@ -43,6 +45,11 @@ def _split_stream(url):
 
 def check_url(url):
     """Raise ValueError naming what is wrong with a queue URL, without connecting."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix" and not DATABASE_NUMBER.fullmatch(parts.path):
+        # the client reads a path that is no number as database 0, whatever it says
+        raise ValueError(f"the path {parts.path!r} is no database number: expected one such as /0 "
+                         f"(a stream is named with ?stream=name)")
     try:
         # a connection object is made, not connected: it is what refuses an unknown option
         _new_client(_split_stream(url)[0]).connection_pool.make_connection()

@@ -84,7 +84,8 @@ def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?strem=x", "redis://127.0.0.1:notaport/0",
-                                 "redis://127.0.0.1:6379/0?stream="])
+                                 "redis://127.0.0.1:6379/0?stream=", "redis://127.0.0.1:6379/analytics",
+                                 "rediss://127.0.0.1:6379/0/1"])
 def test_a_queue_url_the_redis_client_cannot_use_is_refused_at_start(url):
     with pytest.raises(ConfigurationError, match="QUEUE_URL"):
         load_config(environ={"QUEUE_URL": url})
