@@ -46,6 +46,9 @@ _ID_PREFIX = b'{"id":"'            # every queued event starts with its id, whos
 _ID_TIME_DIGITS = 14               # digits are the microseconds since 1970 when it was accepted
 _READ_CHUNK = 1024 * 1024
 _TAIL = 64                         # bytes before a position that its checkpoint fingerprints
+# the queue's segments and the dead letters hold events, user ids and User-Agents: they are the
+# owner's alone whatever the umask, as the database is (the queue's own counters and locks are not)
+PRIVATE = 0o600
 
 
 class QueueUnavailable(Exception):
@@ -223,7 +226,7 @@ class FileQueue:
             self._ensure_open()
 
     def _open_active(self):
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE)
         self._inode = os.fstat(self._fd).st_ino
 
     def _close_files(self):
@@ -509,7 +512,7 @@ class FileQueueConsumer:
             if whole_end is not None and whole_end < active.st_size:
                 queue._cut_dead_write(queue.path, active.st_size, whole_end)
             os.rename(queue.path, f"{queue.path}.{self._active_segment}")
-            fd = os.open(queue.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = os.open(queue.path, os.O_WRONLY | os.O_CREAT, PRIVATE)
             queue._record_whole_end(os.fstat(fd).st_ino, 0)
             os.close(fd)
             if queue._fd is not None:
@@ -635,6 +638,11 @@ def _map(path, length):
         return mmap.mmap(fd, length)
     finally:
         os.close(fd)
+
+
+def private_opener(path, flags):
+    """open(..., opener=private_opener) creates a file that holds events: see PRIVATE."""
+    return os.open(path, flags, PRIVATE)
 
 
 def open_for_mapping(path, length):

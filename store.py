@@ -240,6 +240,17 @@ def unavailable_or_bug(error, path):
     return error
 
 
+def _create_private(path):
+    """Create a database file its owner alone may read, whatever the umask: it holds user ids
+    and the visitor salts (with which visitor ids can be recomputed from addresses). SQLite
+    gives its -wal and -shm files the database's mode. An existing file keeps its mode, and a
+    file that cannot be made is left for SQLite to report."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
+
+
 def open_store(config):
     if config.database_path.startswith(POSTGRES_SCHEMES):
         from postgres_store import PostgresStore
@@ -292,6 +303,7 @@ class SQLiteStore:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                          timeout=5, check_same_thread=False)
         else:
+            _create_private(self.path)
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
@@ -471,6 +483,7 @@ class SQLiteStore:
         source = self.connection        # a database that cannot be opened is StoreUnavailable
         try:
             os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+            _create_private(partial)
             target = sqlite3.connect(partial)
             try:
                 source.backup(target)

@@ -536,3 +536,34 @@ def test_a_body_cut_off_before_its_end_is_a_400_and_nothing_of_it_is_queued(data
     assert head.startswith(b"HTTP/1.1 400"), answer
     assert orjson.loads(body)["error"].startswith("Incomplete request body")
     assert api.health()["queue_size"] == 0
+
+
+@pytest.fixture
+def world_readable_umask():
+    """The umask most systems give a service (022): files would be readable by every user."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_the_files_that_hold_events_or_salts_are_the_owners_alone_whatever_the_umask(
+        data_dir, children, world_readable_umask):
+    api = Api(data_dir, workers=2, QUEUE_SEGMENT_BYTES=SEGMENT_BYTES)
+    children.append(api)
+    http = session()
+    browser = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0"}
+    assert http.post(api.url + "/api/event", headers=browser,        # the day's visitor salt
+                     json={"n": "pageview", "d": "private", "u": "http://private/"}).status_code == 202
+    fill_queue(data_dir, "private", 300)
+    open_queue(load_config(environ={}, data_dir=str(data_dir))).append([b'{"site_id": 1}\n'])
+    processor = start_processor(data_dir, QUEUE_SEGMENT_BYTES=SEGMENT_BYTES)
+    children.append(processor)
+    wait_for(lambda: stored_count(data_dir) == 301, 60, "the processor to store every event")
+    backup = subprocess.run([sys.executable, "processor.py", "backup", str(data_dir / "backups" / "a.db")],
+                            cwd=REPO, env=environment(data_dir), capture_output=True, timeout=60)
+    assert backup.returncode == 0, backup.stderr
+    assert sealed_segments(data_dir)
+    private = ["analytics.db", "analytics.db-wal", "analytics.db-shm", "dead_letter.jsonl",
+               "backups/a.db", *queue_files(data_dir)]
+    modes = {name: oct((data_dir / name).stat().st_mode & 0o777) for name in private}
+    assert modes == {name: "0o600" for name in private}
