@@ -3,7 +3,9 @@
 Every setting has a documented default (see the table in README.md). A bad
 value stops the program at start with a message that says how to fix it.
 """
+import difflib
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -277,6 +279,24 @@ ENVIRONMENT = {
     "METRICS_DIR": ("metrics_dir", str),
     "SITES": ("sites", _sites),
 }
+
+
+# the programs' other variables: gunicorn's, read by gunicorn.conf.py
+OTHER_VARIABLES = ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")
+
+
+def warn_of_misspelled_settings(environ=None):
+    """Log, at start, each variable that is nearly the name of a setting but not quite.
+
+    Any other program's variable may be set, so it is no error; but DATABSE_URL
+    would otherwise leave SQLite in DATA_DIR in place of the server meant without a word.
+    """
+    environ = os.environ if environ is None else environ
+    known = (*ENVIRONMENT, *OTHER_VARIABLES)
+    for name in sorted(set(environ) - set(known)):
+        meant = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.85)
+        if meant:
+            logging.getLogger("config").warning("%s is not a setting; did you mean %s?", name, meant[0])
 
 
 def _shown(name, text):

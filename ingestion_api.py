@@ -30,7 +30,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
-from config import ConfigurationError, load_config
+from config import ConfigurationError, load_config, warn_of_misspelled_settings
 from events import InvalidEvent
 from ingest import (
     ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, body_too_large, error_answer,
@@ -333,6 +333,7 @@ if __name__ == "__main__":
     try:
         settings = load_config()
         log_to_stderr(settings)
+        warn_of_misspelled_settings()
         migrate_store(settings)
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses

@@ -26,7 +26,7 @@ import orjson
 from tqdm import tqdm
 
 import logs
-from config import ConfigurationError, load_config
+from config import ConfigurationError, load_config, warn_of_misspelled_settings
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
 from query_params import InvalidParameter, parse_day
@@ -296,6 +296,7 @@ def main(argv=None):
         print(f"cannot open the log file (PROCESSOR_LOG_FILE): {error.filename}: {error.strerror}",
               file=sys.stderr)
         return 2
+    warn_of_misspelled_settings()
     if args.command:
         signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)

@@ -136,3 +136,24 @@ def test_a_metrics_dir_that_cannot_be_made_stops_the_processor_in_one_line(tmp_p
     assert result.returncode == 2
     assert result.stderr.strip() == (f"configuration error: METRICS_DIR cannot hold the metrics: "
                                      f"{tmp_path / 'a-file' / 'processor'}: Not a directory")
+
+
+@pytest.mark.parametrize("command", [["processor.py", "--once"], ["ingestion_api.py"],
+                                     ["-m", "gunicorn", "ingestion_api:app"]],
+                         ids=["processor", "python", "gunicorn"])
+def test_a_misspelled_setting_is_named_at_start_with_the_one_meant(tmp_path, command):
+    """Taken for some other program's variable, it would leave the default in place without a word:
+    here SQLite in DATA_DIR instead of the PostgreSQL server meant."""
+    log = tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, *command], cwd=REPO, stderr=stderr, start_new_session=True,
+                                   env=environment(tmp_path, PORT=free_port(), DATABSE_URL="postgresql://db/x",
+                                                   log_level="DEBUG"))
+    try:
+        wait_for(lambda: "log_level" in log.read_text(), 60, "the warnings")
+    finally:
+        stop(process)
+    warnings = [line for line in log.read_text().splitlines() if "WARNING config" in line]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith("DATABSE_URL is not a setting; did you mean DATABASE_URL?")
+    assert warnings[1].endswith("log_level is not a setting; did you mean LOG_LEVEL?")
