@@ -29,10 +29,9 @@ does nothing under the same settings):
 WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 """
 import json
-import logging
 import os
 
-from gunicorn import util
+from gunicorn import glogging, util
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
 # on_starting checks them with the other settings before gunicorn binds
@@ -59,28 +58,31 @@ def write_json_error(sock, status_int, reason, mesg):
 util.write_error = write_json_error
 
 
-def json_logging(level):
-    """LOG_FORMAT=json: gunicorn's lines and the app's on stderr, the access log on stdout,
-    one JSON object per line (logs.py)."""
-    def stream(formatter, where):
-        return {"class": "logging.StreamHandler", "formatter": formatter, "stream": f"ext://sys.{where}"}
-    return {
-        "root": {"level": level, "handlers": ["errors"]},
-        "loggers": {
-            "gunicorn.error": {"level": level, "handlers": ["errors"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
-        },
-        "handlers": {"errors": stream("json", "stderr"), "access": stream("access", "stdout")},
-        "formatters": {"json": {"()": "logs.JsonFormatter"},
-                       "access": {"()": "logs.AccessJsonFormatter"}},
-    }
+# With --error-logfile, gunicorn points stderr (and stdout) at that file, and reopens it
+# with its own on SIGUSR1: the app's lines, which go to stderr (logs.log_to_stderr), then
+# stay beside gunicorn's through a logrotate, instead of going to a terminal nobody reads.
+capture_output = True
+
+
+class JsonLogger(glogging.Logger):
+    """LOG_FORMAT=json: gunicorn's own handlers (stderr or --error-logfile, stdout or
+    --access-logfile, reopened on SIGUSR1), writing one JSON object per line (logs.py)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        from logs import AccessJsonFormatter, JsonFormatter
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+        for handler in self.access_log.handlers:
+            handler.setFormatter(AccessJsonFormatter())
 
 
 # A bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other
 # setting; until then an unknown level is INFO, so that the report gets out.
 if os.environ.get("LOG_FORMAT") == "json":
-    level = os.environ.get("LOG_LEVEL") or "INFO"
-    logconfig_dict = json_logging(level if isinstance(logging.getLevelName(level), int) else "INFO")
+    logger_class = JsonLogger
+    loglevel = os.environ.get("LOG_LEVEL") or "info"
+    accesslog = "-"         # on in JSON mode: stdout, unless --access-logfile names a file
 
 
 def on_starting(server):

@@ -215,6 +215,38 @@ def test_python_ingestion_api_logs_the_apps_info_lines_with_time_level_logger_an
     assert "\x1b" not in log_file.read_text()
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1(data_dir, log_format):
+    """gunicorn --error-logfile / --access-logfile, rotated as logrotate does: rename, then SIGUSR1."""
+    folder = data_dir.parent
+    errors, access = folder / "api-error.log", folder / "api-access.log"
+    api = Api(data_dir, workers=2, LOG_FORMAT=log_format,
+              GUNICORN_CMD_ARGS=f"--error-logfile {errors} --access-logfile {access}")
+    try:
+        send_bot_event(api.url)
+        errors.rename(folder / "api-error.log.1")
+        access.rename(folder / "api-access.log.1")
+        os.kill(api.process.pid, signal.SIGUSR1)
+        wait_for(lambda: send_bot_event(api.url) or "reason=bot" in read(errors), 30,
+                 "an app line in the reopened error log")
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    for rotated in (folder / "api-error.log.1", errors):
+        assert "dropped event reason=bot" in rotated.read_text()
+    assert "Booting worker" in (folder / "api-error.log.1").read_text()
+    assert "GET /health" in (folder / "api-access.log.1").read_text()       # the wait for gunicorn
+    assert "POST /api/event" in access.read_text()
+    assert "reason=bot" not in (folder / "logs" / "gunicorn.err").read_text()
+    if log_format == "json":
+        for log in (errors, access, folder / "api-error.log.1", folder / "api-access.log.1"):
+            json_lines(log)
+        assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
+
+
+def read(path):
+    return path.read_text() if path.exists() else ""
+
+
 def send_bad_request_line(url):
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as connection:
         connection.sendall(b"NOT HTTP\r\n\r\n")
