@@ -64,6 +64,11 @@ util.write_error = write_json_error
 capture_output = True
 
 
+# gunicorn's own format (the combined log format) without the client address, %(h)s: no
+# client IP is written anywhere (README, visitors without cookies); JSON lines leave it out too
+access_log_format = '- %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+
 class JsonLogger(glogging.Logger):
     """LOG_FORMAT=json: gunicorn's own handlers (stderr or --error-logfile, stdout or
     --access-logfile, reopened on SIGUSR1), writing one JSON object per line (logs.py)."""

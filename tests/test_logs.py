@@ -243,6 +243,18 @@ def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1
         assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
 
 
+def test_gunicorn_s_access_log_in_text_mode_never_carries_the_client_address(data_dir):
+    access = data_dir.parent / "api-access.log"
+    api = Api(data_dir, workers=1, GUNICORN_CMD_ARGS=f"--access-logfile {access}")
+    try:
+        send_bot_event(api.url)
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    [line] = [line for line in access.read_text().splitlines() if "/api/event" in line]
+    assert '"POST /api/event HTTP/1.1" 202' in line and BOT in line
+    assert "127.0.0.1" not in line
+
+
 def read(path):
     return path.read_text() if path.exists() else ""
 
