@@ -31,7 +31,8 @@ WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 import json
 import os
 
-from gunicorn import glogging, util
+from gunicorn import util
+from gunicorn.instrument.statsd import Statsd
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
 # on_starting checks them with the other settings before gunicorn binds
@@ -69,9 +70,13 @@ capture_output = True
 access_log_format = '- %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
-class JsonLogger(glogging.Logger):
+class JsonLogger(Statsd):
     """LOG_FORMAT=json: gunicorn's own handlers (stderr or --error-logfile, stdout or
-    --access-logfile, reopened on SIGUSR1), writing one JSON object per line (logs.py)."""
+    --access-logfile, reopened on SIGUSR1), writing one JSON object per line (logs.py).
+
+    gunicorn swaps in its statsd logger for --statsd-host only in place of its default
+    class, so this one is that logger; without --statsd-host it has no socket and sends nothing.
+    """
 
     def setup(self, cfg):
         super().setup(cfg)

@@ -243,6 +243,19 @@ def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1
         assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
 
 
+def test_gunicorn_in_json_mode_still_sends_its_statsd_metrics_when_asked(data_dir):
+    """gunicorn swaps in its statsd logger only for its default logger class, not for ours."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
+        statsd.bind(("127.0.0.1", 0))
+        statsd.settimeout(30)
+        api = Api(data_dir, workers=1, LOG_FORMAT="json",
+                  GUNICORN_CMD_ARGS=f"--statsd-host 127.0.0.1:{statsd.getsockname()[1]}")
+        try:
+            wait_for(lambda: b"gunicorn.requests" in statsd.recv(1000), 30, "a request metric")
+        finally:
+            assert stop(api.process, signal.SIGTERM) == 0
+
+
 def test_gunicorn_s_access_log_in_text_mode_never_carries_the_client_address(data_dir):
     access = data_dir.parent / "api-access.log"
     api = Api(data_dir, workers=1, GUNICORN_CMD_ARGS=f"--access-logfile {access}")
