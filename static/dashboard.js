@@ -98,6 +98,15 @@ function followFragment() {
 
 // -- drawing ------------------------------------------------------------------
 
+// Anyone may send events, so a value may hold characters that draw nothing or reorder the text after
+// them: "/\u202Egnp.exe" draws as /exe.png, "/log\u200Bin" as /login. Each is shown as its code
+// point. Zero-width (non-)joiners (U+200C, U+200D) stay: Persian, Indic scripts and emoji need them.
+const HIDDEN = /[\0-\x1f\x7f-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
+
+function visible(value) {
+  return value.replace(HIDDEN, (c) => `\u27e8U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27e9`);
+}
+
 function cell(tag, text, className) {
   const element = document.createElement(tag);
   element.textContent = text;
@@ -111,7 +120,7 @@ function fillTable(table, heading, rows) {
   table.replaceChildren(head);
   for (const row of rows) {
     const line = document.createElement("tr");
-    line.append(cell("td", row[0]), ...row.slice(1).map((n) => cell("td", number.format(n))));
+    line.append(cell("td", visible(row[0])), ...row.slice(1).map((n) => cell("td", number.format(n))));
     table.append(line);
   }
   if (!rows.length) {
@@ -241,7 +250,7 @@ async function loadSites() {
   const {sites} = await api("stats/sites");
   const picker = $("site");
   picker.replaceChildren(...sites.map((site) => {
-    const option = cell("option", site.site_id);
+    const option = cell("option", visible(site.site_id));
     option.value = site.site_id;      // without it, the value is the text with its spaces collapsed
     return option;
   }));

@@ -80,13 +80,17 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dashboard")
     config = load_config(environ={}, data_dir=str(directory))
     rng = random.Random(6)
-    lines = [line for site, count in SITES.items() for line in generated_lines(site, count, rng)]
+    store_lines(config, [line for site, count in SITES.items() for line in generated_lines(site, count, rng)])
+    return directory
+
+
+def store_lines(config, lines):
+    """Queue lines stored by the real processor, as the API and the processor would."""
     open_queue(config).append(lines)
     processor = Processor(open_queue(config), open_store(config), config)
     processor.start()
     processor.run(once=True)
     processor.close()
-    return directory
 
 
 class Server:
@@ -500,13 +504,9 @@ def test_site_ids_are_picked_exactly_and_the_longest_fits_a_phone(open_dashboard
     config = load_config(environ={}, data_dir=str(tmp_path))
     now = today().isoformat() + "T12:00:00Z"
     sites = {"two  spaces": 2, "two spaces": 1, "x" * 256: 1}
-    open_queue(config).append([encode_event(validate_event({
+    store_lines(config, [encode_event(validate_event({
         "site_id": site, "event_type": "page_view", "path": "/p", "timestamp": now}))
         for site, count in sites.items() for _ in range(count)])
-    processor = Processor(open_queue(config), open_store(config), config)
-    processor.start()
-    processor.run(once=True)
-    processor.close()
     server = Server(tmp_path)
     try:
         dashboard = open_dashboard(server, viewport={"width": 375, "height": 740})
@@ -520,6 +520,59 @@ def test_site_ids_are_picked_exactly_and_the_longest_fits_a_phone(open_dashboard
             assert dashboard.page.eval_on_selector("#site", "picker => picker.value") == site
             assert number(dashboard.text("#views")) == views
         assert dashboard.page.evaluate("document.documentElement.scrollWidth") <= 375
+        dashboard.assert_no_console_errors()
+    finally:
+        server.stop()
+
+
+# -- what anyone may send -------------------------------------------------------------
+
+# values that would run, restyle or reshape the page if they were read as markup
+MARKUP = ["<script>document.title = 'pwned'</script>", "<img src=x onerror=\"document.title = 'pwned'\">",
+          "<svg onload=\"document.title = 'pwned'\">", "javascript:document.title = 'pwned'",
+          "</td></tr></table><h1>Pwned</h1>", "<style>* { display: none }</style>"]
+# characters that draw nothing or reorder the text after them, and how the page shows them
+HIDDEN = {"/\u202egnp.exe": "/\u27e8U+202E\u27e9gnp.exe",           # drawn as /exe.png
+          "/log\u200bin": "/log\u27e8U+200B\u27e9in",                 # drawn as /login
+          "/a\n/b": "/a\u27e8U+000A\u27e9/b"}
+HIDDEN_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def hostile_lines(site, referrer):
+    now = datetime.now(timezone.utc)
+    for value in MARKUP + list(HIDDEN):
+        for event_type, path in (("page_view", value), (value, "/")):
+            event = validate_event({"site_id": site, "event_type": event_type, "path": path}, now)
+            event.update(ua=USER_AGENTS[0], referrer=referrer)
+            yield encode_event(event)
+
+
+def test_values_anyone_may_send_are_shown_as_the_text_they_are(open_dashboard, tmp_path):
+    """Ingestion is open: a site id, path, source or event name is whatever a client made it."""
+    config = load_config(environ={}, data_dir=str(tmp_path))
+    store_lines(config, [*hostile_lines("hostile.example", "https://evil\u202emoc.elgoog/"),
+                         *hostile_lines("\u202emoc.knab", None)])
+    server = Server(tmp_path)
+    try:
+        dashboard = open_dashboard(server)
+        dialogs = []
+        dashboard.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        dashboard.open("#site=hostile.example&period=today")
+        dashboard.wait_until_shown()
+
+        shown = {**{value: value for value in MARKUP}, **HIDDEN}
+        assert sorted(path for path, _ in dashboard.table("paths")) == sorted(shown.values())
+        assert sorted(name for name, _, _ in dashboard.table("event_type")) == sorted(shown.values())
+        assert [source for source, _, _ in dashboard.table("source")] == ["evil\u27e8U+202E\u27e9moc.elgoog"]
+        assert dashboard.page.eval_on_selector_all("#site option", "options => options.map(o => o.text)") == [
+            "hostile.example", "\u27e8U+202E\u27e9moc.knab"]
+        texts = dashboard.page.eval_on_selector_all("td, option", "cells => cells.map(c => c.textContent)")
+        assert not [text for text in texts if HIDDEN_CHARACTER.search(text)]
+        # nothing of it became an element, ran or restyled the page
+        assert dashboard.page.evaluate("document.querySelectorAll('img, svg:not(#chart svg), style, h1 + h1, "
+                                       "main h1, a, iframe, object').length") == 0
+        assert dashboard.page.title() == "Analytics" and dialogs == []
+        assert dashboard.page.is_visible("#paths")
         dashboard.assert_no_console_errors()
     finally:
         server.stop()
