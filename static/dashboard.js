@@ -114,13 +114,22 @@ function cell(tag, text, className) {
   return element;
 }
 
+// a path may be 2,048 characters: the cell shows three lines of it (dashboard.css), its tooltip all
+function valueCell(value) {
+  const text = visible(value);
+  const element = cell("td", "");
+  element.append(cell("span", text, "value"));
+  element.title = text;
+  return element;
+}
+
 function fillTable(table, heading, rows) {
   const head = document.createElement("tr");
   heading.forEach((text) => head.append(cell("th", text)));
   table.replaceChildren(head);
   for (const row of rows) {
     const line = document.createElement("tr");
-    line.append(cell("td", visible(row[0])), ...row.slice(1).map((n) => cell("td", number.format(n))));
+    line.append(valueCell(row[0]), ...row.slice(1).map((n) => cell("td", number.format(n))));
     table.append(line);
   }
   if (!rows.length) {

@@ -576,3 +576,31 @@ def test_values_anyone_may_send_are_shown_as_the_text_they_are(open_dashboard, t
         dashboard.assert_no_console_errors()
     finally:
         server.stop()
+
+
+def test_a_value_as_long_as_events_may_hold_takes_three_lines_and_its_tooltip_holds_it_whole(
+        open_dashboard, tmp_path):
+    """A path may be 2,048 characters and an event name 256: one event must not push the page
+    down by a screenful (the 2,048 were a 2,400 pixel high row)."""
+    config = load_config(environ={}, data_dir=str(tmp_path))
+    path, name = "/" + "W" * 2047, "E" * 256
+    store_lines(config, [encode_event(validate_event(event, datetime.now(timezone.utc))) for event in (
+        {"site_id": "long.example", "event_type": "page_view", "path": path},
+        {"site_id": "long.example", "event_type": name, "path": "/"})])
+    server = Server(tmp_path)
+    try:
+        for width in (1280, 375):
+            dashboard = open_dashboard(server, viewport={"width": width, "height": 800})
+            dashboard.open("#site=long.example&period=today")
+            dashboard.wait_until_shown()
+            assert dashboard.table("paths") == [[path, "1"]]
+            assert dashboard.table("event_type") == [[name, "1", "0"]]
+            heights = dashboard.page.eval_on_selector_all(
+                "td:first-child", "cells => cells.map(c => c.getBoundingClientRect().height)")
+            line = dashboard.page.evaluate("parseFloat(getComputedStyle(document.body).lineHeight)")
+            assert max(heights) < 4 * line, (width, heights, line)
+            assert dashboard.page.get_attribute(f"#paths td[title^='/W']", "title") == path
+            assert dashboard.page.evaluate("document.documentElement.scrollWidth") <= width
+            dashboard.assert_no_console_errors()
+    finally:
+        server.stop()
