@@ -36,6 +36,9 @@ TEXT = "text/plain; charset=utf-8"
 # Ingestion is open and sends no cookies, so any page may send events and read the answer:
 # a page that cannot read it sees a failure even when the event was taken, and may send it again.
 ANY_ORIGIN = (("Access-Control-Allow-Origin", "*"),)
+# on every answer: a browser must not run a report or a JSON error as a script or a page
+# because it looks like one
+NOSNIFF = (("X-Content-Type-Options", "nosniff"),)
 INGEST_PATHS = ("/event", "/events", "/api/event")
 
 
@@ -294,7 +297,7 @@ class FastPath:
             answer = error_answer(InternalServerError())
         start_response(STATUS_LINES[answer.status],
                        [("Content-Type", answer.content_type),
-                        ("Content-Length", str(len(answer.body))), *answer.headers, *headers])
+                        ("Content-Length", str(len(answer.body))), *answer.headers, *NOSNIFF, *headers])
         self.metrics.answered(environ["PATH_INFO"], answer.status, time.perf_counter() - started,
                               ingest=True)
         return [answer.body]

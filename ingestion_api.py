@@ -33,8 +33,8 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, R
 from config import ConfigurationError, load_config, warn_of_misspelled_settings
 from events import InvalidEvent
 from ingest import (
-    ANY_ORIGIN, INGEST_PATHS, ApiError, FastPath, IncompleteBody, Ingest, body_too_large, error_answer,
-    refuse_compressed)
+    ANY_ORIGIN, INGEST_PATHS, NOSNIFF, ApiError, FastPath, IncompleteBody, Ingest, body_too_large,
+    error_answer, refuse_compressed)
 from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
@@ -80,6 +80,7 @@ def create_app(config=None):
     register_reports(app, config, store)
     register_openapi(app)
     register_dashboard(app)
+    app.after_request(content_type_is_final)
     register_errors(app)
     app.wsgi_app = FastPath(app.wsgi_app, ingest, rate_limit)
     return app
@@ -196,6 +197,11 @@ class TrackerScript:
         return response.make_conditional(request)
 
 
+def content_type_is_final(response):
+    response.headers.extend(NOSNIFF)        # as FastPath's answers have it
+    return response
+
+
 def register_metrics(app, metrics):
     @app.before_request
     def start_clock():
@@ -282,14 +288,22 @@ def register_reports(app, config, store):
                               **params.period_fields(period), "results": results})
 
 
-def register_dashboard(app):
-    # the page keeps an API key in storage: no script, style or frame from anywhere else
-    policy = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+# the page keeps an API key in storage: no script, style, frame, base URL or form target from
+# anywhere else, no framing (X-Frame-Options for browsers before frame-ancestors), and its address
+# told to no one
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
+
+def register_dashboard(app):
     @app.get("/")
     def dashboard():
         response = app.send_static_file("dashboard.html")
-        response.headers["Content-Security-Policy"] = policy
+        response.headers.update(DASHBOARD_HEADERS)
         return response
 
 

@@ -7,7 +7,7 @@ same gunicorn settings is the cost of Flask, validation and the queue append.
 
 BODY = b'{"message":"Event received"}\n'
 HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(BODY))),
-           ("Access-Control-Allow-Origin", "*")]
+           ("X-Content-Type-Options", "nosniff"), ("Access-Control-Allow-Origin", "*")]
 
 
 def app(environ, start_response):

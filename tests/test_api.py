@@ -213,6 +213,14 @@ def test_without_sites_events_of_any_site_are_taken(client):
 
 # -- stats -----------------------------------------------------------------
 
+@pytest.mark.embedded
+@pytest.mark.parametrize("path", ["/", "/static/dashboard.js", "/static/dashboard.css", "/js/script.js",
+                                  "/openapi.json", "/stats/sites", "/health", "/metrics", "/no/such/page"])
+def test_every_answer_forbids_browsers_to_guess_another_content_type(client, path):
+    response = client.get(path)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 def test_stats_contract(client, drain):
     for path, user in [("/a", "u1"), ("/a", "u2"), ("/b", "u1"), ("/c", None)]:
         client.post("/event", json={"site_id": "s", "event_type": "page_view",

@@ -240,6 +240,35 @@ def test_page_and_its_assets_are_our_own_and_under_50_kb(server):
 
 # -- in the browser -----------------------------------------------------------------
 
+def test_the_page_says_what_a_browser_may_do_with_it_and_works_within_that(open_dashboard, server):
+    """The page keeps an API key in storage: no other site may frame it, restyle it, give it a base
+    URL, a form target or a script, nor be told its address."""
+    dashboard = open_dashboard(server)
+    dashboard.page.add_init_script("window.violations = []; document.addEventListener("
+                                   "'securitypolicyviolation', (event) => violations.push(event.violatedDirective))")
+    response = dashboard.page.goto(server.url + "/")
+    policy = dict(directive.strip().split(" ", 1) for directive in
+                  response.headers["content-security-policy"].split(";"))
+    assert policy == {"default-src": "'self'", "img-src": "'self' data:", "frame-ancestors": "'none'",
+                      "base-uri": "'none'", "form-action": "'none'"}
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    dashboard.wait_until_shown()
+    dashboard.choose("#period", "30d")
+    dashboard.assert_shows_the_reports(sorted(SITES)[0], today() - timedelta(days=29), today())
+    assert dashboard.page.evaluate("violations") == []
+    dashboard.assert_no_console_errors()
+
+    # a page of another site that frames the dashboard gets nothing of it
+    framing = open_dashboard(server)
+    framing.page.set_content(f'<iframe src="{server.url}/"></iframe>')
+    framing.page.wait_for_load_state("load")
+    assert [frame.url for frame in framing.page.frames][1:] != [server.url + "/"]
+    assert framing.page.frames[1].query_selector("#site") is None
+
+
+
 def test_dashboard_shows_exactly_what_the_reports_say(open_dashboard, server):
     dashboard = open_dashboard(server)
     dashboard.open()
