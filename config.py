@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 from events import MAX_LENGTHS
 
@@ -26,6 +27,8 @@ MAX_DAYS = 36_500
 USER_INFO = re.compile(r"://.*@")
 PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
 SECRET_SETTINGS = ("API_KEYS",)
+ORIGIN_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+DEFAULT_PORTS = {"http": 80, "https": 443}       # a browser leaves them out of an origin
 UNIX_SOCKET = "unix"        # in TRUSTED_PROXIES: the peer of gunicorn -b unix:..., which has no address
 
 
@@ -191,6 +194,31 @@ def _key_in_line(line):
     return TRAILING_COMMENT.sub("", text)
 
 
+def _origins(text):
+    """Origins as a browser writes them in its Origin header, which is compared with each whole."""
+    return tuple(word if word == "*" else _origin(word) for word in _word_list(text))
+
+
+def _origin(word):
+    parts = urlsplit(word)
+    if not _is_origin(word, parts):
+        raise ValueError(f"{word} is not an origin; list each one as a browser sends it, scheme, host and "
+                         f"port: https://dash.example.com or http://10.0.0.5:8080 (no path, no wildcard "
+                         f"in a name, a host in its ASCII xn-- form; * alone lets every site read them)")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = "" if parts.port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{parts.port}"
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _is_origin(word, parts):
+    try:
+        parts.port          # a port that is no number, or over 65535, raises
+    except ValueError:
+        return False
+    return bool(ORIGIN_SCHEME.fullmatch(parts.scheme) and parts.hostname and word.isascii() and "*" not in word
+                and parts.path in ("", "/") and not (parts.query or parts.fragment or parts.username))
+
+
 def _sites(text):
     sites = _word_list(text)
     if not sites:
@@ -264,7 +292,7 @@ ENVIRONMENT = {
     "REPORT_MAX_DAYS": ("report_max_days", _report_days),
     "API_KEYS": ("api_keys", _api_keys),
     "API_KEYS_FILE": ("api_keys", _keys_file),
-    "CORS_ORIGINS": ("cors_origins", _word_list),
+    "CORS_ORIGINS": ("cors_origins", _origins),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "QUEUE_CLAIM_IDLE": ("claim_idle", _seconds),
     "RETENTION_DAYS": ("retention_days", _days),

@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import sqlite3
 import time
 
@@ -227,7 +228,7 @@ def register_reports(app, config, store):
         keys = None
         log.warning("no API keys are set (API_KEYS / API_KEYS_FILE): reports under /stats are public")
     if config.cors_origins:
-        CORS(app, resources={r"/stats*": {"origins": list(config.cors_origins)}},
+        CORS(app, resources={r"/stats*": {"origins": exact_origins(config.cors_origins)}},
              allow_headers=["Authorization"], max_age=600)
 
     @app.before_request
@@ -305,6 +306,13 @@ def register_dashboard(app):
         response = app.send_static_file("dashboard.html")
         response.headers.update(DASHBOARD_HEADERS)
         return response
+
+
+def exact_origins(origins):
+    """flask-cors reads an origin holding [ (an IPv6 host), * or ? as a regular expression matched
+    from the start only: "https://*.corp.example" let in https://corp.example.attacker.net. Each
+    origin must match itself, whole."""
+    return [origin if origin == "*" else re.compile(re.escape(origin) + r"\Z") for origin in origins]
 
 
 def register_openapi(app):

@@ -21,10 +21,19 @@ from redis_queue import RedisQueue
     ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
     ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"),
     ("SITES", " , "), ("SITES", "site1 " + "x" * 257),
+    # a wildcard in a name, a path, a page's null origin: no browser sends such an Origin as meant
+    ("CORS_ORIGINS", "https://*.example.com"), ("CORS_ORIGINS", "https://dash.example/reports"),
+    ("CORS_ORIGINS", "dash.example"), ("CORS_ORIGINS", "null"), ("CORS_ORIGINS", "https://dash.example?x"),
+    ("CORS_ORIGINS", "https://dash.example:port"), ("CORS_ORIGINS", "https://user@dash.example"),
 ])
 def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
     with pytest.raises(ConfigurationError, match=name):
         load_config(environ={name: value})
+
+
+def test_cors_origins_are_written_as_browsers_send_them():
+    config = load_config(environ={"CORS_ORIGINS": "https://Dash.Example/, http://[::1]:8080 *"})
+    assert config.cors_origins == ("https://dash.example", "http://[::1]:8080", "*")
 
 
 def test_a_data_dir_that_does_not_exist_is_named(tmp_path):

@@ -222,6 +222,21 @@ def test_reports_are_readable_from_a_configured_origin(config):
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
+@pytest.mark.embedded
+@pytest.mark.parametrize("listed, origin, allowed", [
+    ("http://[::1]:8080", "http://[::1]:8080", True),
+    ("http://[::1]:8080", "http://1:8080", False),
+    ("https://dash.example", "https://dash.example.attacker.example", False),
+    ("https://dash.example", "null", False),
+])
+def test_only_the_origins_listed_read_reports_each_exactly_as_written(config, listed, origin, allowed):
+    client = create_app(config.with_overrides(cors_origins=(listed,), api_keys=("k",))).test_client()
+    response = client.get("/stats?site_id=s", headers={"Origin": origin, "Authorization": "Bearer k"})
+    assert response.status_code == 200
+    assert response.headers.get("Access-Control-Allow-Origin") == (origin if allowed else None)
+    assert "Access-Control-Allow-Credentials" not in response.headers
+
+
 # -- the connection reports read through ----------------------------------------
 
 def test_reports_see_every_batch_stored_after_the_last_request(loaded, drain):
