@@ -139,6 +139,8 @@ def log_to_stderr(config):
 SCRUBBED = ("gunicorn.error", "werkzeug")
 # gunicorn's line for such a request, formatted before it is logged, with the client's bytes in it
 INVALID_REQUEST = re.compile(r"Invalid request from ip=\S*?: (.*)", re.DOTALL)
+# gunicorn writes a header line without its colon whole: an (Proxy-)Authorization header's key with it
+CREDENTIALS = re.compile(r"(?i)(authorization\W*)\w.*", re.DOTALL)
 WERKZEUG_ADDRESS = re.compile(r"^\S+(?= - - \[)")
 LINE_BREAK = re.compile(r"[ \t]*\r?\n\s*")
 ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
@@ -151,7 +153,8 @@ def scrub(record):
         if invalid:
             # what the client sent goes in as an argument: read as the message, its key=value
             # text would become JSON fields of its choosing, and 8 KB of letters cost 0.5 s to read
-            record.msg, record.args = "Invalid request from a client: %s", (invalid[1],)
+            sent = CREDENTIALS.sub(r"\1***", invalid[1])
+            record.msg, record.args = "Invalid request from a client: %s", (sent,)
     elif isinstance(record.msg, str):      # werkzeug styles its start banner in the message itself
         record.msg = ANSI_STYLE.sub("", WERKZEUG_ADDRESS.sub("a client", record.msg, count=1))
         if isinstance(record.args, tuple):      # werkzeug styles the request line, an argument

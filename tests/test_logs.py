@@ -310,6 +310,23 @@ def test_what_a_client_sends_in_a_request_gunicorn_refuses_makes_no_json_field(d
     assert set(invalid) == BASIC_FIELDS
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_an_api_key_in_a_header_gunicorn_refuses_is_not_logged(data_dir, log_format):
+    """A header line without its colon is logged whole by gunicorn, key and all."""
+    api = Api(data_dir, workers=1, LOG_FORMAT=log_format, API_KEYS="key-in-a-bad-header")
+    try:
+        for header in (b"Authorization Bearer key-in-a-bad-header", b"authorization:Bearer key-in-a-bad-header\x01",
+                       b"Proxy-Authorization Basic key-in-a-bad-header"):
+            assert send_raw(api.url, b"GET /stats/sites HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+                            ).startswith(b"HTTP/1.1 400")
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    lines = (data_dir.parent / "logs" / "gunicorn.err").read_text().splitlines()
+    invalid = [line for line in lines if "Invalid request" in line]
+    assert len(invalid) == 3 and "Authorization ***" in invalid[0]
+    assert not [line for line in lines if "key-in-a-bad-header" in line]
+
+
 def test_a_long_header_gunicorn_refuses_is_logged_in_json_whole_and_without_its_fields():
     # gunicorn writes the header into the message; read for key=value fields, 20,000 letters
     # took 3 s (bench/ is where such costs are measured; the pattern now reads a word once)
