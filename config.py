@@ -327,6 +327,23 @@ def warn_of_misspelled_settings(environ=None):
             logging.getLogger("config").warning("%s is not a setting; did you mean %s?", name, meant[0])
 
 
+def warn_of_a_keys_file_others_may_read(environ=None):
+    """Log, at start, an API_KEYS_FILE that users other than its owner may read.
+
+    It is the user's own file, so its mode is the user's choice and no error; but under the
+    common umask 022 it is created readable by every user of the machine, keys and all.
+    """
+    path = (os.environ if environ is None else environ).get("API_KEYS_FILE")
+    try:
+        mode = os.stat(path).st_mode & 0o777 if path else 0
+    except OSError:         # load_config has said so already
+        return
+    if mode & 0o077:
+        logging.getLogger("config").warning(
+            "API_KEYS_FILE %s may be read by other users (mode %o): chmod 600 it, so that only the user "
+            "the API runs as reads its keys", path, mode)
+
+
 def _shown(name, text):
     """A setting as a configuration error names it: without the keys or passwords it holds,
     since the line goes to the journal or a log file that more people read than the settings."""

@@ -103,7 +103,8 @@ def on_starting(server):
     there), so the worker fails to boot and gunicorn stops. Migrated first, the
     database is already in WAL and each worker's own migrate() is a no-op.
     """
-    from config import ConfigurationError, load_config, warn_of_misspelled_settings
+    from config import (
+        ConfigurationError, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
     from logs import log_to_stderr
     from rate_limit import check_storage
     from store import StoreUnavailable, migrate_store
@@ -115,6 +116,7 @@ def on_starting(server):
         raise SystemExit(f"configuration error: {error}") from None
     log_to_stderr(config)      # workers inherit it
     warn_of_misspelled_settings()
+    warn_of_a_keys_file_others_may_read()
     try:
         migrate_store(config)
     except StoreUnavailable as error:

@@ -31,7 +31,8 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
-from config import ConfigurationError, load_config, warn_of_misspelled_settings
+from config import (
+    ConfigurationError, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
 from events import InvalidEvent
 from ingest import (
     ANY_ORIGIN, INGEST_PATHS, NOSNIFF, ApiError, FastPath, IncompleteBody, Ingest, body_too_large,
@@ -356,6 +357,7 @@ if __name__ == "__main__":
         settings = load_config()
         log_to_stderr(settings)
         warn_of_misspelled_settings()
+        warn_of_a_keys_file_others_may_read()
         migrate_store(settings)
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses

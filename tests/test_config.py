@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from config import ConfigurationError, load_config
-from processes import REPO, environment, free_port, is_healthy, stop, wait_for
+from processes import REPO, Api, environment, free_port, is_healthy, log_tail, stop, wait_for
 from redis_queue import RedisQueue
 
 
@@ -166,3 +166,18 @@ def test_a_misspelled_setting_is_named_at_start_with_the_one_meant(tmp_path, com
     assert len(warnings) == 2, warnings
     assert warnings[0].endswith("DATABSE_URL is not a setting; did you mean DATABASE_URL?")
     assert warnings[1].endswith("log_level is not a setting; did you mean LOG_LEVEL?")
+
+
+@pytest.mark.parametrize("mode, warned", [(0o644, True), (0o640, True), (0o600, False), (0o400, False)])
+def test_an_api_keys_file_other_users_may_read_is_warned_of_at_start(tmp_path, mode, warned):
+    keys = tmp_path / "keys"
+    keys.write_text("a-key\n")
+    keys.chmod(mode)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    api = Api(data_dir, workers=1, API_KEYS_FILE=str(keys))
+    api.stop()
+    warnings = [line for line in log_tail(data_dir, "gunicorn", 20_000).splitlines() if str(keys) in line]
+    expected = [f"WARNING config [{api.process.pid}] API_KEYS_FILE {keys} may be read by other users "
+                f"(mode {mode:o}): chmod 600 it, so that only the user the API runs as reads its keys"]
+    assert [line.split(" ", 1)[1] for line in warnings] == (expected if warned else [])
