@@ -41,7 +41,8 @@ _END_OFFSET = 16                   # writers: where the active segment ended aft
 _POSITION = struct.Struct("<QQ")   # the consumer: segment and offset of its next unread line
 _POSITION_OFFSET = 24
 _STATE_SIZE = 40
-_WHOLE_END = struct.Struct("<QQQ")  # the lock file: the boot, the active segment's inode, that end
+_WHOLE_END = struct.Struct("<QQQQ")  # the lock file: the boot, the active segment's inode, that
+                                    # end, and the appended counter then
 _ID_PREFIX = b'{"id":"'            # every queued event starts with its id, whose first 14 hex
 _ID_TIME_DIGITS = 14               # digits are the microseconds since 1970 when it was accepted
 _READ_CHUNK = 1024 * 1024
@@ -92,8 +93,8 @@ class FileQueue:
       P.lock       the writers' lock; the consumer takes it to rotate, and shared to read P
       P.state      two counters (appended, consumed) for an O(1) queue size, and
                    where the last whole write ended in P, kept in P.lock too with P's
-                   inode and the boot: bytes past it are a write under way or one
-                   whose writer died
+                   inode, the boot and the appended counter: bytes past it are a
+                   write under way or one whose writer died
       P.consumer   held by the one processor that consumes the queue
     """
 
@@ -287,18 +288,21 @@ class FileQueue:
 
         None when that is not known for sure, and then nothing may be cut: the
         lock file's record is of another segment (or of none: a queue written
-        by the previous version, which kept the end in the state file only),
-        or the end it gives is not the state file's. They differ when the state
-        file was replaced or zeroed, when a process still writes to a state
-        file that was replaced (it keeps the one it mapped), and when a writer
-        of the previous version runs beside this one: bytes past the end one
-        of them gives may be a write that another process acknowledged. A
+        by an earlier version, which kept the end in the state file only, or
+        nowhere), or the end or the count it gives is not the state file's.
+        They differ when the state file was replaced or zeroed, when a process
+        still writes to a state file that was replaced (it keeps the one it
+        mapped), and when a writer of an earlier version writes beside this
+        one or after it (its workers finishing during a reload, a rollback):
+        the oldest ones record no end at all, only their count, and bytes past
+        the end recorded may be a write that another process acknowledged. A
         record from before the machine restarted is not known for sure either:
         both files are written through memory maps, which a power cut may
         lose while the events they describe were synced (FSYNC).
         """
         (end,) = _COUNTER.unpack_from(self._state, _END_OFFSET)
-        if self._boot and _WHOLE_END.unpack_from(self._lock_map) == (self._boot, inode, end):
+        (appended,) = _COUNTER.unpack_from(self._state, 0)
+        if self._boot and _WHOLE_END.unpack_from(self._lock_map) == (self._boot, inode, end, appended):
             return end
         return None
 
@@ -320,15 +324,30 @@ class FileQueue:
         return size + 1
 
     def _add_appended(self, count, end):
-        """Count the lines, then record where they end: a writer killed in between leaves them
-        past the recorded end, to be cut off, and the count over until the consumer recounts."""
-        (appended,) = _COUNTER.unpack_from(self._state, 0)
-        _COUNTER.pack_into(self._state, 0, appended + count)
-        self._record_whole_end(self._inode, end)
+        """Record where the lines end and the count they make, then count them.
 
-    def _record_whole_end(self, inode, end):
+        Lines counted past the recorded end are an earlier version's, which
+        counted and recorded no end: the count recorded then differs from the
+        counter, and nothing is cut. A writer killed before its record leaves
+        its lines past the end, to be cut off; one killed after it, the count
+        short until the consumer recounts.
+        """
+        (appended,) = _COUNTER.unpack_from(self._state, 0)
+        self._record_whole_end(self._inode, end, appended + count)
+        _COUNTER.pack_into(self._state, 0, appended + count)
+
+    def _record_whole_end(self, inode, end, appended):
         _COUNTER.pack_into(self._state, _END_OFFSET, end)
-        _WHOLE_END.pack_into(self._lock_map, 0, self._boot, inode, end)
+        _WHOLE_END.pack_into(self._lock_map, 0, self._boot, inode, end, appended)
+
+    def _recount(self, inode, appended):
+        """Under the lock (a shared hold will do: writers take it whole): set the appended
+        counter to the lines the queue holds; where whole writes end in the active segment
+        (with this inode) stays known if it was."""
+        end = self._whole_end(inode)
+        if end is not None:
+            self._record_whole_end(inode, end, appended)
+        _COUNTER.pack_into(self._state, 0, appended)
 
     def _sync_by_policy(self):
         if self.fsync == "always":
@@ -439,7 +458,7 @@ class FileQueueConsumer:
         try:
             chunk = _read_chunk(path, offset, self.queue._whole_end)
             if len(chunk) < _READ_CHUNK:
-                _COUNTER.pack_into(self.queue._state, 0, lines_before + chunk.count(b"\n"))
+                self.queue._recount(_inode(path), lines_before + chunk.count(b"\n"))
             return chunk
         finally:
             fcntl.flock(self.queue._lock_fd, fcntl.LOCK_UN)
@@ -513,7 +532,7 @@ class FileQueueConsumer:
                 queue._cut_dead_write(queue.path, active.st_size, whole_end)
             os.rename(queue.path, f"{queue.path}.{self._active_segment}")
             fd = os.open(queue.path, os.O_WRONLY | os.O_CREAT, PRIVATE)
-            queue._record_whole_end(os.fstat(fd).st_ino, 0)
+            queue._record_whole_end(os.fstat(fd).st_ino, 0, _COUNTER.unpack_from(queue._state, 0)[0])
             os.close(fd)
             if queue._fd is not None:
                 # the sealed segment is deleted once read, and an open descriptor would keep
@@ -549,7 +568,8 @@ class FileQueueConsumer:
                 offset = self.offset if number == self.segment else 0
                 path = self._segment_path(number)
                 backlog += _count_lines(path, offset, queue._whole_end if path == queue.path else None)
-            _COUNTERS.pack_into(queue._state, 0, self.consumed + backlog, self.consumed)
+            _COUNTER.pack_into(queue._state, _COUNTER.size, self.consumed)
+            queue._recount(_inode(queue.path), self.consumed + backlog)
             _POSITION.pack_into(queue._state, _POSITION_OFFSET, self.segment, self.offset)
         finally:
             fcntl.flock(queue._lock_fd, fcntl.LOCK_UN)
@@ -621,6 +641,13 @@ def _count_lines(path, offset, whole_end=None):
     except FileNotFoundError:
         pass
     return count
+
+
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _boot_id():
