@@ -211,6 +211,11 @@ class StoreUnavailable(Exception):
         self.lasting = lasting
 
 
+class StoreBusy(StoreUnavailable):
+    """Another program holds the database's write lock (a migration, rebuild-rollups): it is
+    there and in use, only not free for this write now."""
+
+
 class NotForThisStore(Exception):
     """A command this kind of store leaves to its own tools; the message names them."""
 
@@ -259,18 +264,25 @@ def open_store(config):
 
 
 def migrate_store(config, retry_every=1.0):
-    """Bring the schema up to date at a program's start, and give back the connection it took.
+    """Bring the schema up to date at the API's start, and give back the connection it took.
 
-    A database that cannot be reached yet (a SQLite file another program holds
-    while it migrates or rebuilds the rollups, which can take minutes; a
-    PostgreSQL server still starting) is waited for, as the processor does;
-    one that can never be opened is final.
+    A database that cannot be reached yet (a PostgreSQL server still starting)
+    is waited for, as the processor does; one that can never be opened is
+    final. One that another program holds is left to it: that program is
+    migrating it or rebuilding the rollups, which can take minutes (the first
+    upgrade from schema version 1 or 2 folds every stored event into the
+    rollups), and ingestion needs no database, so the API starts at once and
+    its reports answer 503 until the schema is current.
     """
     store = open_store(config)
     try:
         while True:
             try:
                 return store.migrate()
+            except StoreBusy as error:
+                log.warning("not migrating the database: %s; starting all the same, reports answer "
+                            "503 until it is up to date", " ".join(str(error).split()))
+                return None
             except StoreUnavailable as error:
                 if error.lasting:
                     raise
@@ -387,8 +399,8 @@ class SQLiteStore:
         except sqlite3.OperationalError as error:
             if error.sqlite_errorname != "SQLITE_BUSY":
                 raise
-            raise StoreUnavailable(f"SQLite {self.path}: {error} (another program is writing it: "
-                                   "a migration, rebuild-rollups)") from error
+            raise StoreBusy(f"SQLite {self.path}: {error} (another program is writing it: "
+                            "a migration, rebuild-rollups)") from error
         try:
             yield connection
         except BaseException:
