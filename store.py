@@ -453,9 +453,17 @@ class SQLiteStore:
         return self.connection.execute("SELECT count(*) FROM events").fetchone()[0]
 
     def daily_salt(self, day, candidate, forget_before):
-        """The salt of a UTC day, made from candidate by whoever asks first; older ones are deleted."""
+        """The salt of a UTC day, made from candidate by whoever asks first; older ones are deleted.
+
+        One already made is read without the write lock, which another program
+        may hold for minutes (a migration, rebuild-rollups) while API processes
+        start and need the salt and the rate limit's key.
+        """
         connection = self.connect()
         try:
+            made = connection.execute("SELECT salt FROM salts WHERE day = ?", (day,)).fetchone()
+            if made is not None:
+                return made[0]
             connection.execute("BEGIN IMMEDIATE")
             connection.execute("INSERT OR IGNORE INTO salts (day, salt) VALUES (?, ?)", (day, candidate))
             connection.execute("DELETE FROM salts WHERE day < ?", (forget_before,))

@@ -156,6 +156,20 @@ def test_visitor_ids_change_with_the_daily_salt_and_old_salts_are_deleted(config
     assert days == ["2025-06-02", "2025-06-03"]
 
 
+def test_a_days_salt_is_read_while_another_program_holds_the_database(config):
+    """rebuild-rollups or an upgrade's migration holds SQLite's write lock for minutes: an API
+    process started meanwhile must still get the day's salt (and the rate limit's key)."""
+    from processes import hold_write_lock
+    store = open_store(config)
+    store.migrate()
+    salt = store.daily_salt("2025-06-01", b"a" * 32, forget_before="2025-05-31")
+    holder = hold_write_lock(config.database_path)
+    try:
+        assert store.daily_salt("2025-06-01", b"b" * 32, forget_before="2025-05-31") == salt
+    finally:
+        holder.rollback()
+
+
 def trusting(config, proxies="10.0.0.0/8"):
     from ingestion_api import create_app
     from config import load_config
