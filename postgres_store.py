@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 import rollups
 from reports import RawReports, RollupReports
-from store import REBUILD_CHUNK, ROW_COLUMNS, NotForThisStore, StoreUnavailable, delete_window
+from store import REBUILD_CHUNK, ROW_COLUMNS, NewerSchema, NotForThisStore, StoreUnavailable, delete_window
 
 log = logging.getLogger("store")
 SHARDS = 16
@@ -250,6 +250,8 @@ class PostgresStore:
             with self.atomic() as connection:
                 connection.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 version = self._schema_version(connection)
+                if version > len(MIGRATIONS):
+                    raise NewerSchema(self.describe(), version, len(MIGRATIONS))
                 for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                     log.info("migrating %s to schema version %d", self.describe(), number)
                     for statement in filter(str.strip, migration.split(";")):

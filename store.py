@@ -216,6 +216,16 @@ class StoreBusy(StoreUnavailable):
     there and in use, only not free for this write now."""
 
 
+class NewerSchema(StoreUnavailable):
+    """The database was migrated by a newer version of this program (this one was rolled back
+    to): this one would write rows the newer one's tables do not follow, so it writes none."""
+
+    def __init__(self, where, version, known):
+        super().__init__(f"{where} has schema version {version}, newer than this version's {known}: "
+                         "a newer version of this program migrated it; run that one again (or "
+                         "restore a backup from before the upgrade)", lasting=True)
+
+
 class NotForThisStore(Exception):
     """A command this kind of store leaves to its own tools; the message names them."""
 
@@ -282,6 +292,10 @@ def migrate_store(config, retry_every=1.0):
             except StoreBusy as error:
                 log.warning("not migrating the database: %s; starting all the same, reports answer "
                             "503 until it is up to date", " ".join(str(error).split()))
+                return None
+            except NewerSchema as error:
+                log.error("%s; taking events into the queue, for that version's processor to store",
+                          error)
                 return None
             except StoreUnavailable as error:
                 if error.lasting:
@@ -415,7 +429,10 @@ class SQLiteStore:
         starts (a reload, a worker replaced) while rebuild-rollups holds the
         lock for minutes must boot all the same.
         """
-        if self.schema_version() >= len(MIGRATIONS):
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise NewerSchema(self.path, version, len(MIGRATIONS))
+        if version == len(MIGRATIONS):
             return len(MIGRATIONS)
         with self.atomic() as connection:
             version = connection.execute("PRAGMA user_version").fetchone()[0]

@@ -321,6 +321,30 @@ def test_migration_from_the_hourly_user_set_keeps_every_report(config):
     store.close()
 
 
+def test_a_store_a_newer_version_migrated_is_refused_and_left_as_it_is(config):
+    """Rolled back to, this version would not keep the newer one's tables: its processor stores
+    nothing (the events wait in the queue for the newer version) and says why."""
+    from store import migrate_store
+    open_queue(config).append(generated_lines(30))
+    store = open_store(config)
+    latest = store.migrate()
+    with store.atomic() as connection:
+        set_schema_version(connection, config, latest + 1)
+    with pytest.raises(StoreUnavailable, match=f"schema version {latest + 1}.* newer") as refused:
+        processor_for(config)
+    assert refused.value.lasting
+    assert migrate_store(config) is None        # the API takes events all the same
+    assert open_queue(config).size() == 30
+    with store.atomic() as connection:
+        set_schema_version(connection, config, latest)
+    processor_for(config).run(once=True)
+    assert open_queue(config).size() == 0
+    connection = store.connect(readonly=True)
+    assert connection.execute("SELECT count(*) FROM events").fetchone()[0] == 30
+    connection.close()
+    store.close()
+
+
 def wide(count, first=0x20000):
     """count different characters of four bytes each in UTF-8 (CJK Extension B)."""
     return "".join(chr(first + offset) for offset in range(count))
@@ -373,6 +397,8 @@ def test_every_valid_props_key_is_reported_alike_from_rollups_and_raw_events(cli
 def set_schema_version(connection, config, version):
     if config.database_path.startswith("postgresql://"):
         connection.execute("DELETE FROM schema_version WHERE version > :v", {"v": version})
+        connection.execute("INSERT INTO schema_version SELECT :v WHERE :v > (SELECT max(version) "
+                           "FROM schema_version)", {"v": version})
     else:
         connection.execute(f"PRAGMA user_version = {version}")
 
