@@ -8,11 +8,11 @@ const KEY = "analytics_api_key";
 const DAY = 86400000;
 // the breakdown tables: element id = property; custom events are event types other than page views
 const BREAKDOWNS = [
-  {property: "source", empty: "Direct / none"},
-  {property: "browser", empty: "(unknown)"},
-  {property: "os", empty: "(unknown)"},
-  {property: "device", empty: "(unknown)"},
-  {property: "event_type", empty: "(none)", skip: "page_view", count: "events", label: "Events"},
+  {property: "source", name: "Source", empty: "Direct / none"},
+  {property: "browser", name: "Browser", empty: "(unknown)"},
+  {property: "os", name: "System", empty: "(unknown)"},
+  {property: "device", name: "Device", empty: "(unknown)"},
+  {property: "event_type", name: "Event", empty: "(none)", skip: "page_view", count: "events", label: "Events"},
 ];
 const TOP = 10;
 const $ = (id) => document.getElementById(id);
@@ -203,7 +203,7 @@ function show(report) {
   BREAKDOWNS.forEach((breakdown, i) => {
     const count = breakdown.count || "views";
     const rows = report.breakdowns[i].results.filter((row) => row.value !== breakdown.skip).slice(0, TOP);
-    fillTable($(breakdown.property), ["", breakdown.label || "Views", "Users"],
+    fillTable($(breakdown.property), [breakdown.name, breakdown.label || "Views", "Users"],
               rows.map((row) => [row.value === null ? breakdown.empty : row.value, row[count], row.unique_users]));
   });
   lastReport = report;

@@ -633,3 +633,20 @@ def test_a_value_as_long_as_events_may_hold_takes_three_lines_and_its_tooltip_ho
             dashboard.assert_no_console_errors()
     finally:
         server.stop()
+
+
+# -- read by a screen reader ------------------------------------------------------
+
+TABLE_NAMES = {"paths": "Top paths", "source": "Sources", "browser": "Browsers", "os": "Operating systems",
+               "device": "Devices", "event_type": "Custom events"}
+
+
+def test_every_table_is_named_by_its_heading_and_every_column_has_a_header(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    for element_id, name in TABLE_NAMES.items():
+        table = dashboard.page.get_by_role("table", name=name, exact=True)
+        assert table.get_attribute("id") == element_id
+        headers = table.get_by_role("columnheader").all_text_contents()
+        assert len(headers) >= 2 and all(header.strip() for header in headers), (element_id, headers)
