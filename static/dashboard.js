@@ -199,6 +199,9 @@ function show(report) {
   $("users").textContent = number.format(report.stats.unique_users);
   $("chart-title").textContent = `Views and unique users ${report.hourly ? "by hour" : "by day"}`;
   drawChart(report.series.points, report.hourly);
+  // what the chart draws, as a table for those who do not see it
+  fillTable($("chart-data"), [report.hourly ? "Hour" : "Day", "Views", "Unique users"],
+            report.series.points.map((point) => [point.date, point.views, point.unique_users]));
   fillTable($("paths"), ["Path", "Views"], report.stats.top_paths.map((row) => [row.path, row.views]));
   BREAKDOWNS.forEach((breakdown, i) => {
     const count = breakdown.count || "views";

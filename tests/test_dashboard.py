@@ -650,3 +650,20 @@ def test_every_table_is_named_by_its_heading_and_every_column_has_a_header(open_
         assert table.get_attribute("id") == element_id
         headers = table.get_by_role("columnheader").all_text_contents()
         assert len(headers) >= 2 and all(header.strip() for header in headers), (element_id, headers)
+
+
+def test_the_charts_numbers_are_also_a_table_a_screen_reader_can_read(open_dashboard, server):
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    table = dashboard.page.get_by_role("table", name="Views and unique users by day", exact=True)
+    assert table.get_by_role("columnheader").all_text_contents() == ["Day", "Views", "Unique users"]
+    rows = table.locator("tr:has(td)").evaluate_all("rows => rows.map(row => [...row.cells].map(c => c.textContent))")
+    points = dashboard.server.get("/stats/timeseries", site_id=sorted(SITES)[0], interval="day",
+                                  **{"from": (today() - timedelta(days=6)).isoformat(), "to": today().isoformat()})
+    assert rows == [[p["date"], f"{p['views']:,}", f"{p['unique_users']:,}"] for p in points["points"]]
+    # for the eye, the chart already says it: the table is shown in a box of one pixel, clipped
+    box = table.evaluate("table => { const box = table.parentElement.getBoundingClientRect();"
+                         " return [box.width, box.height, getComputedStyle(table.parentElement).overflow]; }")
+    assert box == [1, 1, "hidden"]
+    dashboard.assert_no_console_errors()
