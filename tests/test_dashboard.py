@@ -667,3 +667,15 @@ def test_the_charts_numbers_are_also_a_table_a_screen_reader_can_read(open_dashb
                          " return [box.width, box.height, getComputedStyle(table.parentElement).overflow]; }")
     assert box == [1, 1, "hidden"]
     dashboard.assert_no_console_errors()
+
+
+def test_the_status_line_is_a_live_region_before_it_has_anything_to_say(open_dashboard, server):
+    # a screen reader announces changes to a live region it already knows; one that appears with its
+    # message already in it is often read out by none
+    dashboard = open_dashboard(server)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    assert dashboard.text("#status") == ""
+    assert dashboard.page.get_by_role("status").count() == 1
+    assert dashboard.page.evaluate("document.getElementById('status').getBoundingClientRect().height") == 0
+    dashboard.assert_no_console_errors()
