@@ -204,12 +204,13 @@ def number(text):
 
 @pytest.fixture
 def open_dashboard(browser):
-    """open_dashboard(server, viewport=None, timezone_id=None) -> a Dashboard in a fresh browser profile."""
+    """open_dashboard(server, viewport=None, timezone_id=None, color_scheme="light") -> a Dashboard
+    in a fresh browser profile."""
     contexts = []
 
-    def open_page(server, viewport=None, timezone_id=None):
+    def open_page(server, viewport=None, timezone_id=None, color_scheme="light"):
         context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900},
-                                      timezone_id=timezone_id)
+                                      timezone_id=timezone_id, color_scheme=color_scheme)
         context.set_default_timeout(15_000)
         contexts.append(context)
         return Dashboard(context.new_page(), server)
@@ -679,3 +680,30 @@ def test_the_status_line_is_a_live_region_before_it_has_anything_to_say(open_das
     assert dashboard.page.get_by_role("status").count() == 1
     assert dashboard.page.evaluate("document.getElementById('status').getBoundingClientRect().height") == 0
     dashboard.assert_no_console_errors()
+
+
+CONTRAST = """([selector, property]) => {
+  const channels = (colour) => colour.match(/[\\d.]+/g).map(Number);
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.map((c) => c / 255).map((c) => c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const shape = document.querySelector(selector);
+  const style = getComputedStyle(shape);
+  const back = channels(getComputedStyle(shape.closest(".card")).backgroundColor);
+  const opacity = Number(style.opacity);
+  const front = channels(style[property]).slice(0, 3).map((c, i) => c * opacity + back[i] * (1 - opacity));
+  const [light, dark] = [luminance(front), luminance(back)].sort((a, b) => b - a);
+  return (light + 0.05) / (dark + 0.05);
+}"""
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_the_charts_bars_and_line_stand_out_from_their_card(open_dashboard, server, color_scheme):
+    # WCAG's 3:1 for the parts of a graphic one needs to read it
+    dashboard = open_dashboard(server, color_scheme=color_scheme)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    for selector, colour in [("#chart .bar", "fill"), ("#chart .users", "stroke"), ("#chart .dot", "fill"),
+                             (".swatch.views", "backgroundColor"), (".swatch.users", "backgroundColor")]:
+        assert dashboard.page.evaluate(CONTRAST, [selector, colour]) >= 3, selector
