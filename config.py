@@ -349,8 +349,13 @@ def _shown(name, text):
     since the line goes to the journal or a log file that more people read than the settings."""
     if name in SECRET_SETTINGS:
         return name
-    hidden = PASSWORD_PARAMETER.sub(r"\1***", USER_INFO.sub("://***@", text))
-    return f"{name}={hidden!r}"
+    return f"{name}={without_password(text)!r}"
+
+
+def without_password(url):
+    """url for a log line or an error message: a password in it, before the host or as a
+    parameter, is ***."""
+    return PASSWORD_PARAMETER.sub(r"\1***", USER_INFO.sub("://***@", url))
 
 
 def load_config(environ=None, **overrides):

@@ -21,6 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 import rollups
+from config import without_password
 from reports import RawReports, RollupReports
 from store import REBUILD_CHUNK, ROW_COLUMNS, NewerSchema, NotForThisStore, StoreUnavailable, delete_window
 
@@ -32,8 +33,6 @@ JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
 # long: a sync API worker waiting 5 s per report or browser event during an outage is a
 # worker not taking POST /event, which needs no database
 UNREACHABLE_PAUSE = 2.0
-USER_INFO = re.compile(r"//[^@/]*@")
-PASSWORD_PARAMETER = re.compile(r"([?&])password=[^&]*&?")
 MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
 
 COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
@@ -167,8 +166,7 @@ class PostgresStore:
 
     def describe(self):
         """The URL for the log: never the password, before the host or as a parameter."""
-        url = USER_INFO.sub("//", self.url, count=1)
-        return PASSWORD_PARAMETER.sub(r"\1", url).rstrip("?&")
+        return without_password(self.url)
 
     @property
     def pool(self):
