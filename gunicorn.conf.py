@@ -109,6 +109,9 @@ def on_starting(server):
     from rate_limit import check_storage
     from store import StoreUnavailable, migrate_store
 
+    if server.cfg.workers < 1:       # gunicorn takes 0, listens, and no request is ever answered
+        raise SystemExit(f"configuration error: gunicorn needs at least 1 worker "
+                         f"(WEB_CONCURRENCY or --workers), not {server.cfg.workers}")
     try:
         config = load_config()
         check_storage(config)

@@ -429,6 +429,19 @@ def test_a_rate_limit_storage_url_that_cannot_be_used_is_named_in_one_line(
     assert "Traceback" not in result.stderr and "password" not in result.stderr
 
 
+@pytest.mark.parametrize("workers", [{"WEB_CONCURRENCY": "0"}, {"GUNICORN_CMD_ARGS": "--workers 0"}],
+                         ids=["WEB_CONCURRENCY", "GUNICORN_CMD_ARGS"])
+def test_gunicorn_with_no_workers_stops_at_once_instead_of_listening_and_never_answering(
+        data_dir, workers):
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "ingestion_api:app"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env=environment(data_dir, PORT=free_port(), **workers))
+    assert result.returncode != 0
+    assert "configuration error: gunicorn needs at least 1 worker (WEB_CONCURRENCY or --workers), not 0" \
+        in result.stderr
+    assert "Listening at" not in result.stderr
+
+
 def test_gunicorn_opens_no_control_socket_that_other_instances_would_share(data_dir, children):
     api = Api(data_dir, workers=1)
     children.append(api)
