@@ -682,7 +682,7 @@ def test_the_status_line_is_a_live_region_before_it_has_anything_to_say(open_das
     dashboard.assert_no_console_errors()
 
 
-CONTRAST = """([selector, property]) => {
+CONTRAST = """([selector, property, backdrop]) => {
   const channels = (colour) => colour.match(/[\\d.]+/g).map(Number);
   const luminance = (rgb) => {
     const [r, g, b] = rgb.map((c) => c / 255).map((c) => c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
@@ -690,7 +690,8 @@ CONTRAST = """([selector, property]) => {
   };
   const shape = document.querySelector(selector);
   const style = getComputedStyle(shape);
-  const back = channels(getComputedStyle(shape.closest(".card")).backgroundColor);
+  const back = channels(getComputedStyle(backdrop ? document.querySelector(backdrop) : shape.closest(".card"))
+                        .backgroundColor);
   const opacity = Number(style.opacity);
   const front = channels(style[property]).slice(0, 3).map((c, i) => c * opacity + back[i] * (1 - opacity));
   const [light, dark] = [luminance(front), luminance(back)].sort((a, b) => b - a);
@@ -707,3 +708,14 @@ def test_the_charts_bars_and_line_stand_out_from_their_card(open_dashboard, serv
     for selector, colour in [("#chart .bar", "fill"), ("#chart .users", "stroke"), ("#chart .dot", "fill"),
                              (".swatch.views", "backgroundColor"), (".swatch.users", "backgroundColor")]:
         assert dashboard.page.evaluate(CONTRAST, [selector, colour]) >= 3, selector
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_the_edges_of_the_controls_stand_out_from_inside_and_outside(open_dashboard, server, color_scheme):
+    # WCAG's 3:1 for what shows where a control is: its border, against its own background and the page's
+    dashboard = open_dashboard(server, color_scheme=color_scheme)
+    dashboard.open()
+    dashboard.wait_until_shown()
+    for control in ["#site", "#period"]:
+        for backdrop in [control, "body"]:
+            assert dashboard.page.evaluate(CONTRAST, [control, "borderTopColor", backdrop]) >= 3, (control, backdrop)
