@@ -323,7 +323,8 @@ function init() {
     const storage = $("remember").checked ? localStorage : sessionStorage;
     storage.setItem(KEY, $("key").value.trim());
     $("key").value = "";
-    start();
+    // the form hides itself: focus moves to the first control rather than back to the top of the page
+    start().then(() => { if ($("key-form").hidden) $("site").focus(); });
   });
   $("forget").addEventListener("click", () => {
     forgetKey();

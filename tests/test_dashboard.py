@@ -509,10 +509,13 @@ def test_asks_for_the_api_key_once_and_sends_it_only_as_a_bearer_token(open_dash
     dashboard.page.click("#key-form button")
     dashboard.page.wait_for_selector("#key-form:not([hidden]) #key-reason:has-text('refused')")
     assert dashboard.page.is_hidden("#forget")              # a refused key is not kept
+    assert dashboard.page.evaluate("document.activeElement.id") == "key"     # ready for another try
     dashboard.page.fill("#key", KEY)
-    dashboard.page.click("#key-form button")
+    dashboard.page.press("#key", "Enter")
     dashboard.wait_until_shown()
     dashboard.assert_shows_the_reports("blog.example", today() - timedelta(days=6), today())
+    # the form is gone: the keyboard carries on from the first control, not from the top of the page
+    assert dashboard.page.evaluate("document.activeElement.id") == "site"
 
     # once given, the key is not asked again: not after a reload, not for another period
     dashboard.open()
