@@ -29,6 +29,7 @@ does nothing under the same settings):
 WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 """
 import json
+import logging
 import os
 
 from gunicorn import util
@@ -117,6 +118,7 @@ def on_starting(server):
         check_storage(config)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None
+    server.analytics_config = config       # what post_fork builds each worker's app from
     log_to_stderr(config)      # workers inherit it
     warn_of_misspelled_settings()
     warn_of_a_keys_file_others_may_read()
@@ -132,6 +134,29 @@ def on_starting(server):
             use_metrics_directory(config, API)     # workers inherit PROMETHEUS_MULTIPROC_DIR
         except ConfigurationError as error:
             raise SystemExit(f"configuration error: {error}") from None
+
+
+def on_reload(server):
+    """SIGHUP: read the settings again for the new workers (a key taken out of API_KEYS_FILE
+    stops working). Settings that no longer hold are logged and the workers keep the last good
+    ones: one that cannot boot would stop gunicorn, and ingestion with it."""
+    from config import ConfigurationError, load_config, warn_of_a_keys_file_others_may_read
+    try:
+        server.analytics_config = load_config()
+    except ConfigurationError as error:
+        logging.getLogger("ingestion_api").error(
+            "configuration error: %s; the workers keep the settings read before", error)
+        return
+    warn_of_a_keys_file_others_may_read()
+
+
+def post_fork(server, worker):
+    """Each worker builds its app from the settings the master checked, at start or at the last
+    SIGHUP that found them good, rather than reading them anew: a worker that replaces one that
+    crashed or timed out then boots even if the keys file went wrong since. (The app itself is
+    built later, when gunicorn loads it, once the worker has its own signal handlers.)"""
+    import ingestion_api
+    ingestion_api.checked_config = server.analytics_config
 
 
 def child_exit(server, worker):

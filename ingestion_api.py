@@ -344,10 +344,14 @@ def register_errors(app):
         return answer_response(error_answer(outage))
 
 
+# the settings gunicorn's master checked, which gunicorn.conf.py's post_fork hands to each worker
+checked_config = None
+
+
 def __getattr__(name):
     """`ingestion_api:app` for gunicorn, built on first use so imports stay free of side effects."""
     if name == "app":
-        globals()["app"] = create_app()
+        globals()["app"] = create_app(checked_config)
         return globals()["app"]
     raise AttributeError(name)
 

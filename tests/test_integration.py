@@ -442,6 +442,51 @@ def test_gunicorn_with_no_workers_stops_at_once_instead_of_listening_and_never_a
     assert "Listening at" not in result.stderr
 
 
+def test_the_keys_file_is_read_again_on_sighup_and_a_bad_edit_keeps_the_last_good_keys(data_dir, children):
+    keys = data_dir.parent / "keys"
+    keys.write_text("old-key\nnew-key\n")
+    keys.chmod(0o600)
+    api = Api(data_dir, workers=2, API_KEYS_FILE=str(keys))
+    children.append(api)
+
+    def report_with(key):
+        return requests.get(api.url + "/stats", params={"site_id": "s"}, timeout=10,
+                            headers={"Authorization": f"Bearer {key}"}).status_code
+
+    def reload_workers():
+        old_workers = set(api.worker_pids())
+        os.kill(api.process.pid, signal.SIGHUP)
+
+        def new_workers_answer():
+            assert api.process.poll() is None, "gunicorn stopped:\n" + log_tail(data_dir, "gunicorn")
+            workers = set(api.worker_pids())
+            return len(workers) == 2 and not workers & old_workers and is_healthy(api.url)
+        wait_for(new_workers_answer, 30, "the reloaded workers answer")
+
+    keys.write_text("new-key\n")          # a key taken out is refused once the workers are new
+    reload_workers()
+    assert (report_with("old-key"), report_with("new-key")) == (401, 200)
+
+    keys.write_text("")                   # a slip: ingestion goes on, and so do the keys read before
+    reload_workers()
+    assert "API_KEYS_FILE" in log_tail(data_dir, "gunicorn") and "holds no keys" in log_tail(data_dir, "gunicorn")
+    keys.unlink()
+    killed = api.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)       # its replacement boots all the same
+
+    def both_workers_answered():
+        assert api.process.poll() is None, "gunicorn stopped:\n" + log_tail(data_dir, "gunicorn")
+        assert requests.post(api.url + "/event", json={"site_id": "s", "event_type": "page_view"},
+                             timeout=10).status_code == 200
+        assert (report_with("old-key"), report_with("new-key")) == (401, 200)
+        workers = [psutil.Process(pid) for pid in api.worker_pids() if pid != killed]
+        # a worker opens the queue when it first takes an event in
+        return len(workers) == 2 and all(any(file.path.startswith(str(data_dir)) for file in worker.open_files())
+                                         for worker in workers)
+    wait_for(both_workers_answered, 30, "the new worker answers")
+    assert api.process.poll() is None, "gunicorn stopped:\n" + log_tail(data_dir, "gunicorn")
+
+
 def test_gunicorn_opens_no_control_socket_that_other_instances_would_share(data_dir, children):
     api = Api(data_dir, workers=1)
     children.append(api)
