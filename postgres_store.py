@@ -26,6 +26,9 @@ from reports import RawReports, RollupReports
 from store import REBUILD_CHUNK, ROW_COLUMNS, NewerSchema, NotForThisStore, StoreUnavailable, delete_window
 
 log = logging.getLogger("store")
+# The pool warns once per failed connection attempt, several times a second while the server
+# is down; the StoreUnavailable that callers log says why once per try of theirs instead.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 SHARDS = 16
 # compared in byte order, as the rollup columns are, whatever the database's collation
 JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
@@ -204,11 +207,20 @@ class PostgresStore:
         if time.monotonic() < self._unreachable_until:
             raise StoreUnavailable(self._unreachable_error)
 
-    def _unreachable(self, error):
+    def _unreachable(self, timeout):
         """The pool waited in vain: callers fail at once for UNREACHABLE_PAUSE."""
-        self._unreachable_error = f"PostgreSQL: {error}"
+        self._unreachable_error = f"PostgreSQL: {self._why_unreachable(timeout)}"
         self._unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
         return StoreUnavailable(self._unreachable_error)
+
+    def _why_unreachable(self, timeout):
+        """The pool's timeout does not say why it has no connection: one attempt of our own does
+        (connection refused, authentication failed, ...). If that one succeeds, the pool was full."""
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.Error as error:
+            return " ".join(str(error).split())
+        return str(timeout)
 
     def reader(self):
         """A connection for reports, from the pool, in one snapshot until release().

@@ -1,4 +1,5 @@
 """What only the PostgreSQL store has: its own migrations, and databases whose collation is not C."""
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from conftest import POSTGRES
 from ingestion_api import create_app
 from postgres_store import MIGRATIONS, PostgresStore
 from processes import (REPO, environment, exit_code, free_port, log_tail, run_processor_once,
-                       start_processor)
+                       start_processor, wait_for)
 from processor import Processor
 from reports import Period
 from shared_queue import open_queue
@@ -219,6 +220,18 @@ def test_a_user_that_may_not_create_the_schema_stops_gunicorn_in_one_line(tmp_pa
     assert result.returncode != 0
     assert "cannot start: PostgreSQL: permission denied for schema" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_processor_waiting_for_postgresql_says_why_in_its_own_lines_alone(data_dir, children):
+    processor = start_processor(data_dir, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    children.append(processor)
+    wait_for(lambda: log_tail(data_dir, "processor").count("cannot start yet") >= 3, 60, "three tries")
+    processor.send_signal(signal.SIGTERM)
+    assert exit_code(processor, timeout=30) == 0
+    lines = log_tail(data_dir, "processor", size=100_000).splitlines()
+    waits = [line for line in lines if "cannot start yet" in line]
+    assert all("Connection refused" in line for line in waits), waits
+    assert not [line for line in lines if "psycopg" in line]      # no line per attempt of the pool's own
 
 
 @pytest.mark.parametrize("where", ["user", "query"])
