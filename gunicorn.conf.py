@@ -36,8 +36,10 @@ from gunicorn import util
 from gunicorn.instrument.statsd import Statsd
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
-# on_starting checks them with the other settings before gunicorn binds
-bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '5000'}"
+# on_starting checks them with the other settings before gunicorn binds. gunicorn reads
+# an IPv6 address only in brackets, where python ingestion_api.py takes it bare.
+host = (os.environ.get("HOST") or "127.0.0.1").strip("[]")
+bind = f"{f'[{host}]' if ':' in host else host}:{os.environ.get('PORT') or '5000'}"
 worker_class = "sync"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
 # gunicorn 25.1+ opens a control socket (for gunicornc) at one path per user,

@@ -76,18 +76,23 @@ def test_a_trusted_proxy_network_written_with_host_bits_is_that_network():
                                       "unix", ipaddress.ip_network("192.0.2.7/32"))
 
 
-def test_gunicorn_with_an_empty_host_listens_on_loopback_only(tmp_path):
-    """An empty HOST is unset, as for python ingestion_api.py: never every interface."""
+@pytest.mark.parametrize("host, address", [
+    ("", "127.0.0.1"),      # unset, as for python ingestion_api.py: never every interface
+    ("::1", "[::1]"),       # an IPv6 address, as python ingestion_api.py takes it
+    ("[::1]", "[::1]"),     # as gunicorn's -b takes it
+])
+def test_gunicorn_listens_on_host(tmp_path, host, address):
     port = free_port()
-    env = environment(tmp_path, HOST="", PORT=str(port), RATE_LIMIT="off")
+    env = environment(tmp_path, HOST=host, PORT=str(port), RATE_LIMIT="off")
     log = tmp_path / "gunicorn.err"
     with open(log, "wb") as err:
         process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "ingestion_api:app"],
                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                    start_new_session=True)
     try:
-        wait_for(lambda: is_healthy(f"http://127.0.0.1:{port}"), 30, "gunicorn to answer")
-        assert f"Listening at: http://127.0.0.1:{port}" in log.read_text()
+        wait_for(lambda: is_healthy(f"http://{address}:{port}") or process.poll() is not None, 30,
+                 "gunicorn to answer")
+        assert f"Listening at: http://{address}:{port}" in log.read_text(), log.read_text()
     finally:
         stop(process)
 
