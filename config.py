@@ -255,6 +255,9 @@ def _queue_url(text):
 
 
 def _database_url(text):
+    if text.startswith(POSTGRES_SCHEMES):
+        from postgres_store import check_url     # psycopg is imported only for its store
+        check_url(text)
     return _path_or(text, POSTGRES_SCHEMES)
 
 

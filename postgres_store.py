@@ -126,6 +126,24 @@ NEW_ROWS = rollups.Dialect(
 _NAMED = re.compile(r"('(?:[^']|'')*')|(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 
+def check_url(url):
+    """Raise ValueError if libpq cannot read a database URL, without connecting.
+
+    libpq finds it out only when it connects, so the programs would wait for a server that
+    is not down, logging at every try libpq's message, which quotes what it could not read:
+    in a URL with a raw @, /, % or space in its password, the password or a part of it.
+    """
+    try:
+        options = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        options = None
+    if options is None or "@" in options.get("host", "") or not all(
+            port.isdigit() for port in options.get("port", "").split(",") if port):
+        raise ValueError("libpq cannot read it: write it as postgresql://user:password@host:5432/db with "
+                         "libpq's ?parameters, and @ / % and spaces in the password percent-encoded "
+                         "(p@ss is p%40ss)")
+
+
 def to_pyformat(sql):
     """:name parameters (the form every shared query is written in) as psycopg's %(name)s."""
     return _NAMED.sub(lambda match: match[1] or f"%({match[2]})s", sql.replace("%", "%%"))

@@ -105,6 +105,25 @@ def test_a_queue_url_the_redis_client_cannot_use_is_refused_at_start(url):
         load_config(environ={"QUEUE_URL": url})
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://analytics:s3cr@t@127.0.0.1:5432/test",       # libpq takes "t@127.0.0.1" for the host
+    "postgresql://analytics:s3cr/t@127.0.0.1:5432/test",       # ... and "s3cr" for the port
+    "postgresql://analytics:s3cr%t@127.0.0.1:5432/test",
+    "postgresql://analytics:s3cr t@127.0.0.1:5432/test",
+    "postgresql://analytics@127.0.0.1:notaport/test?password=s3cret",
+    "postgresql://analytics@127.0.0.1:5432/test?strem=x&password=s3cret",
+])
+def test_a_database_url_libpq_cannot_read_is_refused_at_start_without_its_password(tmp_path, url):
+    """libpq finds it out only when it connects: the programs waited for a server that was not down,
+    logging libpq's message, with the password or a part of it, at every try."""
+    with pytest.raises(ConfigurationError, match="DATABASE_URL") as refused:
+        load_config(environ={"DATABASE_URL": url})
+    assert "s3" not in str(refused.value)
+    result = subprocess.run([sys.executable, "processor.py", "--once"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env=environment(tmp_path, DATABASE_URL=url))
+    assert (result.returncode, result.stderr) == (2, f"configuration error: {refused.value}\n")
+
+
 @pytest.mark.parametrize("name, url", [("DATABASE_URL", "mysql://root@127.0.0.1/analytics"),
                                        ("QUEUE_URL", "amqp://guest@127.0.0.1/")])
 def test_a_url_of_a_kind_we_do_not_speak_is_refused_rather_than_taken_for_a_file(name, url):
