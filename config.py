@@ -27,6 +27,7 @@ MAX_DAYS = 36_500
 USER_INFO = re.compile(r"://.*@")
 PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
 SECRET_SETTINGS = ("API_KEYS",)
+PERCENT_ENCODE_PASSWORD = "write @ / ? # % and spaces in its password percent-encoded (p/ss is p%2Fss)"
 ORIGIN_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 DEFAULT_PORTS = {"http": 80, "https": 443}       # a browser leaves them out of an origin
 UNIX_SOCKET = "unix"        # in TRUSTED_PROXIES: the peer of gunicorn -b unix:..., which has no address
@@ -353,6 +354,12 @@ def _shown(name, text):
     if name in SECRET_SETTINGS:
         return name
     return f"{name}={without_password(text)!r}"
+
+
+def host_cut_short(url):
+    """Whether a raw / ? or # in the password of url ends its host before the @: the rest of the
+    password is then read as the path or the port, which an error about them would quote."""
+    return "@" in url.partition("://")[2][len(urlsplit(url).netloc):]
 
 
 def without_password(url):

@@ -38,7 +38,7 @@ from limits import parse_many
 from limits.errors import ConfigurationError as StorageNotUsable
 from limits.storage import Storage, storage_from_string
 
-from config import REDIS_SCHEMES, ConfigurationError
+from config import PERCENT_ENCODE_PASSWORD, REDIS_SCHEMES, ConfigurationError, host_cut_short
 from ingest import ApiError
 from logs import EverySoOften
 from shared_queue import open_for_mapping
@@ -178,13 +178,13 @@ def open_storage(config):
     url = storage_uri(config)
     try:
         return storage_from_string(url)
-    except StorageNotUsable as error:
+    except (StorageNotUsable, ValueError) as error:
         problem = str(error).split(" See https://")[0]      # not its link to the library's docs
         if problem.startswith("unknown storage scheme"):     # which ends with the URL, password and all
             problem = f"unknown storage scheme {urlsplit(url).scheme!r}"
+        elif host_cut_short(url):
+            problem = PERCENT_ENCODE_PASSWORD
         raise _not_usable(problem) from None
-    except ValueError as error:
-        raise _not_usable(error) from None
 
 
 def _not_usable(problem):

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
+from config import PERCENT_ENCODE_PASSWORD, host_cut_short
 from shared_queue import Batch, QueueUnavailable
 
 log = logging.getLogger("queue")
@@ -45,6 +46,15 @@ def _split_stream(url):
 
 def check_url(url):
     """Raise ValueError naming what is wrong with a queue URL, without connecting."""
+    try:
+        _check_parts(url)
+    except ValueError:
+        if host_cut_short(url):
+            raise ValueError(PERCENT_ENCODE_PASSWORD) from None
+        raise
+
+
+def _check_parts(url):
     parts = urlsplit(url)
     if parts.scheme != "unix" and not DATABASE_NUMBER.fullmatch(parts.path):
         # the client reads a path that is no number as database 0, whatever it says

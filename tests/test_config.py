@@ -134,6 +134,10 @@ def test_a_url_of_a_kind_we_do_not_speak_is_refused_rather_than_taken_for_a_file
 @pytest.mark.parametrize("name, value", [
     ("QUEUE_URL", "redis://:s3cret@127.0.0.1:notaport/0"),
     ("QUEUE_URL", "redis://:s3cr@et@127.0.0.1:notaport/0"),
+    # a raw / ? or # ends the host early: the rest of the password is read as the path or the port
+    ("QUEUE_URL", "redis://:pass/s3cret@127.0.0.1:6379/0"),
+    ("QUEUE_URL", "redis://:s3cret?x@127.0.0.1:6379/0"),
+    ("QUEUE_URL", "redis://:s3cret#x@127.0.0.1:6379/0"),
     ("QUEUE_URL", "unix:///run/redis.sock?password=s3cret&strem=x"),
     ("DATABASE_URL", "mysql://root:s3cret@127.0.0.1/analytics"),
     ("API_KEYS", "s3cret-key \u043a\u043b\u044e\u0447"),
