@@ -38,8 +38,11 @@ from gunicorn.instrument.statsd import Statsd
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
 # on_starting checks them with the other settings before gunicorn binds. gunicorn reads
 # an IPv6 address only in brackets, where python ingestion_api.py takes it bare.
+# A PORT that is no number is left to on_starting too, which names the setting, rather than to
+# gunicorn, which would stop at once with "'abc' is not a valid port number".
 host = (os.environ.get("HOST") or "127.0.0.1").strip("[]")
-bind = f"{f'[{host}]' if ':' in host else host}:{os.environ.get('PORT') or '5000'}"
+port = os.environ.get("PORT") or "5000"
+bind = f"{f'[{host}]' if ':' in host else host}:{port if port.isdigit() else '5000'}"
 worker_class = "sync"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, os.cpu_count() or 1))
 # gunicorn 25.1+ opens a control socket (for gunicornc) at one path per user,

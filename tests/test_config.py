@@ -97,6 +97,14 @@ def test_gunicorn_listens_on_host(tmp_path, host, address):
         stop(process)
 
 
+@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+def test_gunicorn_names_a_port_it_cannot_listen_on_as_the_setting(tmp_path, port):
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "ingestion_api:app"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env=environment(tmp_path, PORT=port))
+    assert result.returncode != 0
+    assert f"configuration error: PORT='{port}' is not valid" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?strem=x", "redis://127.0.0.1:notaport/0",
                                  "redis://127.0.0.1:6379/0?stream=", "redis://127.0.0.1:6379/analytics",
                                  "rediss://127.0.0.1:6379/0/1"])
