@@ -230,7 +230,7 @@ def register_reports(app, config, store):
         log.warning("no API keys are set (API_KEYS / API_KEYS_FILE): reports under /stats are public")
     if config.cors_origins:
         CORS(app, resources={r"/stats*": {"origins": exact_origins(config.cors_origins)}},
-             allow_headers=["Authorization"], max_age=600)
+             methods=["GET", "HEAD", "OPTIONS"], allow_headers=["Authorization"], max_age=600)
 
     @app.before_request
     def require_api_key():

@@ -214,6 +214,7 @@ def test_reports_are_readable_from_a_configured_origin(config):
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://dash.example"
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert preflight.headers["Access-Control-Allow-Methods"] == "GET, HEAD, OPTIONS"     # reports are read-only
     response = client.get("/stats?site_id=s", headers={"Origin": "https://dash.example",
                                                         "Authorization": "Bearer k"})
     assert response.headers["Access-Control-Allow-Origin"] == "https://dash.example"
