@@ -24,11 +24,16 @@ import atexit
 import bisect
 import collections
 import contextlib
+import logging
 import os
 import threading
 import time
 
 from config import ConfigurationError
+from logs import EverySoOften
+from shared_queue import open_for_mapping
+
+log = logging.getLogger("metrics")
 
 API = "api"
 PROCESSOR = "processor"
@@ -60,6 +65,44 @@ def use_metrics_directory(config, role):
                 os.remove(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
+
+
+def _reserve_blocks_of_value_files():
+    """Make prometheus-client's files of values reserve their blocks on disk, as the queue's do.
+
+    It makes a file, and grows it, with truncate, which leaves it sparse: the
+    first store into a page without a block on a full disk is then a SIGBUS
+    that kills the process (an API worker, and each one gunicorn starts in its
+    place; the processor). Reserved, a full disk is an OSError where the file
+    is made or grown, which the callers answer; stores into it cannot fail.
+    """
+    from prometheus_client import mmap_dict, values
+
+    class ReservedMmapedDict(mmap_dict.MmapedDict):
+        def __init__(self, filename, read_mode=False):
+            if not read_mode:
+                try:
+                    os.close(open_for_mapping(filename, mmap_dict._INITIAL_MMAP_SIZE))
+                except OSError:
+                    # this process's own file (its pid is in the name): left empty, it would
+                    # fail every scrape that reads the directory
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(filename)
+                    raise
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key):
+            # the entry and the capacity it needs, as the base class will compute them
+            length = len(key.encode("utf-8"))
+            capacity = self._capacity
+            while self._used + 4 + length + (8 - (length + 4) % 8) + 16 > capacity:
+                capacity *= 2
+            if capacity > self._capacity:
+                os.close(open_for_mapping(self._fname, capacity))
+            super()._init_value(key)
+
+    if values.MmapedDict is mmap_dict.MmapedDict:      # once per process
+        values.MmapedDict = ReservedMmapedDict
 
 
 def _pid_of(file_name):
@@ -97,6 +140,7 @@ class ApiMetrics:
     """
 
     def __init__(self, config, queue):
+        _reserve_blocks_of_value_files()
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.config = config
@@ -113,6 +157,7 @@ class ApiMetrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self._lock = threading.Lock()
         self._pending = _Pending()
+        self._failures = EverySoOften(log)
         self._flusher = None
         os.register_at_fork(after_in_child=self._forget_flusher)
         atexit.register(self.flush)
@@ -130,28 +175,42 @@ class ApiMetrics:
     def answered(self, endpoint, status, seconds, ingest=False):
         with self._lock:
             self._start_flusher()
-            latency = self._pending.latency.get(endpoint)
-            if latency is None:
-                latency = self._pending.latency[endpoint] = [0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+            latency = self._pending.latency_of(endpoint)
             latency[0] += seconds
             latency[1][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1     # the last one: +Inf
             if ingest and status >= 400:
                 self._pending.rejected[endpoint, _reason(status)] += 1
 
     def flush(self):
-        """Write the counts kept in memory to the metrics."""
+        """Write the counts kept in memory to the metrics.
+
+        Counts whose file cannot be made or grown (a full disk) are kept for
+        the next flush and the failure logged every so often: a worker that
+        booted on a full disk writes what it counted meanwhile once there is room.
+        """
         with self._lock:
             pending, self._pending = self._pending, _Pending()
-        for endpoint, count in pending.accepted.items():
-            self.accepted.labels(endpoint).inc(count)
-        for labels, count in pending.rejected.items():
-            self.rejected.labels(*labels).inc(count)
-        for reason, count in pending.dropped.items():
-            self.dropped.labels(reason).inc(count)
-        for endpoint, (total, buckets) in pending.latency.items():
+        try:
+            self._write(pending)
+        except OSError as error:
+            with self._lock:
+                pending.add(self._pending)
+                self._pending = pending
+            self._failures.warning("metrics not written, kept for the next try: %s", error)
+
+    def _write(self, pending):
+        """Write pending's counts, taking each out once written: on an error, the rest are left."""
+        for endpoint in list(pending.accepted):
+            self.accepted.labels(endpoint).inc(pending.accepted.pop(endpoint))
+        for labels in list(pending.rejected):
+            self.rejected.labels(*labels).inc(pending.rejected.pop(labels))
+        for reason in list(pending.dropped):
+            self.dropped.labels(reason).inc(pending.dropped.pop(reason))
+        for endpoint in list(pending.latency):
             # what observe() does, once per bucket instead of once per request
             # (prometheus-client's Histogram keeps a value per bucket and one for the sum)
             histogram = self.latency.labels(endpoint)
+            total, buckets = pending.latency.pop(endpoint)
             histogram._sum.inc(total)
             for value, count in zip(histogram._buckets, buckets):
                 if count:
@@ -198,6 +257,21 @@ class _Pending:
     def __init__(self):
         self.accepted, self.rejected, self.dropped = (collections.Counter() for _ in range(3))
         self.latency = {}       # endpoint -> [sum of seconds, requests per bucket]
+
+    def latency_of(self, endpoint):
+        latency = self.latency.get(endpoint)
+        if latency is None:
+            latency = self.latency[endpoint] = [0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+        return latency
+
+    def add(self, other):
+        for mine, theirs in ((self.accepted, other.accepted), (self.rejected, other.rejected),
+                             (self.dropped, other.dropped)):
+            mine.update(theirs)
+        for endpoint, (total, buckets) in other.latency.items():
+            latency = self.latency_of(endpoint)
+            latency[0] += total
+            latency[1] = [a + b for a, b in zip(latency[1], buckets)]
 
 
 class _Both:
@@ -251,18 +325,39 @@ class QueueCollector:
 
 
 class ProcessorMetrics:
-    """The processor's batches; called after each stored batch."""
+    """The processor's batches; called after each stored batch.
+
+    Their values are made at the first batch, not at start, and a batch whose
+    values cannot be made (a disk too full for their file) is left out of them
+    and the failure logged every so often: the metrics never stop the processor.
+    """
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Histogram
+        _reserve_blocks_of_value_files()
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
-        self.sizes = Histogram("analytics_processor_batch_size", "Queued lines per stored batch",
-                               buckets=BATCH_SIZES, registry=self.registry)
-        self.durations = Histogram("analytics_processor_batch_duration_seconds",
-                                   "Time to read, store and acknowledge a batch",
-                                   buckets=BATCH_SECONDS, registry=self.registry)
+        self._histograms = None
+        self._failures = EverySoOften(log)
 
     def batch_stored(self, size, seconds):
-        self.sizes.observe(size)
-        self.durations.observe(seconds)
+        try:
+            sizes, durations = self._histograms or self._make_histograms()
+        except OSError as error:
+            self._failures.warning("batch metrics not written: %s", error)
+            return
+        sizes.observe(size)
+        durations.observe(seconds)
+
+    def _make_histograms(self):
+        from prometheus_client import Histogram
+
+        sizes = Histogram("analytics_processor_batch_size", "Queued lines per stored batch",
+                          buckets=BATCH_SIZES, registry=None)
+        durations = Histogram("analytics_processor_batch_duration_seconds",
+                              "Time to read, store and acknowledge a batch",
+                              buckets=BATCH_SECONDS, registry=None)
+        self.registry.register(sizes)
+        self.registry.register(durations)
+        self._histograms = sizes, durations
+        return self._histograms

@@ -1,3 +1,4 @@
+import os
 import uuid
 
 import psycopg
@@ -6,7 +7,7 @@ import redis
 
 from config import load_config
 from ingestion_api import create_app
-from processes import Api, stop
+from processes import Api, SmallDisk, stop
 from processor import Processor
 from shared_queue import open_queue
 from store import open_store
@@ -102,3 +103,14 @@ def children():
     yield started
     for child in reversed(started):
         stop(child.process if isinstance(child, Api) else child)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB file system of its own that the test fills up (small_disk.fill()) and frees."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a tmpfs mounted for the test, which only root may mount: "
+                    "run the tests as root (CI does) to enable")
+    disk = SmallDisk(tmp_path / "disk")
+    yield disk
+    disk.unmount()

@@ -4,6 +4,7 @@ Every child runs from the repository root with the interpreter running the
 tests, gets DATA_DIR and nothing else from the outer configuration, and is
 started in its own session so that stopping it stops its whole process group.
 """
+import errno
 import os
 import random
 import signal
@@ -209,6 +210,36 @@ def queue_files(data_dir):
     return {path.name: path.stat().st_size for path in Path(data_dir).iterdir()
             if path.name == QUEUE_NAME
             or (path.name.startswith(QUEUE_NAME + ".") and path.name.rsplit(".", 1)[1].isdigit())}
+
+
+class SmallDisk:
+    """A file system of its own (a small tmpfs) mounted at path, for a test to fill up and free.
+
+    Mounting needs root: see the small_disk fixture.
+    """
+
+    def __init__(self, path, size="16m"):
+        self.path = Path(path)
+        self.path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], check=True)
+        self._filler = self.path / "filler"
+
+    def fill(self):
+        """Take every byte left, as happens to a disk that fills up."""
+        with open(self._filler, "ab", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(bytes(64 * 1024))
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+
+    def free(self):
+        self._filler.unlink()
+
+    def unmount(self):
+        # lazily: a child that still holds a file of it lets go when it is stopped
+        subprocess.run(["umount", "--lazy", str(self.path)], check=True)
 
 
 # -- load ------------------------------------------------------------------

@@ -2,17 +2,20 @@
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from events import encode_event, validate_event
 from metrics import (FLUSH_EVERY, LATENCY_BUCKETS, PROCESSOR, ApiMetrics, ProcessorMetrics,
                      use_metrics_directory)
-from processes import Api, run_processor_once, wait_for
+from processes import Api, log_tail, run_processor_once, start_processor, stored_count, wait_for
 from processor import Processor
-from shared_queue import open_queue
+from shared_queue import FileQueue, open_queue
 from store import open_store
+from test_queue import run_on_a_full_disk
 
 EVENT = {"site_id": "s", "event_type": "page_view", "path": "/a"}
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
@@ -180,3 +183,66 @@ def test_gunicorn_workers_and_the_processor_add_up_in_one_scrape(tmp_path):
             assert value(metrics, "analytics_processor_batch_size_sum") == sent
     finally:
         api.stop()
+
+
+def test_api_workers_live_through_a_full_disk_and_count_its_503s_once_there_is_room(small_disk):
+    """prometheus-client makes its files of values sparse: the first store into a page of one
+    on a full disk was a SIGBUS that killed the worker half a second after its first request,
+    and then each worker gunicorn started in its place."""
+    api = Api(small_disk.path, workers=2)
+    try:
+        workers = wait_for(lambda: len(api.worker_pids()) == 2 and set(api.worker_pids()), 10,
+                           "gunicorn did not start its two workers")
+        small_disk.fill()
+        refused = 0
+        until = time.monotonic() + 4 * FLUSH_EVERY      # long enough for every worker to write out
+        while time.monotonic() < until:
+            response = requests.post(api.url + "/event", json=EVENT, timeout=10)
+            assert (response.status_code, response.json()) == (
+                503, {"error": "Queue unavailable, event not stored; retry later"})
+            refused += 1
+        assert set(api.worker_pids()) == workers, log_tail(small_disk.path, "gunicorn")
+        assert requests.get(api.url + "/metrics", timeout=10).status_code == 200
+        small_disk.free()
+        assert requests.post(api.url + "/event", json=EVENT, timeout=10).status_code == 200
+        wait_for(lambda: value(samples(requests.get(api.url + "/metrics", timeout=10).text),
+                               "analytics_requests_rejected_total", endpoint="/event",
+                               reason="unavailable") == refused,
+                 10, "the 503s answered while the disk was full were not counted")
+    finally:
+        api.stop()
+
+
+def test_a_processor_started_on_a_full_disk_waits_for_room_and_then_stores_every_event(
+        small_disk, children):
+    queue = FileQueue(str(small_disk.path / "event_queue.jsonl"))
+    queue.append([encode_event(validate_event(dict(EVENT, user_id=f"u{i}"))) for i in range(10)])
+    small_disk.fill()
+    processor = start_processor(small_disk.path)
+    children.append(processor)
+    wait_for(lambda: "cannot start yet" in log_tail(small_disk.path, "processor") or processor.poll(),
+             20, "the processor neither waited nor stopped")
+    assert processor.poll() is None, f"exit {processor.poll()}: " + log_tail(small_disk.path, "processor")
+    small_disk.free()
+    wait_for(lambda: stored_count(small_disk.path) == 10, 30, "the events were not stored")
+    from prometheus_client import generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+    directory = small_disk.path / "metrics" / PROCESSOR
+    wait_for(lambda: value(samples(generate_latest(MultiProcessCollector(None, str(directory))).decode()),
+                           "analytics_processor_batch_size_sum") == 10,
+             10, "the batch was not in the processor's metrics")      # written just after the commit
+
+
+def test_batch_metrics_that_cannot_be_written_are_skipped_and_said_so(tmp_path):
+    child = run_on_a_full_disk(tmp_path, """
+        import logging, os
+        logging.basicConfig(format="%(message)s")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = full
+        from metrics import ProcessorMetrics
+        fill_the_disk()
+        ProcessorMetrics().batch_stored(10, 0.5)
+        print("alive")
+    """)
+    assert (child.returncode, child.stdout) == (0, "alive\n"), child.stderr
+    assert "batch metrics not written: " in child.stderr
+    assert "No space left on device" in child.stderr
