@@ -384,13 +384,17 @@ class FileQueueConsumer:
             os.close(self._guard)
             raise QueueBusy(f"another processor is already consuming {queue.path}; "
                             f"only one processor may consume a file queue") from None
-        queue._ensure_open()
-        self.segment, self.offset, self.consumed = self._start(checkpoint)
-        self._remove_sealed_before(self.segment)
-        # the active segment is numbered one past the last sealed one
-        self._active_segment = max(self._sealed_segments() + [self.segment - 1]) + 1
-        self._held = _fingerprint(self._segment_path(self.segment), self.offset)
-        self._sync_counters()
+        try:
+            queue._ensure_open()
+            self.segment, self.offset, self.consumed = self._start(checkpoint)
+            self._remove_sealed_before(self.segment)
+            # the active segment is numbered one past the last sealed one
+            self._active_segment = max(self._sealed_segments() + [self.segment - 1]) + 1
+            self._held = _fingerprint(self._segment_path(self.segment), self.offset)
+            self._sync_counters()
+        except BaseException:
+            os.close(self._guard)       # or the processor's next try finds the queue taken
+            raise
 
     def read(self, max_items):
         """Up to max_items complete lines from the current position.

@@ -376,6 +376,17 @@ def test_a_checkpoint_without_a_fingerprint_past_the_end_of_the_queue_reads_it_f
     assert read_all(queue.consumer("0:5000:40")) == [line(i)[:-1] for i in range(3)]
 
 
+def in_a_child(action):
+    """action()'s result, run in a forked child process, whose limits it may lower."""
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    process = context.Process(target=lambda: results.put(action()))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    return results.get()
+
+
 def in_a_child_that_may_not_write_past(limit, action):
     """action()'s result, run in a child process that may not write past byte limit of any file.
 
@@ -384,19 +395,12 @@ def in_a_child_that_may_not_write_past(limit, action):
     signal that would kill the child at the limit is ignored, as the error is
     what a full disk gives.
     """
-    context = multiprocessing.get_context("fork")
-    results = context.SimpleQueue()
-
-    def child():
+    def limited():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        results.put(action())
+        return action()
 
-    process = context.Process(target=child)
-    process.start()
-    process.join(60)
-    assert process.exitcode == 0
-    return results.get()
+    return in_a_child(limited)
 
 
 def appended_or_error(queue_path, lines):
@@ -459,6 +463,27 @@ def assert_nothing_but_its_retry_is_stored(client, drain, config, path):
     assert client.get("/stats?site_id=s").get_json()["top_paths"] == [
         {"path": path, "views": 20}, {"path": "/before", "views": 4}]
     assert not os.path.exists(config.dead_letter_path)
+
+
+def test_a_consumer_that_ran_out_of_descriptors_lets_go_of_the_queue_for_its_next_try(queue_path):
+    """The processor retries a start that failed; it kept its claim on the queue all the same, and
+    its retry stopped it with "another processor is already consuming"."""
+    FileQueue(queue_path).append([line(1)])
+
+    def claim_with_one_descriptor_left_then_retry():
+        queue = FileQueue(queue_path)
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, limits[1]))
+        try:
+            queue.consumer()
+        except OSError as error:
+            failed = error.strerror
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        return failed, queue.consumer().read(10).items
+
+    assert in_a_child(claim_with_one_descriptor_left_then_retry) == ("Too many open files", [line(1)[:-1]])
 
 
 def test_the_consumer_never_reads_a_write_that_may_still_be_cut_back(queue_path):
