@@ -32,7 +32,7 @@ from events import InvalidEvent, parse_line
 from query_params import InvalidParameter, parse_day
 from reports import Period
 from retention import Retention
-from shared_queue import QueueBusy, QueueUnavailable, open_queue, private_opener
+from shared_queue import QueueBusy, QueueUnavailable, append_whole, open_queue
 from store import NotForThisStore, StoreUnavailable, open_store
 from transfer import export_events, import_file
 
@@ -139,12 +139,12 @@ class Processor:
         """Write rejected lines before their batch is stored: a crash then repeats a letter, never loses one."""
         rejected = [(line, reason) for line, reason in rejected if line not in self._dead_lettered]
         now = datetime.now(timezone.utc).isoformat()
-        with open(self.config.dead_letter_path, "ab", opener=private_opener) as file:
-            for line, reason in rejected:
-                text = line.decode("utf-8", errors="replace")
-                file.write(orjson.dumps({"reason": reason, "line": text, "at": now},
-                                        option=orjson.OPT_APPEND_NEWLINE))
-                log.warning("dead letter reason=%r line=%.200r", reason, text)
+        letters = [(line.decode("utf-8", errors="replace"), reason) for line, reason in rejected]
+        append_whole(self.config.dead_letter_path, b"".join(
+            orjson.dumps({"reason": reason, "line": text, "at": now}, option=orjson.OPT_APPEND_NEWLINE)
+            for text, reason in letters))
+        for text, reason in letters:
+            log.warning("dead letter reason=%r line=%.200r", reason, text)
         self._dead_lettered.update(line for line, _ in rejected)
         self.dead += len(rejected)
 

@@ -671,9 +671,24 @@ def _map(path, length):
         os.close(fd)
 
 
-def private_opener(path, flags):
-    """open(..., opener=private_opener) creates a file that holds events: see PRIVATE."""
-    return os.open(path, flags, PRIVATE)
+def append_whole(path, data):
+    """Append data to a file that holds events (made private: see PRIVATE), whole or not at all.
+
+    A write cut short (the disk filled up) is cut back off: the next one would
+    otherwise carry on its torn last line. The lock keeps processors that share
+    the file from cutting back each other's lines.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def open_for_mapping(path, length):

@@ -13,6 +13,7 @@ from processes import exit_code, hold_write_lock, log_tail, start_processor
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
+from test_queue import in_a_child_that_may_not_write_past
 
 
 def event(i, site="s"):
@@ -115,6 +116,26 @@ def test_a_batch_retried_after_an_outage_writes_its_dead_letters_once(config, qu
     with open(config.dead_letter_path, "rb") as file:
         assert [orjson.loads(line)["line"] for line in file] == ["not json"]
     assert processor.dead == 1
+    assert stored_user_ids(config) == ["u1", "u2"]
+
+
+def test_dead_letters_cut_short_by_a_full_disk_are_cut_off_and_written_whole_by_the_retry(
+        config, queue, processor):
+    bad = [b'{"site_id": "%d", "padding": "%s"}' % (i, b"x" * 3000) for i in range(2)]
+    queue.append([event(1), bad[0] + b"\n", bad[1] + b"\n", event(2)])
+
+    def step():
+        try:
+            processor.step()
+        except OSError as error:
+            return error.strerror
+    room_for_one_and_a_half_letters = 4800
+
+    assert in_a_child_that_may_not_write_past(room_for_one_and_a_half_letters, step) == "File too large"
+    processor.run(once=True)            # the retry, once there is room
+
+    with open(config.dead_letter_path, "rb") as file:
+        assert [orjson.loads(letter)["line"].encode() for letter in file] == bad
     assert stored_user_ids(config) == ["u1", "u2"]
 
 
