@@ -12,6 +12,7 @@ A record with an exception adds "exception", its traceback. The processor
 uses formatter(); gunicorn.conf.py gives gunicorn these formatters, and the
 API's own lines go through log_to_stderr() in either format.
 """
+import contextlib
 import fcntl
 import logging
 import logging.handlers
@@ -54,24 +55,56 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
     def emit(self, record):
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            if self.stream is not None and self._rotated_elsewhere():
-                self.stream.close()
-                self.stream = self._open()
-            super().emit(record)
+            if self.stream is not None and _moved_away(self):
+                _close_moved_away(self)
+            super().emit(record)        # opens the new file
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _rotated_elsewhere(self):
-        try:
-            return os.stat(self.baseFilename).st_ino != os.fstat(self.stream.fileno()).st_ino
-        except FileNotFoundError:
-            return True
 
     def close(self):
         super().close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class WatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """The standard handler, but reopening a log moved away (logrotate) that fails is an error
+    of the line logged, not of the caller: the standard one reopens outside emit's handling."""
+
+    def reopenIfNeeded(self):
+        if self.stream is not None and _moved_away(self):
+            _close_moved_away(self)
+        if self.stream is None:
+            self.stream = self._open()
+            self._statstream()
+
+    def emit(self, record):
+        try:
+            self.reopenIfNeeded()
+        except OSError:
+            self.handleError(record)
+            return
+        logging.FileHandler.emit(self, record)
+
+
+def _moved_away(handler):
+    try:
+        return os.stat(handler.baseFilename).st_ino != os.fstat(handler.stream.fileno()).st_ino
+    except FileNotFoundError:
+        return True
+
+
+def _close_moved_away(handler):
+    """Close the file a handler writes to once it was moved away; its next line opens the new one.
+
+    Lines still in its buffer are those a full disk had no room for, already
+    reported as they failed (handleError): flushing them again would raise
+    their error in whatever the program was logging from.
+    """
+    stream, handler.stream = handler.stream, None
+    with contextlib.suppress(OSError):
+        stream.close()
 
 
 class EverySoOften:

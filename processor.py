@@ -13,7 +13,6 @@ are not valid events go to the dead-letter file with their reason.
 """
 import argparse
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -186,7 +185,7 @@ def log_file_handler(config):
     if config.log_max_bytes:
         return logs.SharedRotatingFileHandler(config.processor_log_path, backupCount=LOG_BACKUPS,
                                               maxBytes=config.log_max_bytes)
-    return logging.handlers.WatchedFileHandler(config.processor_log_path)
+    return logs.WatchedFileHandler(config.processor_log_path)
 
 
 def install_signal_handlers(processor):

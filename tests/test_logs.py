@@ -2,6 +2,7 @@
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -20,7 +21,9 @@ from logs import AccessJsonFormatter, JsonFormatter, formatter, scrub
 from processes import (REPO, Api, environment, free_port, is_healthy, run_processor_once, start_processor,
                        stop, wait_for)
 from retention import utc_today
+from processor import log_file_handler
 from shared_queue import open_queue
+from test_queue import in_a_child_that_may_not_write_past
 
 BASIC_FIELDS = {"time", "level", "logger", "pid", "message"}
 
@@ -392,6 +395,36 @@ def test_processors_that_share_the_log_file_rotate_it_without_losing_a_line(data
     written = sorted((writer, number) for writer in range(3) for number in range(100))
     assert sorted((int(line.split("writer=")[1].split()[0]), int(line.split("line=")[1]))
                   for line in lines) == written
+
+
+@pytest.mark.parametrize("max_bytes", [4000, 0], ids=["rotated here", "rotated by logrotate"])
+def test_a_line_logged_after_the_log_was_moved_away_while_the_disk_was_full_never_fails_the_caller(
+        data_dir, max_bytes):
+    """The lines the full disk had no room for stay in the file's buffer; closing the file moved
+    away (by another processor's rotation, or logrotate) to open the new one raised their error
+    in whatever the processor was logging from, and stopped it."""
+    config = load_config(environ={"PROCESSOR_LOG_MAX_BYTES": str(max_bytes)}, data_dir=str(data_dir))
+    log_file = data_dir / "processor.log"
+
+    def log_on_a_full_disk_then_after_a_move_then_with_room():
+        handler = log_file_handler(config)
+        handler.handleError = lambda record: None       # what the standard handlers do, quietly
+        logger = logging.getLogger("moved-away")
+        logger.addHandler(handler)
+        logger.warning("a line the full disk has no room for: %s", "x" * 1000)
+        log_file.rename(data_dir / "processor.log.1")
+        try:
+            logger.warning("a line after the move")
+        except OSError as error:
+            return error.strerror
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        logger.warning("a line with room")
+        return "logged"
+
+    assert in_a_child_that_may_not_write_past(
+        500, log_on_a_full_disk_then_after_a_move_then_with_room) == "logged"
+    assert log_file.read_text().endswith("a line with room\n")
 
 
 def processor_once(data_dir, log_file):
