@@ -405,8 +405,9 @@ class SQLiteStore:
     def atomic(self):
         """One write transaction; IMMEDIATE so two writers queue instead of deadlocking.
 
-        A write lock held past the busy timeout is an outage to wait out (the
-        caller logs one line and retries), not a bug to show a traceback for.
+        A write lock held past the busy timeout, and a disk with no room for the
+        write, are outages to wait out (the caller logs one line and retries),
+        not bugs to show a traceback for.
         """
         connection = self.connection
         try:
@@ -418,10 +419,13 @@ class SQLiteStore:
                             "a migration, rebuild-rollups)") from error
         try:
             yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
+            connection.execute("COMMIT")
+        except BaseException as error:
+            if connection.in_transaction:       # SQLite may have ended it (a full disk may)
+                connection.execute("ROLLBACK")
+            if getattr(error, "sqlite_errorname", None) == "SQLITE_FULL":
+                raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
             raise
-        connection.execute("COMMIT")
 
     def migrate(self):
         """Bring the schema up to date; StoreUnavailable while another program holds the database.

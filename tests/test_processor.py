@@ -1,6 +1,7 @@
 """The processor, driven one step at a time."""
 import re
 import shutil
+import signal
 import sqlite3
 import threading
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from config import load_config
 from events import encode_event, validate_event
-from processes import exit_code, hold_write_lock, log_tail, start_processor
+from processes import (duplicated_user_ids, exit_code, hold_write_lock, log_tail, queue_counters,
+                       start_processor, stored_count, wait_for)
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
@@ -287,6 +290,29 @@ def test_an_outage_is_logged_in_one_line_per_retry_and_the_batch_stored_after(co
         "batch failed; retrying in 0.2s: PostgreSQL: server closed the connection unexpectedly"]
     assert all(record.exc_info is None for record in retries)
     assert stored_user_ids(config) == ["u0", "u1", "u2"]
+
+
+def test_a_database_whose_disk_fills_up_is_an_outage_logged_in_one_line_and_every_event_is_stored_once_after(
+        small_disk, children):
+    processor = start_processor(small_disk.path)
+    children.append(processor)
+    wait_for(lambda: "processor started" in log_tail(small_disk.path, "processor"), 30,
+             "the processor did not start")
+    processor.send_signal(signal.SIGSTOP)       # the events come, and the disk fills up, at once
+    queue = open_queue(load_config(environ={}, data_dir=str(small_disk.path)))
+    queue.append([event(i) for i in range(5000)])
+    small_disk.fill()
+    processor.send_signal(signal.SIGCONT)
+    wait_for(lambda: "database or disk is full" in log_tail(small_disk.path, "processor"), 30,
+             "the processor did not fail its batch")
+    small_disk.free()
+    wait_for(lambda: stored_count(small_disk.path) == 5000, 30, "the events were not stored")
+    assert duplicated_user_ids(small_disk.path) == []
+    assert queue_counters(small_disk.path) == (5000, 5000)
+    log = log_tail(small_disk.path, "processor", size=100_000)
+    assert "Traceback" not in log
+    assert re.search(r"WARNING processor .* batch failed; retrying in [0-9.]+s: SQLite \S+analytics.db: "
+                     r"database or disk is full\n", log)
 
 
 class WaitsAtOnce(threading.Event):
