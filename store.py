@@ -26,7 +26,7 @@ from config import POSTGRES_SCHEMES
 from enrich import NOTHING
 from rollups import ROW_COLUMNS
 from reports import RawReports, RollupReports
-from shared_queue import private_opener
+from shared_queue import PRIVATE
 
 log = logging.getLogger("store")
 REBUILD_CHUNK = 100_000
@@ -262,7 +262,7 @@ def _create_private(path):
     gives its -wal and -shm files the database's mode. An existing file keeps its mode, and a
     file that cannot be made is left for SQLite to report."""
     try:
-        os.close(private_opener(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE))
     except OSError:
         pass
 
