@@ -205,12 +205,15 @@ class FileQueue:
             self._fd = self._lock_fd = self._lock_map = self._state = None
             self._pid = os.getpid()
         if self._fd is None:
-            # the state first: when the disk is too full for it, no descriptor is left open
-            self._state = _map(self.path + ".state", _STATE_SIZE)
-            self._state_inode = os.stat(self.path + ".state").st_ino
-            self._lock_fd = open_for_mapping(self.path + ".lock", _WHOLE_END.size)
-            self._lock_map = mmap.mmap(self._lock_fd, _WHOLE_END.size)
-            self._open_active()
+            try:
+                self._state = _map(self.path + ".state", _STATE_SIZE)
+                self._state_inode = os.stat(self.path + ".state").st_ino
+                self._lock_fd = open_for_mapping(self.path + ".lock", _WHOLE_END.size)
+                self._lock_map = mmap.mmap(self._lock_fd, _WHOLE_END.size)
+                self._open_active()
+            except BaseException:
+                self._close_files()       # or each try (every /health) leaves descriptors open
+                raise
 
     def _follow_state_file(self):
         """Map the state file again if it was replaced (an operator deleted it).

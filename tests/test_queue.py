@@ -128,6 +128,18 @@ def test_only_one_consumer_at_a_time(queue_path):
     FileQueue(queue_path).consumer().close()
 
 
+def test_a_queue_file_that_cannot_be_opened_leaves_no_descriptor_open_at_each_try(queue_path):
+    os.mkdir(queue_path)       # no file can be opened there, whoever runs the tests
+    queue = FileQueue(queue_path)
+    with pytest.raises(QueueUnavailable):
+        queue.size()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):         # /health and /metrics ask on every call
+        with pytest.raises(QueueUnavailable):
+            queue.size()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_size_counts_acknowledged_but_unconsumed_events(queue_path):
     queue = FileQueue(queue_path)
     queue.append([line(i) for i in range(5)])
