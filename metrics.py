@@ -305,6 +305,7 @@ class QueueCollector:
 
     def __init__(self, queue):
         self.queue = queue
+        self._failures = EverySoOften(log)
 
     def describe(self):
         return []
@@ -315,7 +316,8 @@ class QueueCollector:
         from shared_queue import QueueUnavailable
         try:
             size, age = self.queue.size(), self.queue.oldest_age()
-        except QueueUnavailable:
+        except (QueueUnavailable, OSError) as error:     # the other metrics are answered all the same
+            self._failures.warning("queue gauges left out: %s", error)
             return
         yield GaugeMetricFamily("analytics_queue_size", "Acknowledged events not yet stored",
                                 value=size)

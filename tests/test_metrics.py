@@ -5,6 +5,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -92,6 +93,15 @@ def test_counts_reach_the_metrics_within_the_flush_interval_without_a_scrape(con
     wait_for(lambda: value(samples(generate_latest(metrics.registry).decode()),
                            "analytics_events_accepted_total", endpoint="/event") == 7,
              FLUSH_EVERY * 10, "the counts were never written")
+
+
+@pytest.mark.embedded
+def test_a_queue_that_cannot_be_read_leaves_its_gauges_out_and_the_rest_is_answered(client, config):
+    assert client.post("/events", json=[EVENT] * 2).status_code == 200
+    os.mkdir(f"{config.queue_path}.0")     # where the oldest event would be: no file can be read there
+    metrics = scrape(client)
+    assert value(metrics, "analytics_events_accepted_total", endpoint="/events") == 2
+    assert ("analytics_queue_size", frozenset()) not in metrics
 
 
 def test_queue_size_and_processor_lag_follow_the_queue(client, drain):
