@@ -48,8 +48,11 @@ def _import_from(store, source, file, position, bar, sites):
     stored = rejected = 0
     last_report = time.monotonic()
     while True:
-        rows, start = [], position.offset
+        rows, start, unfinished = [], position.offset, False
         for line in _lines(file, IMPORT_BATCH):
+            if not line.endswith(b"\n") and line.strip() and not _is_json(line):
+                unfinished = True       # the writer has not finished it: read it whole next time
+                break
             position.advance(line)
             if not line.strip():
                 continue
@@ -60,7 +63,7 @@ def _import_from(store, source, file, position, bar, sites):
                 log.warning("import line %d rejected: %s", position.line_number, error)
                 continue
             rows.append(tuple(event[column] for column in EVENT_COLUMNS) + (event["id"],) + NOTHING)
-        if position.offset == start:
+        if position.offset == start and not unfinished:
             return stored, rejected
         store.write(rows, source, str(position))
         stored += len(rows)
@@ -70,6 +73,18 @@ def _import_from(store, source, file, position, bar, sites):
             log.info("import progress bytes=%d of %d stored=%d rejected=%d",
                      position.offset, bar.total, stored, rejected)
             last_report = time.monotonic()
+        if unfinished:
+            log.warning("import line %d left for the next run: it has no newline and is not JSON "
+                        "(is the file still being written?)", position.line_number + 1)
+            return stored, rejected + 1
+
+
+def _is_json(line):
+    try:
+        parse_json(line)
+    except InvalidEvent:
+        return False
+    return True
 
 
 class _Position:

@@ -84,6 +84,24 @@ def test_rerunning_an_import_never_counts_twice(config, tmp_path):
     assert count_events(config) == 50
 
 
+def test_the_unfinished_last_line_of_a_file_still_being_written_is_left_for_the_next_run(config, tmp_path):
+    path = tmp_path / "in.jsonl"
+    events_file(path, 3)
+    with open(path, "ab") as file:
+        file.write(b'{"site_id": "imp", "event_type": "page_view", "path": "/la')
+    result = run_processor(config, "import", str(path))
+    assert result.returncode == 3, result.stderr
+    assert "import line 4 left for the next run: it has no newline and is not JSON" in result.stderr
+    assert "stored=3 rejected=1" in result.stderr
+    with open(path, "ab") as file:
+        file.write(b'st"}\n{"site_id": "imp", "event_type": "page_view", "path": "/after"}\n')
+    result = run_processor(config, "import", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "stored=2 rejected=0" in result.stderr
+    paths = sqlite3.connect(config.database_path).execute("SELECT path FROM events ORDER BY id").fetchall()
+    assert paths == [("/p0",), ("/p1",), ("/p2",), ("/last",), ("/after",)]
+
+
 def test_an_interrupted_import_resumes_where_it_stopped(config, tmp_path, monkeypatch):
     events_file(tmp_path / "in.jsonl", 95)
     monkeypatch.setattr(transfer, "IMPORT_BATCH", 10)
