@@ -23,6 +23,9 @@ from events import EVENT_COLUMNS, InvalidEvent, parse_json, validate_event
 log = logging.getLogger("transfer")
 IMPORT_BATCH = 10_000
 READ_CHUNK = 1024 * 1024
+# no event needs a line this long (POST /event takes 64 KiB); a longer one, such as a whole
+# JSON array on one line, is rejected without being read into memory, which took 8 times its size
+MAX_LINE_BYTES = 1024 * 1024
 PROGRESS_EVERY = 5.0        # seconds between progress lines when there is no bar (not a terminal)
 
 
@@ -50,6 +53,13 @@ def _import_from(store, source, file, position, bar, sites):
     while True:
         rows, start, unfinished = [], position.offset, False
         for line in _lines(file, IMPORT_BATCH):
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                position.advance(line)
+                position.skip_rest_of_line(file)
+                rejected += 1
+                log.warning("import line %d rejected: longer than %d bytes", position.line_number,
+                            MAX_LINE_BYTES)
+                continue
             if not line.endswith(b"\n") and line.strip() and not _is_json(line):
                 unfinished = True       # the writer has not finished it: read it whole next time
                 break
@@ -98,6 +108,14 @@ class _Position:
         self.line_number += 1
         self.crc = zlib.crc32(line, self.crc)
 
+    def skip_rest_of_line(self, file):
+        """Read on to the end of the line whose first part was the last advance."""
+        while chunk := file.readline(READ_CHUNK):
+            self.offset += len(chunk)
+            self.crc = zlib.crc32(chunk, self.crc)
+            if chunk.endswith(b"\n"):
+                return
+
     def __str__(self):
         return f"{self.offset}:{self.line_number}:{self.crc:08x}"
 
@@ -131,9 +149,12 @@ def _prefix_crc(file, offset):
 
 
 def _lines(file, count):
-    """Up to count complete lines; a last line without a newline counts as complete at EOF."""
+    """Up to count complete lines; a last line without a newline counts as complete at EOF.
+
+    A line over MAX_LINE_BYTES comes as its first MAX_LINE_BYTES + 1 bytes, without its newline.
+    """
     for _ in range(count):
-        line = file.readline()
+        line = file.readline(MAX_LINE_BYTES + 1)
         if not line:
             return
         yield line

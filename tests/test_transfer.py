@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tracemalloc
 from datetime import date
 
 import orjson
@@ -100,6 +101,36 @@ def test_the_unfinished_last_line_of_a_file_still_being_written_is_left_for_the_
     assert "stored=2 rejected=0" in result.stderr
     paths = sqlite3.connect(config.database_path).execute("SELECT path FROM events ORDER BY id").fetchall()
     assert paths == [("/p0",), ("/p1",), ("/p2",), ("/last",), ("/after",)]
+
+
+def a_json_array_file(path):
+    """600,000 events as a JSON array on one line (35 MB), as other tools export, then two lines."""
+    event = orjson.dumps({"site_id": "imp", "event_type": "page_view", "path": "/p"})
+    path.write_bytes(b"[" + b",".join([event] * 600_000) + b"]\n" + event + b"\n{}\n")
+
+
+def test_a_json_array_given_to_import_is_rejected_as_a_line_too_long(config, tmp_path):
+    a_json_array_file(tmp_path / "events.json")
+    result = run_processor(config, "import", str(tmp_path / "events.json"))
+    assert result.returncode == 3, result.stderr
+    assert f"import line 1 rejected: longer than {transfer.MAX_LINE_BYTES} bytes" in result.stderr
+    assert "import line 3 rejected: Missing required field: site_id" in result.stderr
+    assert "stored=1 rejected=2" in result.stderr
+    result = run_processor(config, "import", str(tmp_path / "events.json"))
+    assert (result.returncode, count_events(config)) == (0, 1), result.stderr
+
+
+def test_a_line_too_long_is_never_read_into_memory(config, tmp_path):
+    a_json_array_file(tmp_path / "events.json")
+    store = open_store(config)
+    store.migrate()
+    tracemalloc.start()
+    try:
+        assert transfer.import_file(store, str(tmp_path / "events.json"), show_progress=False) == (1, 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024       # the file is 35 MB
 
 
 def test_an_interrupted_import_resumes_where_it_stopped(config, tmp_path, monkeypatch):
