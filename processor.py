@@ -253,6 +253,7 @@ def run_command(args, config):
     if args.command == "backup":
         return back_up(store, args.file)
     if args.command == "export":
+        sys.stdout.reconfigure(encoding="utf-8")    # JSON lines are UTF-8, whatever the locale
         count = export_events(store.connect(readonly=True), sys.stdout, args.site, export_period(args),
                               args.format)
         log.info("export finished site=%s events=%d", args.site, count)

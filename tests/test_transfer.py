@@ -226,6 +226,19 @@ def test_export_streams_json_lines_for_a_range(config, tmp_path):
     assert set(lines[0]) == {"site_id", "event_type", "path", "user_id", "timestamp"}
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_writes_utf_8_whatever_the_locale(config, tmp_path, fmt):
+    event = {"site_id": "imp", "event_type": "page_view", "path": "/ü€😀,\"\n", "user_id": "ж",
+             "timestamp": "2025-02-01T12:00:00.000Z"}
+    (tmp_path / "in.jsonl").write_bytes(orjson.dumps(event) + b"\n")
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    result = run_processor(config, "export", "--site", "imp", "--format", fmt, PYTHONIOENCODING="latin-1")
+    assert result.returncode == 0, result.stderr
+    exported = ([orjson.loads(line) for line in result.stdout.splitlines()] if fmt == "jsonl"
+                else list(csv.DictReader(io.StringIO(result.stdout, newline=""))))
+    assert exported == [event]
+
+
 def test_export_read_only_in_part_ends_quietly(config, tmp_path):
     events_file(tmp_path / "in.jsonl", 5000)        # more than a pipe holds
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
