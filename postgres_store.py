@@ -36,6 +36,7 @@ JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
 # long: a sync API worker waiting 5 s per report or browser event during an outage is a
 # worker not taking POST /event, which needs no database
 UNREACHABLE_PAUSE = 2.0
+STREAM_ROWS = 5000                  # rows per round trip of stream()
 MIGRATION_LOCK = 7_243_001          # pg_advisory_xact_lock key: one migrator at a time
 
 COLUMN_TYPES = {"scroll_depth": "INTEGER", "engaged_ms": "INTEGER"}
@@ -348,6 +349,17 @@ class PostgresStore:
     def reports(self, connection, raw=False):
         return RawReports(connection, JSON_VALUE) if raw else RollupReports(
             connection, sharded=True, value_key="value_key({})")     # see MIGRATIONS
+
+    def stream(self, sql, params):
+        """As SQLiteStore.stream: in chunks of rows, where a plain query would hold them all in memory
+        (an export of a few million events took gigabytes)."""
+        connection = self.connect(readonly=True)
+        try:
+            yield from connection.raw.cursor().stream(to_pyformat(sql), params, size=STREAM_ROWS)
+        except psycopg.OperationalError as error:
+            raise StoreUnavailable(f"PostgreSQL: {error}") from error
+        finally:
+            connection.close()
 
     def rebuild_rollups(self, progress=None):
         with self.atomic() as connection:

@@ -254,8 +254,7 @@ def run_command(args, config):
         return back_up(store, args.file)
     if args.command == "export":
         sys.stdout.reconfigure(encoding="utf-8")    # JSON lines are UTF-8, whatever the locale
-        count = export_events(store.connect(readonly=True), sys.stdout, args.site, export_period(args),
-                              args.format)
+        count = export_events(store, sys.stdout, args.site, export_period(args), args.format)
         log.info("export finished site=%s events=%d", args.site, count)
         return 0
     with tqdm(total=None, unit="events", unit_scale=True, desc="rebuild",

@@ -8,6 +8,7 @@ chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
                                           position, in one transaction
     store.checkpoint(queue)               the position stored with the last write
     store.reports(connection)             the report queries (reports.py)
+    store.stream(sql, params)             the rows of a query as they are read (export)
     store.rebuild_rollups(progress)       recompute every rollup from the events
     store.delete_before(table, day, ...)  retention: one window of old rows deleted
 """
@@ -504,6 +505,14 @@ class SQLiteStore:
 
     def reports(self, connection, raw=False):
         return (RawReports if raw else RollupReports)(connection)
+
+    def stream(self, sql, params):
+        """The rows of a read-only query, one by one as they are read: never all in memory."""
+        connection = self.connect(readonly=True)
+        try:
+            yield from connection.execute(sql, params)
+        finally:
+            connection.close()
 
     def rebuild_rollups(self, progress=None):
         """Recompute every rollup from the events table, in one transaction."""

@@ -169,24 +169,22 @@ def _spreadsheet_cell(value):
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def export_events(connection, out, site_id, period, fmt="jsonl"):
-    """Stream the events of a site (and period) in id order; returns how many."""
+def export_events(store, out, site_id, period, fmt="jsonl"):
+    """Stream the events of a site (and period) in time order; returns how many."""
     # :name parameters, the one form both stores take (postgres_store.to_pyformat)
     sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE site_id = :site_id"
     params = {"site_id": site_id}
     if not period.all_time:
         sql += " AND timestamp >= :first_ts AND timestamp <= :last_ts"
         params.update(period.timestamp_bounds())
-    cursor = connection.execute(sql + " ORDER BY timestamp, id", params)
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:
         writer.writerow(EVENT_COLUMNS)
     count = 0
-    while rows := cursor.fetchmany(5000):
-        for row in rows:
-            if writer:
-                writer.writerow([_spreadsheet_cell(value) for value in row])
-            else:
-                out.write(orjson.dumps(dict(zip(EVENT_COLUMNS, row))).decode() + "\n")
-        count += len(rows)
+    for row in store.stream(sql + " ORDER BY timestamp, id", params):
+        if writer:
+            writer.writerow([_spreadsheet_cell(value) for value in row])
+        else:
+            out.write(orjson.dumps(dict(zip(EVENT_COLUMNS, row))).decode() + "\n")
+        count += 1
     return count

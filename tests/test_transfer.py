@@ -289,15 +289,38 @@ def test_export_from_a_postgresql_store(tmp_path, postgres_database):
     store = PostgresStore(postgres_database)
     store.migrate()
     transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False)
-    out, connection = io.StringIO(), store.connect(readonly=True)
+    out = io.StringIO()
     try:
         period = Period(date(2025, 2, 1), date(2025, 2, 2))
-        assert transfer.export_events(connection, out, "imp", period) == 4
+        assert transfer.export_events(store, out, "imp", period) == 4
     finally:
-        connection.close()
         store.close()
     assert {orjson.loads(line)["timestamp"][:10] for line in out.getvalue().splitlines()} == {
         "2025-02-01", "2025-02-02"}
+
+
+# runs processor.py with its arguments, then writes its peak memory (kB) to stderr; the
+# kernel's VmHWM starts afresh at exec, while wait4's ru_maxrss counts the test's own at the fork
+PEAK_MEMORY = ("import atexit, runpy, sys; sys.argv[0] = 'processor.py'; atexit.register(lambda: print("
+               "'peak', next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')).split()[1],"
+               " file=sys.stderr)); runpy.run_path('processor.py', run_name='__main__')")
+
+
+def test_export_from_a_postgresql_store_never_holds_every_event_in_memory(tmp_path, postgres_database):
+    store = PostgresStore(postgres_database)
+    store.migrate()
+    with store.atomic() as connection:
+        connection.execute("INSERT INTO events (site_id, event_type, path, user_id, timestamp, event_id) "
+                           "SELECT 'imp', 'page_view', '/some/page/' || g % 1000, 'user' || g, "
+                           "'2025-02-01T12:00:00.000Z', 'id' || g FROM generate_series(1, 1000000) AS g")
+    store.close()
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, "export", "--site", "imp"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                            env={**os.environ, "DATA_DIR": str(tmp_path), "DATABASE_URL": postgres_database})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(b"\n") == 1_000_000
+    peak = int(result.stderr.split()[-1])
+    assert peak < 150 * 1024, f"peak memory {peak} kB"        # the processor's budget
 
 
 def test_export_as_csv_round_trips_every_event(config, tmp_path):
@@ -305,7 +328,7 @@ def test_export_as_csv_round_trips_every_event(config, tmp_path):
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
     out = io.StringIO()
     store = open_store(config)
-    assert transfer.export_events(store.connection, out, "imp", Period(), "csv") == 30
+    assert transfer.export_events(store, out, "imp", Period(), "csv") == 30
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert len(rows) == 30 and rows[0]["site_id"] == "imp"
 
@@ -322,12 +345,12 @@ def test_export_as_csv_keeps_a_spreadsheet_from_running_event_values_as_formulas
     run_processor(config, "import", str(tmp_path / "in.jsonl"))
     store = open_store(config)
     out = io.StringIO()
-    transfer.export_events(store.connection, out, "imp", Period(), "csv")
+    transfer.export_events(store, out, "imp", Period(), "csv")
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [row["path"] for row in rows] == ["'" + value for value in HOSTILE_CELLS]
     assert [row["user_id"] for row in rows] == [row["event_type"] for row in rows]
     out = io.StringIO()
-    transfer.export_events(store.connection, out, "imp", Period())       # JSON lines: as stored
+    transfer.export_events(store, out, "imp", Period())       # JSON lines: as stored
     assert [orjson.loads(line)["path"] for line in out.getvalue().splitlines()] == HOSTILE_CELLS
 
 
