@@ -28,7 +28,7 @@ import logs
 from config import ConfigurationError, load_config, warn_of_misspelled_settings
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
-from query_params import InvalidParameter, parse_day
+from query_params import parse_day
 from reports import Period
 from retention import Retention
 from shared_queue import QueueBusy, QueueUnavailable, append_whole, open_queue
@@ -236,10 +236,7 @@ def export_period(args):
     """
     if args.start is None and args.end is None:
         return Period()
-    start, end = args.start or date.min, args.end or date.max
-    if start > end:
-        raise InvalidParameter(f"--to {end} is before --from {start}")
-    return Period(start, end)
+    return Period(args.start or date.min, args.end or date.max)
 
 
 def run_command(args, config):
@@ -282,7 +279,10 @@ def back_up(store, destination):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and args.start and args.end and args.start > args.end:
+        parser.error(f"--to {args.end} is before --from {args.start}")
     try:
         config = load_config()
     except ConfigurationError as error:
@@ -306,7 +306,7 @@ def main(argv=None):
             # goes nowhere so that flushing it at exit does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + signal.SIGPIPE
-        except (InvalidParameter, OSError, NotForThisStore, StoreUnavailable) as error:
+        except (OSError, NotForThisStore, StoreUnavailable) as error:
             log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2
         except KeyboardInterrupt as stop:

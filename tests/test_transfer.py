@@ -271,10 +271,13 @@ def test_export_takes_any_range_and_either_end_alone(config, tmp_path, bounds, f
     (["--from", "2025-02-03", "--to", "2025-02-01"], "--to 2025-02-01 is before --from 2025-02-03"),
     (["--from", "2025-02-30"], "argument --from: expected a date as YYYY-MM-DD, got '2025-02-30'"),
 ])
-def test_export_refuses_a_bad_range_in_the_words_of_its_options(config, bounds, error):
+def test_export_refuses_a_bad_range_in_the_words_of_its_options_before_it_opens_the_database(
+        config, bounds, error):
     result = run_processor(config, "export", "--site", "imp", *bounds)
     assert result.returncode == 2
+    assert result.stderr.startswith("usage: processor.py")
     assert result.stderr.splitlines()[-1].endswith(error)
+    assert not os.path.exists(config.database_path)
 
 
 def test_export_of_the_last_day_there_is(config, tmp_path):
