@@ -272,9 +272,10 @@ class PostgresStore:
             self._pool.close()
         self._pool = self._pid = None
 
-    def migrate(self):
+    def migrate(self, create=True):
         """Bring the schema up to date; a schema already current takes no DDL, so that a login
-        that may only read and write rows runs on a schema its owner migrated."""
+        that may only read and write rows runs on a schema its owner migrated. (create is
+        SQLiteStore's: a server's database is there before any program connects.)"""
         try:
             with self.atomic() as connection:
                 connection.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")

@@ -241,7 +241,7 @@ def export_period(args):
 
 def run_command(args, config):
     store = open_store(config)
-    store.migrate()
+    store.migrate(create=args.command == "import")
     if args.command == "import":
         stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty(),
                                        sites=config.sites)

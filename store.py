@@ -428,13 +428,19 @@ class SQLiteStore:
                 raise StoreUnavailable(f"SQLite {self.path}: {error}") from error
             raise
 
-    def migrate(self):
+    def migrate(self, create=True):
         """Bring the schema up to date; StoreUnavailable while another program holds the database.
 
         A schema already up to date takes no write lock: an API worker that
         starts (a reload, a worker replaced) while rebuild-rollups holds the
-        lock for minutes must boot all the same.
+        lock for minutes must boot all the same. Without create, a database
+        file that is not there is StoreUnavailable instead of made: a command
+        that reads one (export, backup), run from the wrong directory, would
+        read an empty one and succeed.
         """
+        if not create and not os.path.exists(self.path):
+            raise StoreUnavailable(f"SQLite {self.path}: no database there; set DATA_DIR (or DATABASE_URL) "
+                                   "to where the processor keeps it", lasting=True)
         version = self.schema_version()
         if version > len(MIGRATIONS):
             raise NewerSchema(self.path, version, len(MIGRATIONS))

@@ -372,6 +372,7 @@ def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tm
     from events import encode_event, validate_event
     from shared_queue import open_queue, parse_checkpoint
     queue = open_queue(config)
+    open_store(config).migrate()
     environment = {**os.environ, "DATA_DIR": config.data_dir}
     processor = subprocess.Popen([sys.executable, "processor.py"], cwd=ROOT, env=environment,
                                  stderr=subprocess.DEVNULL)
@@ -411,6 +412,7 @@ def test_backup_creates_the_directories_it_names(config, tmp_path):
 @pytest.mark.parametrize("obstacle", ["a file where its directory goes", "a directory where it is written"])
 def test_a_backup_that_cannot_be_written_fails_in_one_line_naming_the_file(config, tmp_path, obstacle):
     copy = tmp_path / "backups" / "copy.db"
+    open_store(config).migrate()
     if obstacle.startswith("a file"):
         (tmp_path / "backups").write_text("")
     else:
@@ -429,8 +431,20 @@ def test_a_command_whose_sqlite_store_cannot_be_opened_fails_in_one_line(config,
     result = run_processor(config, *args, DATABASE_URL="/nonexistent/dir/a.db")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert f"{command[0]} failed: SQLite /nonexistent/dir/a.db: " in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [["export", "--site", "imp"], ["rebuild-rollups"], ["backup", "copy.db"]],
+                         ids=lambda command: command[0])
+def test_a_command_that_reads_the_database_refuses_one_that_is_not_there(config, tmp_path, command):
+    args = [str(tmp_path / arg) if arg.endswith(".db") else arg for arg in command]
+    result = run_processor(config, *args)     # run from the wrong directory, say
+    assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(
-        f"{command[0]} failed: SQLite /nonexistent/dir/a.db: unable to open database file")
+        f"{command[0]} failed: SQLite {config.database_path}: no database there; set DATA_DIR (or "
+        "DATABASE_URL) to where the processor keeps it")
+    assert not os.path.exists(config.database_path)
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_a_command_whose_postgresql_server_does_not_answer_fails_in_one_line(config, tmp_path):
