@@ -9,6 +9,7 @@ file rewritten in place (the shell's > keeps its inode) starts again from
 its first line.
 """
 import csv
+import fcntl
 import logging
 import os
 import time
@@ -29,6 +30,10 @@ MAX_LINE_BYTES = 1024 * 1024
 PROGRESS_EVERY = 5.0        # seconds between progress lines when there is no bar (not a terminal)
 
 
+class ImportBusy(Exception):
+    """Another import of the same file is running."""
+
+
 def import_source(path):
     """The checkpoint name of an import: the file itself, not just its name."""
     stat = os.stat(path)
@@ -40,10 +45,21 @@ def import_file(store, path, show_progress=True, sites=frozenset()):
     returns (stored, rejected)."""
     source = import_source(path)
     with open(path, "rb") as file:
+        _claim(file, path)
         position = _resume_point(file, store.checkpoint(source), path)
         with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
                   disable=not show_progress, desc="import") as bar:
             return _import_from(store, source, file, position, bar, sites)
+
+
+def _claim(file, path):
+    """One import of a file at a time: two would go on from the same position and store
+    what follows it twice. The lock goes with the file's closing, or its process's end."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImportBusy(f"another import of {os.path.realpath(path)} is running; run this one again "
+                         "when it has finished") from None
 
 
 def _import_from(store, source, file, position, bar, sites):

@@ -85,6 +85,21 @@ def test_rerunning_an_import_never_counts_twice(config, tmp_path):
     assert count_events(config) == 50
 
 
+def test_a_second_import_of_a_file_being_imported_is_refused_and_nothing_counts_twice(config, tmp_path):
+    path = tmp_path / "in.jsonl"
+    events_file(path, 100_000)
+    open_store(config).migrate()
+    first = subprocess.Popen([sys.executable, "processor.py", "import", str(path)], cwd=ROOT,
+                             env={**os.environ, "DATA_DIR": config.data_dir}, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: count_events(config) > 0, 30, "the first import's first batch")
+    second = run_processor(config, "import", str(tmp_path / ".." / tmp_path.name / "in.jsonl"))
+    assert second.returncode == 2
+    assert second.stderr.splitlines()[-1].endswith(
+        f"import failed: another import of {path} is running; run this one again when it has finished")
+    assert first.wait(timeout=60) == 0, first.stderr.read()
+    assert count_events(config) == 100_000
+
+
 def test_the_unfinished_last_line_of_a_file_still_being_written_is_left_for_the_next_run(config, tmp_path):
     path = tmp_path / "in.jsonl"
     events_file(path, 3)
