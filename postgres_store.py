@@ -364,7 +364,9 @@ class PostgresStore:
 
     def rebuild_rollups(self, progress=None):
         with self.atomic() as connection:
-            connection.raw.execute("LOCK TABLE events IN SHARE MODE")   # no writes while we count
+            # no writes while we count, and one rebuild at a time: a second one's DELETE would
+            # not see the rows the first inserted, and add to them
+            connection.raw.execute("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
             rollups.clear(connection)
             connection.raw.execute("CREATE TEMP TABLE IF NOT EXISTS new_events AS "
                                    "SELECT * FROM events WITH NO DATA")

@@ -10,6 +10,7 @@ import tracemalloc
 from datetime import date
 
 import orjson
+import psycopg
 import pytest
 
 import transfer
@@ -381,6 +382,32 @@ def test_rebuild_rollups_command(config, tmp_path):
     assert "rebuild progress events=20 of 20" in result.stderr
     store = open_store(config)
     assert store.reports(store.connection).stats("imp", Period())["total_views"] == 20
+
+
+def test_two_rebuilds_of_a_postgresql_store_at_once_count_every_event_once(tmp_path, postgres_database):
+    events_file(tmp_path / "in.jsonl", 200)
+    store = PostgresStore(postgres_database)
+    store.migrate()
+    transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=False)
+    name = f"rebuild-{os.getpid()}"         # the rebuilds' application_name, to find them waiting
+    environment = {**os.environ, "DATA_DIR": str(tmp_path), "DATABASE_URL": postgres_database, "PGAPPNAME": name}
+    with psycopg.connect(postgres_database) as holder, psycopg.connect(postgres_database,
+                                                                       autocommit=True) as watcher:
+        holder.execute("LOCK TABLE site_totals IN ACCESS EXCLUSIVE MODE")   # both rebuilds wait on it
+        rebuilds = [subprocess.Popen([sys.executable, "processor.py", "rebuild-rollups"], cwd=ROOT,
+                                     env=environment, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        wait_for(lambda: watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND application_name = %s", (name,)).fetchone()[0] == 2,
+                 30, "both rebuilds to wait")
+    assert [rebuild.wait(timeout=60) for rebuild in rebuilds] == [0, 0], [r.stderr.read() for r in rebuilds]
+    connection = store.connect(readonly=True)
+    try:
+        rollup, raw = store.reports(connection), store.reports(connection, raw=True)
+        assert rollup.stats("imp", Period()) == raw.stats("imp", Period())
+        assert rollup.stats("imp", Period())["total_views"] == 200
+    finally:
+        connection.close()
+        store.close()
 
 
 def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tmp_path):
