@@ -202,21 +202,28 @@ def install_signal_handlers(processor):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Move queued events into the store.")
+    parser = argparse.ArgumentParser(description="Move queued events into the store: without a COMMAND, "
+                                     "until SIGTERM or SIGINT (the first finishes the batch, a second "
+                                     "exits at once).")
     parser.add_argument("--once", action="store_true",
-                        help="drain the queue, then exit (for scripts and tests)")
+                        help="without a COMMAND: drain the queue, then exit (for scripts and tests)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    importer = commands.add_parser("import", help="store events from a JSON-lines file")
-    importer.add_argument("file")
-    exporter = commands.add_parser("export", help="write a site's events to standard output")
-    exporter.add_argument("--site", required=True)
+
+    def command(name, summary):
+        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+    importer = command("import", "store the events of a JSON-lines file, validated like POST /event; "
+                       "run again, it goes on where it stopped; exit status 3 if lines were rejected")
+    importer.add_argument("file", help="one event per line, as POST /event takes it")
+    exporter = command("export", "write a site's events to standard output, in time order")
+    exporter.add_argument("--site", required=True, help="the site_id whose events to write")
     exporter.add_argument("--from", dest="start", metavar="YYYY-MM-DD", type=day,
-                          help="the first day (default: the first there is)")
+                          help="the first UTC day, included (default: the first there is)")
     exporter.add_argument("--to", dest="end", metavar="YYYY-MM-DD", type=day,
-                          help="the last day (default: the last there is)")
-    exporter.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    commands.add_parser("rebuild-rollups", help="recompute every rollup from the events table")
-    backup = commands.add_parser("backup", help="copy the database while everything runs")
+                          help="the last UTC day, included (default: the last there is)")
+    exporter.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                          help="JSON lines (the default; import reads them) or CSV")
+    command("rebuild-rollups", "recompute every rollup from the events table")
+    backup = command("backup", "copy the SQLite database while everything runs (PostgreSQL: use pg_dump)")
     backup.add_argument("file", help="the copy to write; must not exist yet")
     return parser
 

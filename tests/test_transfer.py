@@ -526,3 +526,17 @@ def test_ctrl_c_or_sigterm_stops_an_import_in_one_line_and_running_it_again_resu
     assert run_processor(config, "import", str(tmp_path / "in.jsonl")).returncode == 0
     assert sqlite3.connect(config.database_path).execute(
         "SELECT count(DISTINCT user_id), count(*) FROM events").fetchone() == (100_000, 100_000)
+
+
+@pytest.mark.parametrize("command, says", [
+    ([], "without a COMMAND, until SIGTERM or SIGINT"),
+    (["import"], "run again, it goes on where it stopped; exit status 3 if lines were rejected"),
+    (["export"], "Write a site's events to standard output, in time order"),
+    (["rebuild-rollups"], "Recompute every rollup from the events table"),
+    (["backup"], "(PostgreSQL: use pg_dump)"),
+], ids=lambda value: value[0] if isinstance(value, list) and value else None)
+def test_the_help_of_each_command_says_what_it_does(command, says):
+    result = subprocess.run([sys.executable, "processor.py", *command, "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0
+    assert says in result.stdout
