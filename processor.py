@@ -33,7 +33,7 @@ from reports import Period
 from retention import Retention
 from shared_queue import QueueBusy, QueueUnavailable, append_whole, open_queue
 from store import NotForThisStore, StoreUnavailable, open_store
-from transfer import ImportBusy, export_events, import_file
+from transfer import ImportRefused, export_events, import_file
 
 log = logging.getLogger("processor")
 
@@ -313,7 +313,7 @@ def main(argv=None):
             # goes nowhere so that flushing it at exit does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + signal.SIGPIPE
-        except (OSError, ImportBusy, NotForThisStore, StoreUnavailable) as error:
+        except (OSError, ImportRefused, NotForThisStore, StoreUnavailable) as error:
             log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
             return 2
         except KeyboardInterrupt as stop:

@@ -30,8 +30,13 @@ MAX_LINE_BYTES = 1024 * 1024
 PROGRESS_EVERY = 5.0        # seconds between progress lines when there is no bar (not a terminal)
 
 
-class ImportBusy(Exception):
-    """Another import of the same file is running."""
+class ImportRefused(Exception):
+    """An import that cannot start; the message says why and what to do."""
+
+
+# what compressed files begin with: each of their "lines" would be rejected as not JSON
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+              b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ\x00": ("xz", "unxz -k")}
 
 
 def import_source(path):
@@ -45,6 +50,7 @@ def import_file(store, path, show_progress=True, sites=frozenset()):
     returns (stored, rejected)."""
     source = import_source(path)
     with open(path, "rb") as file:
+        _refuse_compressed(file, path)
         _claim(file, path)
         position = _resume_point(file, store.checkpoint(source), path)
         with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
@@ -58,8 +64,16 @@ def _claim(file, path):
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ImportBusy(f"another import of {os.path.realpath(path)} is running; run this one again "
-                         "when it has finished") from None
+        raise ImportRefused(f"another import of {os.path.realpath(path)} is running; run this one "
+                            "again when it has finished") from None
+
+
+def _refuse_compressed(file, path):
+    start = file.read(6)
+    for magic, (kind, decompress) in COMPRESSED.items():
+        if start.startswith(magic):
+            raise ImportRefused(f"{path} is {kind}-compressed, and import reads JSON lines as they "
+                                f"are: decompress it first ({decompress} {path})")
 
 
 def _import_from(store, source, file, position, bar, sites):

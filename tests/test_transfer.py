@@ -1,6 +1,9 @@
 """Import and export from the command line."""
+import bz2
 import csv
+import gzip
 import io
+import lzma
 import os
 import signal
 import sqlite3
@@ -99,6 +102,21 @@ def test_a_second_import_of_a_file_being_imported_is_refused_and_nothing_counts_
         f"import failed: another import of {path} is running; run this one again when it has finished")
     assert first.wait(timeout=60) == 0, first.stderr.read()
     assert count_events(config) == 100_000
+
+
+@pytest.mark.parametrize("kind, module, decompress", [("gzip", gzip, "gunzip -k"), ("bzip2", bz2, "bunzip2 -k"),
+                                                      ("xz", lzma, "unxz -k")])
+def test_a_compressed_file_is_refused_in_one_line_that_says_how_to_decompress_it(
+        config, tmp_path, kind, module, decompress):
+    events_file(tmp_path / "in.jsonl", 5000)
+    path = tmp_path / "in.jsonl.compressed"
+    path.write_bytes(module.compress((tmp_path / "in.jsonl").read_bytes()))
+    result = run_processor(config, "import", str(path))
+    assert result.returncode == 2
+    assert "rejected" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        f"import failed: {path} is {kind}-compressed, and import reads JSON lines as they are: "
+        f"decompress it first ({decompress} {path})")
 
 
 def test_the_unfinished_last_line_of_a_file_still_being_written_is_left_for_the_next_run(config, tmp_path):
