@@ -50,7 +50,7 @@ def import_file(store, path, show_progress=True, sites=frozenset()):
     returns (stored, rejected)."""
     source = import_source(path)
     with open(path, "rb") as file:
-        _refuse_compressed(file, path)
+        _refuse_unreadable(file, path)
         _claim(file, path)
         position = _resume_point(file, store.checkpoint(source), path)
         with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
@@ -68,7 +68,11 @@ def _claim(file, path):
                             "again when it has finished") from None
 
 
-def _refuse_compressed(file, path):
+def _refuse_unreadable(file, path):
+    """What import cannot read: a pipe (it reads a file it can go back in to resume), a compressed file."""
+    if not file.seekable():
+        raise ImportRefused(f"{path} is a pipe, and import resumes where it stopped by reading its "
+                            "file again: save the stream to a file and import that")
     start = file.read(6)
     for magic, (kind, decompress) in COMPRESSED.items():
         if start.startswith(magic):

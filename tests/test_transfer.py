@@ -119,6 +119,17 @@ def test_a_compressed_file_is_refused_in_one_line_that_says_how_to_decompress_it
         f"decompress it first ({decompress} {path})")
 
 
+def test_a_pipe_given_to_import_is_refused_in_one_line(config, tmp_path):
+    events_file(tmp_path / "in.jsonl", 5)
+    result = subprocess.run(f"cat {tmp_path / 'in.jsonl'} | {sys.executable} processor.py import /dev/stdin",
+                            shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATA_DIR": config.data_dir})
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "import failed: /dev/stdin is a pipe, and import resumes where it stopped by reading its file "
+        "again: save the stream to a file and import that")
+
+
 def test_the_unfinished_last_line_of_a_file_still_being_written_is_left_for_the_next_run(config, tmp_path):
     path = tmp_path / "in.jsonl"
     events_file(path, 3)
