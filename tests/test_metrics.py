@@ -208,9 +208,12 @@ def test_api_workers_live_through_a_full_disk_and_count_its_503s_once_there_is_r
         until = time.monotonic() + 4 * FLUSH_EVERY      # long enough for every worker to write out
         while time.monotonic() < until:
             response = requests.post(api.url + "/event", json=EVENT, timeout=10)
+            if response.status_code == 200:     # it fitted in a block the queue file already had
+                continue
             assert (response.status_code, response.json()) == (
                 503, {"error": "Queue unavailable, event not stored; retry later"})
             refused += 1
+        assert refused > 0
         assert set(api.worker_pids()) == workers, log_tail(small_disk.path, "gunicorn")
         assert requests.get(api.url + "/metrics", timeout=10).status_code == 200
         small_disk.free()
