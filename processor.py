@@ -288,6 +288,8 @@ def back_up(store, destination):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.once and args.command:
+        parser.error(f"--once drains the queue without a COMMAND; {args.command} does not take it")
     if args.command == "export" and args.start and args.end and args.start > args.end:
         parser.error(f"--to {args.end} is before --from {args.start}")
     try:

@@ -505,6 +505,14 @@ def test_a_command_whose_sqlite_store_cannot_be_opened_fails_in_one_line(config,
     assert f"{command[0]} failed: SQLite /nonexistent/dir/a.db: " in result.stderr.splitlines()[-1]
 
 
+def test_once_given_with_a_command_is_a_usage_error_instead_of_being_ignored(config):
+    result = run_processor(config, "--once", "rebuild-rollups")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: --once drains the queue without a COMMAND; rebuild-rollups does not take it")
+    assert not os.path.exists(config.database_path)
+
+
 @pytest.mark.parametrize("command", [["export", "--site", "imp"], ["rebuild-rollups"], ["backup", "copy.db"]],
                          ids=lambda command: command[0])
 def test_a_command_that_reads_the_database_refuses_one_that_is_not_there(config, tmp_path, command):
