@@ -24,6 +24,7 @@ import os
 import re
 import sqlite3
 import time
+from datetime import timedelta
 
 import orjson
 import yaml
@@ -41,6 +42,7 @@ from logs import log_to_stderr
 from metrics import ApiMetrics, NoMetrics
 from query_params import InvalidParameter, QueryParams
 from rate_limit import ingest_rate_limit
+from retention import utc_today
 from shared_queue import QueueUnavailable, open_queue
 from store import StoreUnavailable, migrate_store, open_store, unavailable_or_bug
 from tracking import Visitors
@@ -251,7 +253,9 @@ def register_reports(app, config, store):
     def reports():
         if "db" not in g:
             g.db = store.reader()
-        return store.reports(g.db)
+        # the days the processor's retention deletes (or has deleted) read as empty, in every answer
+        days = config.rollup_retention_days
+        return store.reports(g.db, first_day=utc_today() - timedelta(days=days) if days else None)
 
     @app.teardown_appcontext
     def release_connection(exception):

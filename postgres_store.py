@@ -347,9 +347,9 @@ class PostgresStore:
         with self.atomic() as connection:
             connection.execute("DELETE FROM salts WHERE day < :day", {"day": before})
 
-    def reports(self, connection, raw=False):
-        return RawReports(connection, JSON_VALUE) if raw else RollupReports(
-            connection, sharded=True, value_key="value_key({})")     # see MIGRATIONS
+    def reports(self, connection, raw=False, first_day=None):
+        return RawReports(connection, JSON_VALUE, first_day) if raw else RollupReports(
+            connection, sharded=True, value_key="value_key({})", first_day=first_day)   # see MIGRATIONS
 
     def stream(self, sql, params):
         """As SQLiteStore.stream: in chunks of rows, where a plain query would hold them all in memory

@@ -71,20 +71,37 @@ def _value(text):
 
 
 class _Reports:
-    """The report shapes; subclasses say where the numbers come from."""
+    """The report shapes; subclasses say where the numbers come from.
 
-    def __init__(self, connection):
+    first_day: the first day whose per-hour and per-day rows are kept
+    (ROLLUP_RETENTION_DAYS); the days before it read as empty. Retention
+    deletes them table by table, window by window, so until its pass ends
+    some of their rows are gone and some are not: read, they would make one
+    answer disagree with itself (top paths over more views than the total).
+    """
+
+    def __init__(self, connection, first_day=None):
         self.connection = connection
+        self.first_day = first_day
+
+    def _kept(self, period):
+        """The part of the period whose rows are kept; a period before first_day reads nothing
+        (from after to: no BETWEEN holds). All time reads the all-time totals, never deleted."""
+        if self.first_day is None or period.all_time or period.start >= self.first_day:
+            return period
+        return Period(self.first_day, period.end)
 
     def stats(self, site_id, period, limit=10):
+        period = self._kept(period)
         views, users = self.totals(site_id, period)
         top = self.top_values(site_id, "path", period, limit, views_only=True)
         return {"total_views": views, "unique_users": users,
                 "top_paths": [{"path": value, "views": views} for value, views, _ in top]}
 
     def timeseries(self, site_id, period, interval):
-        counts = dict(self.bucket_views(site_id, period, interval))
-        users = dict(self.bucket_users(site_id, period, interval))
+        kept = self._kept(period)
+        counts = dict(self.bucket_views(site_id, kept, interval))
+        users = dict(self.bucket_users(site_id, kept, interval))
         return [{"date": bucket_label(key), "views": counts.get(key, 0),
                  "unique_users": users.get(key, 0)} for key in buckets(period, interval)]
 
@@ -94,6 +111,7 @@ class _Reports:
                 for site_id, views, users in self.site_rows()]
 
     def breakdown(self, site_id, prop, period, limit=10):
+        period = self._kept(period)
         top = self.top_values(site_id, prop, period, limit)
         users = self.value_users(site_id, prop, period, [value for value, _, _ in top])
         return [{"value": _value(value), "views": views, "events": events,
@@ -101,8 +119,8 @@ class _Reports:
 
 
 class RollupReports(_Reports):
-    def __init__(self, connection, sharded=False, value_key="{}"):
-        super().__init__(connection)
+    def __init__(self, connection, sharded=False, value_key="{}", first_day=None):
+        super().__init__(connection, first_day)
         # sharded: counters are kept in one row per processor shard and must be summed;
         # otherwise the values of all time or of one day are one row each, and skipping
         # the GROUP BY makes their top paths (thousands of values) several times faster
@@ -157,9 +175,14 @@ class RollupReports(_Reports):
             return {}
         params = {"site": site_id, "property": prop}
         params.update({f"v{i}": value for i, value in enumerate(values)})
-        days = "" if period.all_time else "AND day BETWEEN :first_day AND :last_day"
         if not period.all_time:
+            days = "AND day BETWEEN :first_day AND :last_day"
             params.update(period.day_bounds())
+        elif self.first_day is not None:     # all time, counted over the per-day sets kept
+            days = "AND day >= :first_day"
+            params["first_day"] = self.first_day.isoformat()
+        else:
+            days = ""
         keys = ", ".join(self.value_key.format(f":v{i}") for i in range(len(values)))
         return dict(_rows(self.connection,
                           "SELECT value, count(DISTINCT user_id) FROM daily_value_users "
@@ -195,8 +218,8 @@ class RollupReports(_Reports):
 class RawReports(_Reports):
     """The same reports by plain SQL over the events table."""
 
-    def __init__(self, connection, json_value="json_extract(props, '$.\"{key}\"')"):
-        super().__init__(connection)
+    def __init__(self, connection, json_value="json_extract(props, '$.\"{key}\"')", first_day=None):
+        super().__init__(connection, first_day)
         self.json_value = json_value        # how this database reads one prop
 
     def _where(self, site_id, period):

@@ -7,7 +7,7 @@ chooses PostgreSQL (postgres_store.py). Every store offers the same verbs:
     store.write(rows, queue, checkpoint)  rows, their rollups and the queue
                                           position, in one transaction
     store.checkpoint(queue)               the position stored with the last write
-    store.reports(connection)             the report queries (reports.py)
+    store.reports(connection, first_day)  the report queries (reports.py)
     store.stream(sql, params)             the rows of a query as they are read (export)
     store.rebuild_rollups(progress)       recompute every rollup from the events
     store.delete_before(table, day, ...)  retention: one window of old rows deleted
@@ -509,8 +509,8 @@ class SQLiteStore:
         with self.atomic() as connection:
             connection.execute("DELETE FROM salts WHERE day < ?", (before,))
 
-    def reports(self, connection, raw=False):
-        return (RawReports if raw else RollupReports)(connection)
+    def reports(self, connection, raw=False, first_day=None):
+        return (RawReports if raw else RollupReports)(connection, first_day=first_day)
 
     def stream(self, sql, params):
         """The rows of a read-only query, one by one as they are read: never all in memory."""

@@ -12,6 +12,7 @@ import pytest
 
 from config import ConfigurationError, load_config
 from events import encode_event, validate_event
+from ingestion_api import create_app
 from processor import Processor
 from rate_limit import SECRET_NAME
 from reports import Period
@@ -25,12 +26,12 @@ TODAY = date(2025, 3, 10)
 DAYS_BACK = 6           # events on TODAY and each of the 5 days before it
 
 
-def events_per_day(days_back=DAYS_BACK, per_day=20):
+def events_per_day(days_back=DAYS_BACK, per_day=20, today=TODAY):
     """Page views and clicks on several days, paths and users, in arrival order mixed up."""
     lines = []
     for n in range(per_day):
         for back in range(days_back):
-            day = TODAY - timedelta(days=back)
+            day = today - timedelta(days=back)
             lines.append(encode_event(validate_event({
                 "site_id": "s", "event_type": "page_view" if n % 4 else "click",
                 "path": f"/p{n % 3}", "user_id": f"u{(n + back) % 7}",
@@ -132,6 +133,43 @@ def test_reports_over_the_kept_days_equal_raw_events_and_all_time_keeps_counting
         "total_views": 0, "unique_users": 0, "top_paths": []}
     assert rollup.stats("s", Period(), 100) == all_time_before
     connection.close()
+
+
+def report_answers(client, site_id, start, end):
+    """What a dashboard asks of one period (totals, series by day and hour, paths), and paths of all time."""
+    params = {"site_id": site_id, "from": start.isoformat(), "to": end.isoformat()}
+    return [client.get(url, query_string={**params, **extra}).get_json() for url, extra in (
+        ("/stats", {"limit": 100}), ("/stats/timeseries", {"interval": "day"}),
+        ("/stats/timeseries", {"interval": "hour", "from": params["to"]}),
+        ("/stats/breakdown", {"property": "path", "limit": 100}),
+        ("/stats/breakdown", {"property": "path", "limit": 100, "from": None, "to": None}))]
+
+
+def test_no_report_mixes_rollup_rows_a_pass_deleted_with_rows_it_has_yet_to_delete(config):
+    today = utc_today()
+    open_queue(config).append(events_per_day(per_day=30, today=today) + [encode_event(validate_event({
+        "site_id": "s", "event_type": "page_view", "path": "/p0", "user_id": f"only {back} days ago",
+        "timestamp": f"{(today - timedelta(days=back)).isoformat()}T12:00:00Z"})) for back in range(DAYS_BACK)])
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    settings = config.with_overrides(rollup_retention_days=2, retention_batch_size=7)
+    app = create_app(settings)
+    client = app.test_client()
+    store = open_store(settings)
+    retention = Retention(store, settings, clock=itertools.count().__next__)    # every step is due
+    start = today - timedelta(days=DAYS_BACK - 1)
+    during = []
+    retention.step()
+    while retention.in_pass:
+        during.append(report_answers(client, "s", start, today))
+        retention.step()
+    after = report_answers(client, "s", start, today)
+    assert after[0] == {**report_answers(client, "s", today - timedelta(days=2), today)[0], "date": None}
+    assert len(during) > 10 and all(answers == after for answers in during)
+    store.close()
+    app.extensions["analytics"]["store"].close()
+    app.extensions["analytics"]["queue"].close()
 
 
 def test_deletion_goes_in_windows_of_at_most_the_batch_size(config, store):
