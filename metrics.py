@@ -103,7 +103,7 @@ def fold_dead_worker(pid):
                 finally:
                     kept.close()
                 os.remove(dead)
-    except Exception as error:      # in gunicorn's master, any error would stop gunicorn: a file cut short too
+    except OSError as error:
         log.warning("the metrics of worker %d stay in its own files: %s", pid, error)
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from events import encode_event, validate_event
 from metrics import (FLUSH_EVERY, LATENCY_BUCKETS, PROCESSOR, ApiMetrics, ProcessorMetrics,
-                     fold_dead_worker, use_metrics_directory)
+                     use_metrics_directory)
 from processes import (REPO, Api, environment, free_port, is_healthy, log_tail, run_processor_once,
                        start_processor, stop, stored_count, wait_for)
 from processor import Processor
@@ -318,12 +318,3 @@ def test_batch_metrics_that_cannot_be_written_are_skipped_and_said_so(tmp_path):
     assert (child.returncode, child.stdout) == (0, "alive\n"), child.stderr
     assert "batch metrics not written: " in child.stderr
     assert "No space left on device" in child.stderr
-
-
-def test_a_dead_workers_file_that_cannot_be_read_is_left_as_it_is_and_the_master_goes_on(tmp_path, monkeypatch):
-    """The fold runs in gunicorn's master: an error out of it would stop gunicorn, ingestion with it."""
-    cut_short = tmp_path / "histogram_99998.db"
-    cut_short.write_bytes((16).to_bytes(4, "little") + bytes(4))     # says 16 bytes are used; holds 8
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    fold_dead_worker(99998)
-    assert cut_short.exists()
