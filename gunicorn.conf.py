@@ -165,16 +165,7 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
-    """A worker's live gauges leave with it (prometheus-client's multiprocess mode), and its
-    counts go to the master's files, so that the directory holds no file of a process that is gone."""
+    """A worker's live gauges leave with it (prometheus-client's multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         multiprocess.mark_process_dead(worker.pid)
-        try:
-            from metrics import fold_dead_worker
-        except ImportError:
-            # gunicorn reads this file again on SIGHUP, but its master keeps the modules it
-            # imported at start: after an upgrade, a metrics.py from before folds existed.
-            # An error here would stop gunicorn, and ingestion with it.
-            return
-        fold_dead_worker(worker.pid)

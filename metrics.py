@@ -24,7 +24,6 @@ import atexit
 import bisect
 import collections
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -42,7 +41,6 @@ LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5
 BATCH_SIZES = (1, 10, 100, 1000, 2500, 5000, 10_000, 25_000, 50_000)
 BATCH_SECONDS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 FLUSH_EVERY = 0.5       # seconds an API process keeps its counts before writing them out
-FOLD_LOCK = "fold.lock"     # beside the files of values, which are *.db
 
 
 def use_metrics_directory(config, role):
@@ -67,61 +65,6 @@ def use_metrics_directory(config, role):
                 os.remove(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
-
-
-def fold_dead_worker(pid):
-    """Add the counts of an API worker that is gone to its master's own files, and remove its files.
-
-    prometheus-client keeps a file of values per process, and a dead process's
-    counts are part of every total, so its files would stay as long as the
-    directory: each worker gunicorn ever started (a reload, a crash, a timeout,
-    --max-requests) left two that every scrape read again. gunicorn's master
-    calls this once it has reaped the worker, before it starts another that
-    could get its pid. Scrapes wait for it (_folds_held_off): one in between
-    would count the worker twice, or not at all, and a counter that goes down
-    is a reset to Prometheus. Where the counts cannot be added (a full disk)
-    the worker's files are left as they are, and still counted.
-    """
-    from prometheus_client import mmap_dict, values
-
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    _reserve_blocks_of_value_files()
-    try:
-        with _folds_held_off(directory, fcntl.LOCK_EX):
-            for kind in ("counter", "histogram"):
-                dead = os.path.join(directory, f"{kind}_{pid}.db")
-                try:
-                    entries = list(mmap_dict.MmapedDict.read_all_values_from_file(dead))
-                except FileNotFoundError:
-                    continue
-                kept = values.MmapedDict(os.path.join(directory, f"{kind}_{os.getpid()}.db"))
-                try:
-                    for key, *_ in entries:     # every key made room for first: a full disk adds nothing
-                        kept.read_value(key)
-                    for key, value, timestamp, _ in entries:
-                        kept.write_value(key, kept.read_value(key)[0] + value, timestamp)
-                finally:
-                    kept.close()
-                os.remove(dead)
-    except OSError as error:
-        log.warning("the metrics of worker %d stay in its own files: %s", pid, error)
-
-
-@contextlib.contextmanager
-def _folds_held_off(directory, operation):
-    """A scrape (LOCK_SH) and a fold (LOCK_EX) of the files in directory never overlap."""
-    try:
-        fd = os.open(os.path.join(directory, FOLD_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError:
-        if operation == fcntl.LOCK_EX:
-            raise
-        yield       # a scrape where the lock cannot be made (the directory gone, a full disk), nor can a fold
-        return
-    try:
-        fcntl.flock(fd, operation)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _reserve_blocks_of_value_files():
@@ -305,8 +248,7 @@ class ApiMetrics:
         processor_dir = os.path.join(self.config.metrics_path, PROCESSOR)
         if os.path.isdir(processor_dir) and processor_dir != multiprocess_dir:
             registry = _Both(registry, processor_dir)
-        with _folds_held_off(multiprocess_dir, fcntl.LOCK_SH) if multiprocess_dir else contextlib.nullcontext():
-            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class _Pending:

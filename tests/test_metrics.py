@@ -1,13 +1,10 @@
 """GET /metrics: what ingestion, the queue and the processor count, after real requests."""
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,8 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from events import encode_event, validate_event
 from metrics import (FLUSH_EVERY, LATENCY_BUCKETS, PROCESSOR, ApiMetrics, ProcessorMetrics,
                      use_metrics_directory)
-from processes import (REPO, Api, environment, free_port, is_healthy, log_tail, run_processor_once,
-                       start_processor, stop, stored_count, wait_for)
+from processes import Api, log_tail, run_processor_once, start_processor, stored_count, wait_for
 from processor import Processor
 from shared_queue import FileQueue, open_queue
 from store import open_store
@@ -197,61 +193,6 @@ def test_gunicorn_workers_and_the_processor_add_up_in_one_scrape(tmp_path):
             assert value(metrics, "analytics_processor_batch_size_sum") == sent
     finally:
         api.stop()
-
-
-def test_workers_gunicorn_replaced_leave_no_files_and_their_counts_stay_in_the_totals(tmp_path):
-    """prometheus-client keeps a file of values per process for as long as the directory
-    lasts: every worker gunicorn ever started (a reload, a crash, a timeout, --max-requests)
-    left 128 KiB on disk that every scrape read again."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    api = Api(data_dir, workers=1)
-    try:
-        for _ in range(5):
-            assert requests.post(api.url + "/event", json=EVENT).status_code == 200
-            old_workers = set(api.worker_pids())
-            os.kill(api.process.pid, signal.SIGHUP)
-            wait_for(lambda: api.worker_pids() and not set(api.worker_pids()) & old_workers
-                     and is_healthy(api.url), 30, "the reloaded worker answers")
-        # the live worker's two files, and the two the replaced ones' counts were added to
-        wait_for(lambda: len(list((data_dir / "metrics" / "api").glob("*.db"))) <= 4, 10,
-                 "the replaced workers' files are removed")
-        for _ in range(3):
-            metrics = samples(requests.get(api.url + "/metrics").text)
-            assert value(metrics, "analytics_events_accepted_total", endpoint="/event") == 5
-            assert value(metrics, "analytics_request_duration_seconds_count", endpoint="/event") == 5
-    finally:
-        api.stop()
-
-
-def test_a_master_started_before_folds_existed_keeps_running_when_a_sighup_reads_the_new_settings(tmp_path):
-    """gunicorn reads gunicorn.conf.py again on SIGHUP, but keeps the metrics module it
-    imported at start: after an upgrade in place, the first worker to exit stopped gunicorn."""
-    old = tmp_path / "old"
-    shutil.copytree(REPO, old, ignore=shutil.ignore_patterns(".*", "tests", "bench", "__pycache__"))
-    metrics = old / "metrics.py"
-    metrics.write_text(metrics.read_text().replace("def fold_dead_worker(", "def _not_yet("))
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "gunicorn.err", "wb") as err:
-        master = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
-                                   "ingestion_api:app"], cwd=old, env=environment(data_dir),
-                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    try:
-        wait_for(lambda: is_healthy(url), 30, "gunicorn answers")
-        for _ in range(2):      # the second one is answered only by a master that lived through the first
-            old_workers = [child.pid for child in psutil.Process(master.pid).children()]
-            os.kill(master.pid, signal.SIGHUP)
-            # the worker's pid is gone once the master reaped it, and called child_exit
-            wait_for(lambda: master.poll() is not None or not any(map(psutil.pid_exists, old_workers)),
-                     30, "the master reaps the workers it replaced")
-            wait_for(lambda: master.poll() is not None or is_healthy(url), 30, "the new worker answers")
-            assert master.poll() is None, (tmp_path / "gunicorn.err").read_text()[-2000:]
-        assert requests.post(url + "/event", json=EVENT, timeout=10).status_code == 200
-    finally:
-        stop(master)
 
 
 def test_api_workers_live_through_a_full_disk_and_count_its_503s_once_there_is_room(small_disk):
