@@ -221,11 +221,7 @@ class FileQueue:
         Processes started since then count in the new one: a process that kept
         the old one would report, or record, counts that nobody else sees.
         """
-        try:
-            current = os.stat(self.path + ".state").st_ino
-        except FileNotFoundError:
-            current = None
-        if current != self._state_inode:
+        if _inode(self.path + ".state") != self._state_inode:
             self._close_files()
             self._ensure_open()
 
