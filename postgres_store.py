@@ -21,7 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 import rollups
-from config import without_password
+from config import PERCENT_ENCODE_PASSWORD, without_password
 from reports import RawReports, RollupReports
 from store import REBUILD_CHUNK, ROW_COLUMNS, NewerSchema, NotForThisStore, StoreUnavailable, delete_window
 
@@ -141,8 +141,7 @@ def check_url(url):
     if options is None or "@" in options.get("host", "") or not all(
             port.isdigit() for port in options.get("port", "").split(",") if port):
         raise ValueError("libpq cannot read it: write it as postgresql://user:password@host:5432/db with "
-                         "libpq's ?parameters, and @ / % and spaces in the password percent-encoded "
-                         "(p@ss is p%40ss)")
+                         f"libpq's ?parameters, and {PERCENT_ENCODE_PASSWORD}")
 
 
 def to_pyformat(sql):
