@@ -31,8 +31,10 @@ WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 import json
 import logging
 import os
+import sys
 
 from gunicorn import util
+from gunicorn.glogging import loggers
 from gunicorn.instrument.statsd import Statsd
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
@@ -76,9 +78,10 @@ capture_output = True
 access_log_format = '- %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
-class JsonLogger(Statsd):
-    """LOG_FORMAT=json: gunicorn's own handlers (stderr or --error-logfile, stdout or
-    --access-logfile, reopened on SIGUSR1), writing one JSON object per line (logs.py).
+class Logger(Statsd):
+    """gunicorn's logger, with a reopen on SIGUSR1 (logrotate) that is safe in a signal handler,
+    and with LOG_FORMAT=json one JSON object per line (logs.py) in gunicorn's own handlers
+    (stderr or --error-logfile, stdout or --access-logfile).
 
     gunicorn swaps in its statsd logger for --statsd-host only in place of its default
     class, so this one is that logger; without --statsd-host it has no socket and sends nothing.
@@ -86,17 +89,40 @@ class JsonLogger(Statsd):
 
     def setup(self, cfg):
         super().setup(cfg)
-        from logs import AccessJsonFormatter, JsonFormatter
-        for handler in self.error_log.handlers:
-            handler.setFormatter(JsonFormatter())
-        for handler in self.access_log.handlers:
-            handler.setFormatter(AccessJsonFormatter())
+        if os.environ.get("LOG_FORMAT") == "json":
+            from logs import AccessJsonFormatter, JsonFormatter
+            for handler in self.error_log.handlers:
+                handler.setFormatter(JsonFormatter())
+            for handler in self.access_log.handlers:
+                handler.setFormatter(AccessJsonFormatter())
+
+    def reopen_files(self):
+        """Point stdout, stderr and every log file at files of their names again.
+
+        A worker does this in its signal handler, which may have interrupted a write to one of
+        those very streams. gunicorn's own reopen flushes and closes them there: the write
+        fails ("reentrant call inside BufferedWriter"), a "--- Logging error ---" traceback lands
+        in the error log, and the error can reach the request being served. This one touches
+        nothing that may be in use: it opens the new files and swaps them in; each old stream
+        is closed when its last reference goes, at once or when the interrupted write is done.
+        """
+        if self.cfg.capture_output and self.cfg.errorlog != "-":
+            logfile = open(self.cfg.errorlog, "a+")
+            os.dup2(logfile.fileno(), sys.stdout.fileno())
+            os.dup2(logfile.fileno(), sys.stderr.fileno())
+            replaced, self.logfile = self.logfile, logfile
+            if replaced is not None:
+                replaced.close()        # held only for its descriptor, which the dup2s used
+        for log in loggers():
+            for handler in log.handlers:
+                if isinstance(handler, logging.FileHandler) and handler.stream:
+                    handler.stream = handler._open()
 
 
+logger_class = Logger
 # A bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other
 # setting; until then an unknown level is INFO, so that the report gets out.
 if os.environ.get("LOG_FORMAT") == "json":
-    logger_class = JsonLogger
     loglevel = os.environ.get("LOG_LEVEL") or "info"
     accesslog = "-"         # on in JSON mode: stdout, unless --access-logfile names a file
 

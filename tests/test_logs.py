@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -110,10 +111,17 @@ def test_access_lines_carry_the_request_but_not_the_client_address():
 def json_lines(path):
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     assert lines, f"{path} is empty"
-    parsed = [orjson.loads(line) for line in lines]          # every line must parse
+    parsed = [parsed_or_fail(line, path) for line in lines]
     for line in parsed:
         assert BASIC_FIELDS <= set(line), line
     return parsed
+
+
+def parsed_or_fail(line, path):
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        raise AssertionError(f"not a JSON line in {path.name} ({error}): {line!r}") from None
 
 
 def first(lines, message_start):
@@ -246,12 +254,53 @@ def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1
         assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
 
 
-def test_gunicorn_in_json_mode_still_sends_its_statsd_metrics_when_asked(data_dir):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir, log_format):
+    """logrotate may signal a worker while it writes a log line: the reopen happens inside
+    the signal handler, on the very stream being written."""
+    folder = data_dir.parent
+    errors, access = folder / "api-error.log", folder / "api-access.log"
+    api = Api(data_dir, workers=1, LOG_FORMAT=log_format,
+              GUNICORN_CMD_ARGS=f"--error-logfile {errors} --access-logfile {access}")
+    statuses, sending = [], threading.Event()
+    sending.set()
+
+    def send_bot_events():
+        with requests.Session() as session:
+            while sending.is_set():
+                try:
+                    statuses.append(session.post(
+                        api.url + "/api/event", headers={"User-Agent": BOT}, timeout=10,
+                        json={"name": "pageview", "url": "https://example.test/", "domain": "example.test"},
+                    ).status_code)
+                except requests.RequestException as error:      # a worker that died mid-request
+                    statuses.append(repr(error))
+
+    sender = threading.Thread(target=send_bot_events)
+    sender.start()
+    try:
+        for _ in range(1000):
+            os.kill(api.process.pid, signal.SIGUSR1)
+            time.sleep(0.005)
+    finally:
+        sending.clear()
+        sender.join()
+        assert stop(api.process, signal.SIGTERM) == 0
+    assert len(statuses) > 100 and set(statuses) == {202}
+    error_log = errors.read_text()
+    assert "Logging error" not in error_log and "Traceback" not in error_log, error_log[-3000:]
+    if log_format == "json":
+        json_lines(errors)
+        assert len(json_lines(access)) >= len(statuses)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorn_still_sends_its_statsd_metrics_when_asked(data_dir, log_format):
     """gunicorn swaps in its statsd logger only for its default logger class, not for ours."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
         statsd.bind(("127.0.0.1", 0))
         statsd.settimeout(30)
-        api = Api(data_dir, workers=1, LOG_FORMAT="json",
+        api = Api(data_dir, workers=1, LOG_FORMAT=log_format,
                   GUNICORN_CMD_ARGS=f"--statsd-host 127.0.0.1:{statsd.getsockname()[1]}")
         try:
             wait_for(lambda: b"gunicorn.requests" in statsd.recv(1000), 30, "a request metric")
