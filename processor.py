@@ -189,16 +189,26 @@ def log_file_handler(config):
 
 
 def install_signal_handlers(processor):
-    """First signal: finish the batch and exit 0. Second: exit at once."""
-    def handle(signum, frame):
-        if processor.stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
-        log.info("%s: finishing the current batch, then stopping", signal.Signals(signum).name)
-        processor.stopping.set()
+    """First SIGTERM or SIGINT: finish the batch and exit 0. Second: exit at once.
 
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    A thread of their own takes the signals (sigwait) instead of a handler. A handler runs
+    between two bytecodes of whatever the processor was doing, perhaps writing a log line: a
+    line logged from there fails ("reentrant call inside BufferedWriter") with an error that
+    skips the rest of the handler, and the stop is lost; Event.set() from there can deadlock
+    on the lock of a wait it interrupted. Signals are blocked in the main thread instead.
+    """
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def take_signals():
+        first = signal.Signals(signal.sigwait(signals))
+        log.info("%s: finishing the current batch, then stopping", first.name)
+        processor.stopping.set()
+        second = signal.Signals(signal.sigwait(signals))
+        log.warning("second %s: exiting now", second.name)
+        os._exit(1)
+
+    threading.Thread(target=take_signals, name="signals", daemon=True).start()
 
 
 def build_parser():

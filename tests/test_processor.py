@@ -3,6 +3,8 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import pytest
 
 from config import load_config
 from events import encode_event, validate_event
-from processes import (duplicated_user_ids, exit_code, hold_write_lock, log_tail, queue_counters,
-                       start_processor, stored_count, wait_for)
+from processes import (REPO, duplicated_user_ids, environment, exit_code, hold_write_lock, log_tail,
+                       queue_counters, start_processor, stored_count, wait_for)
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
 from store import MIGRATIONS, open_store
@@ -341,3 +343,39 @@ def test_retries_wait_twice_as_long_each_time_up_to_30s_and_start_over_once_a_ba
              for record in caplog.records if record.getMessage().startswith("batch failed")]
     assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 0.1]
     assert stored_user_ids(config) == ["u0", "u1"]
+
+
+# A processor whose log line is being written (to a real BufferedWriter, as stderr is) when
+# SIGTERM comes: the raw write below is where the kernel would be when the signal lands.
+STOPPED_WHILE_LOGGING = """
+import io, json, logging, os, signal, sys, threading, types
+from processor import install_signal_handlers, log
+
+class SignalledMidWrite(io.RawIOBase):
+    written, signalled = bytearray(), False
+    def writable(self):
+        return True
+    def write(self, data):
+        if not SignalledMidWrite.signalled:
+            SignalledMidWrite.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        SignalledMidWrite.written += data
+        return len(data)
+
+stream = io.TextIOWrapper(io.BufferedWriter(SignalledMidWrite()), line_buffering=True)
+sys.stderr = stream                 # where the processor's console lines go
+logging.basicConfig(stream=stream, level=logging.INFO, format="%(message)s")
+processor = types.SimpleNamespace(stopping=threading.Event())
+install_signal_handlers(processor)
+log.info("batch stored rows=500")
+stopping = processor.stopping.wait(10)
+print(json.dumps({"stopping": stopping, "log": SignalledMidWrite.written.decode()}), file=sys.__stdout__)
+"""
+
+
+def test_a_sigterm_that_comes_while_a_line_is_logged_still_stops_the_processor_and_spoils_no_line(tmp_path):
+    result = subprocess.run([sys.executable, "-c", STOPPED_WHILE_LOGGING], cwd=REPO, env=environment(tmp_path),
+                            capture_output=True, text=True, timeout=60)
+    outcome = orjson.loads(result.stdout)
+    assert outcome["stopping"], outcome["log"]
+    assert outcome["log"].splitlines() == ["batch stored rows=500", "SIGTERM: finishing the current batch, then stopping"]
