@@ -254,13 +254,13 @@ def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1
         assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
-def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir, log_format):
+def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir):
     """logrotate may signal a worker while it writes a log line: the reopen happens inside
-    the signal handler, on the very stream being written."""
+    the signal handler, on the very stream being written. (Either format; JSON lines show
+    any line that is not whole.)"""
     folder = data_dir.parent
     errors, access = folder / "api-error.log", folder / "api-access.log"
-    api = Api(data_dir, workers=1, LOG_FORMAT=log_format,
+    api = Api(data_dir, workers=1, LOG_FORMAT="json",
               GUNICORN_CMD_ARGS=f"--error-logfile {errors} --access-logfile {access}")
     statuses, sending = [], threading.Event()
     sending.set()
@@ -289,9 +289,8 @@ def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir
     assert len(statuses) > 100 and set(statuses) == {202}
     error_log = errors.read_text()
     assert "Logging error" not in error_log and "Traceback" not in error_log, error_log[-3000:]
-    if log_format == "json":
-        json_lines(errors)
-        assert len(json_lines(access)) >= len(statuses)
+    json_lines(errors)
+    assert len(json_lines(access)) >= len(statuses)
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
