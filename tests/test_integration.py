@@ -134,8 +134,8 @@ def test_processor_killed_30_times_under_load_stores_every_event_exactly_once(da
                                         PROCESSOR_BATCH_SIZE=batch_sizes[kill % len(batch_sizes)])
             children.append(processor)
             started = kill % 5 != 4     # otherwise kill it somewhere in its start-up
-            if started:
-                wait_for(lambda: stored_count(data_dir) > before or processor.poll() is not None,
+            if started:     # a hundred events at least, so that checkpoints cross segments
+                wait_for(lambda: stored_count(data_dir) >= before + 100 or processor.poll() is not None,
                          60, f"processor made no progress (kill {kill})")
             time.sleep(rng.uniform(0, 0.02))    # a random instant, not a wait for work
             assert processor.poll() is None, \
