@@ -245,9 +245,9 @@ class SharedFileStorage(Storage):
         return OSError
 
     def incr(self, key, expiry, amount=1):
-        now = time.time()
         with self._locked():
-            index, count, window_end = self._find(key, now, claim=True)
+            now = time.time()       # under the lock: no window begun later than now is found
+            index, count, window_end = self._find(key, now, claim=True, longest=expiry)
             if count == 0:
                 window_end = now + expiry
             count += amount
@@ -282,8 +282,12 @@ class SharedFileStorage(Storage):
             if count:
                 _SLOT.pack_into(self._map, index * _SLOT.size, 0, 0.0, 0)
 
-    def _find(self, key, now, claim):
-        """(slot index, live count, window end) for key; with claim, a slot to write it in."""
+    def _find(self, key, now, claim, longest=math.inf):
+        """(slot index, live count, window end) for key; with claim, a slot to write it in.
+
+        Window ends are wall-clock times: one more than longest (the window's length) ahead
+        was begun before the clock was set back (NTP, a VM's host), and starts afresh rather
+        than last the length of the step on top of its own."""
         wanted = _hash(key)
         first = wanted % _SLOTS
         free = oldest = None
@@ -292,6 +296,8 @@ class SharedFileStorage(Storage):
             slot_hash, window_end, count = _SLOT.unpack_from(self._map, index * _SLOT.size)
             live = window_end > now
             if slot_hash == wanted and live:
+                if window_end - now > longest:
+                    return index, 0, now
                 return index, count, window_end
             if not live and free is None:
                 free = index

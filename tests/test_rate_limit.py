@@ -13,6 +13,7 @@ from config import ConfigurationError, load_config
 from ingestion_api import create_app
 from conftest import REDIS
 from processes import stop, wait_for
+from rate_limit import _SLOT
 from test_queue import run_on_a_full_disk
 
 ALL_BACKENDS = True
@@ -212,6 +213,28 @@ def test_counters_file_on_a_full_disk_lets_requests_in_and_logs_why_in_one_line(
     assert all(" WARNING ingestion_api " in line and
                "requests let in: [Errno 28] No space left on device" in line for line in failures)
     assert "Traceback" not in child.stderr
+
+
+@pytest.mark.embedded
+def test_a_clock_stepped_back_does_not_stretch_a_window_in_the_counters_file(limited):
+    """NTP or a VM's host may set the clock back: a window begun before that must not last
+    the length of the step on top of its own (an hour's 429 for a limit per minute)."""
+    client = create_app(limited).test_client()
+    assert [post(client).status_code for _ in range(3)] == [200, 200, 200]
+    counters = Path(limited.queue_path + ".ratelimit")
+    table = bytearray(counters.read_bytes())
+    stepped = 0
+    for offset in range(0, len(table), _SLOT.size):
+        key, window_end, count = _SLOT.unpack_from(table, offset)
+        if count:       # the window as the clock, set back an hour since it began, sees it
+            _SLOT.pack_into(table, offset, key, window_end + 3600, count)
+            stepped += 1
+    assert stepped == 1
+    with counters.open("r+b") as file:      # in place: the app has the file mapped
+        file.write(table)
+    answers = [post(client) for _ in range(4)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+    assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60
 
 
 @pytest.mark.embedded
