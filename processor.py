@@ -157,7 +157,10 @@ class _Progress:
 
     def report(self, processor):
         now = time.monotonic()
-        if now - self.last_time < PROGRESS_EVERY or processor.stored == self.last_stored:
+        if processor.stored == self.last_stored:
+            self.last_time = now        # idle: the next rate counts from when work resumes
+            return
+        if now - self.last_time < PROGRESS_EVERY:
             return
         rate = (processor.stored - self.last_stored) / (now - self.last_time)
         log.info("progress stored=%d rate=%.0f/s backlog=%d dead_letters=%d",

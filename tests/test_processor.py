@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -315,6 +316,35 @@ def test_a_database_whose_disk_fills_up_is_an_outage_logged_in_one_line_and_ever
     assert "Traceback" not in log
     assert re.search(r"WARNING processor .* batch failed; retrying in [0-9.]+s: SQLite \S+analytics.db: "
                      r"database or disk is full\n", log)
+
+
+def test_the_progress_rate_after_an_idle_spell_counts_only_the_time_spent_working(
+        config, queue, caplog, monkeypatch):
+    import processor as processor_module
+    monkeypatch.setattr(processor_module, "PROGRESS_EVERY", 0.5)
+    caplog.set_level("INFO", logger="processor")
+    batches = []
+
+    def takes_a_while(lines, seconds):          # 10 events per 50 ms at most: 200/s
+        batches.append(time.monotonic())
+        time.sleep(0.05)
+    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=10),
+                          on_batch=takes_a_while)
+    worker = threading.Thread(target=lambda: (processor.start(), processor.run()))   # SQLite: one thread
+    worker.start()
+    try:
+        time.sleep(2)       # the processor idles, polling an empty queue
+        started = time.monotonic()
+        queue.append([event(i) for i in range(200)])
+        wait_for(lambda: processor.stored == 200, 30, "the events were not stored")
+    finally:
+        processor.stopping.set()
+        worker.join()
+    rate = 200 / (batches[-1] - started)
+    reported = [float(re.search(r"rate=(\d+)/s", record.getMessage())[1])
+                for record in caplog.records if record.getMessage().startswith("progress ")]
+    assert reported, "no progress line"
+    assert min(reported) > rate / 2, (reported, rate)
 
 
 class WaitsAtOnce(threading.Event):
