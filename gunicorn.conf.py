@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import sys
+import time
+from datetime import timedelta
 
 from gunicorn import util
 from gunicorn.glogging import loggers
@@ -95,6 +97,15 @@ class Logger(Statsd):
                 handler.setFormatter(JsonFormatter())
             for handler in self.access_log.handlers:
                 handler.setFormatter(AccessJsonFormatter())
+
+    def access(self, resp, req, environ, request_time):
+        # gunicorn times a request by the local wall clock, which the end of summer time or a
+        # clock set back moves during it: a request of seconds would be logged as 23 hours
+        # (duration_ms, and the statsd timing)
+        started = getattr(req, "monotonic_start", None)
+        if started is not None:
+            request_time = timedelta(seconds=time.monotonic() - started)
+        super().access(resp, req, environ, request_time)
 
     def reopen_files(self):
         """Point stdout, stderr and every log file at files of their names again.
@@ -179,6 +190,11 @@ def on_reload(server):
             "configuration error: %s; the workers keep the settings read before", error)
         return
     warn_of_a_keys_file_others_may_read()
+
+
+def pre_request(worker, req):
+    worker.log.debug("%s %s", req.method, req.path)        # what gunicorn's own does
+    req.monotonic_start = time.monotonic()                  # for Logger.access
 
 
 def post_fork(server, worker):

@@ -175,6 +175,38 @@ def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(da
     first(errors, "Shutting down")
 
 
+
+def summer_time_ending_at(end):
+    """A POSIX TZ of UTC+1 summer time that ends, the clocks going back an hour, at end (UTC)."""
+    day = end.timetuple().tm_yday - 1      # days since 1 January, 29 February counted
+    local = end + timedelta(hours=1) - datetime(end.year, end.month, end.day, tzinfo=timezone.utc)
+    hours, seconds = divmod(int(local.total_seconds()), 3600)
+    return f"WIN0SUM-1,0/0,{day}/{hours}:{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def test_a_request_s_duration_in_the_access_log_is_not_moved_by_the_clocks_going_back(data_dir):
+    """The server's local time goes back an hour while a request is served (the end of summer
+    time; a clock stepped back does the same): the request still took seconds, not a day."""
+    end = datetime.now(timezone.utc) + timedelta(seconds=8)
+    api = Api(data_dir, workers=1, LOG_FORMAT="json", TZ=summer_time_ending_at(end))
+    try:
+        body = b'{"site_id": "s", "event_type": "page_view"}'
+        with socket.create_connection(("127.0.0.1", api.port), timeout=30) as connection:
+            started = time.monotonic()
+            assert datetime.now(timezone.utc) < end, "gunicorn started too late to be asked before"
+            connection.sendall(b"POST /event HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(max(0.0, (end - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+            connection.sendall(body[10:])
+            assert connection.recv(1024).startswith(b"HTTP/1.1 200")
+            took = time.monotonic() - started
+    finally:
+        assert stop(api.process, signal.SIGTERM) == 0
+    [line] = [line for line in json_lines(data_dir.parent / "logs" / "gunicorn.out")
+              if line["path"] == "/event"]
+    assert 0 < line["duration_ms"] <= took * 1000, (line["duration_ms"], took)
+
+
 TEXT_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z %s ingestion_api \[%s\] %s"
 BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
