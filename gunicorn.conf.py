@@ -35,8 +35,7 @@ import sys
 import time
 from datetime import timedelta
 
-from gunicorn import util
-from gunicorn.glogging import loggers
+from gunicorn import glogging, util
 from gunicorn.instrument.statsd import Statsd
 
 # as config.py reads them: empty is unset (an empty HOST must not mean every interface);
@@ -105,7 +104,10 @@ class Logger(Statsd):
         started = getattr(req, "monotonic_start", None)
         if started is not None:
             request_time = timedelta(seconds=time.monotonic() - started)
-        super().access(resp, req, environ, request_time)
+        if self.sock is None:       # no --statsd-host: no metrics to format for nobody
+            glogging.Logger.access(self, resp, req, environ, request_time)
+        else:
+            super().access(resp, req, environ, request_time)
 
     def reopen_files(self):
         """Point stdout, stderr and every log file at files of their names again.
@@ -124,7 +126,7 @@ class Logger(Statsd):
             replaced, self.logfile = self.logfile, logfile
             if replaced is not None:
                 replaced.close()        # held only for its descriptor, which the dup2s used
-        for log in loggers():
+        for log in glogging.loggers():
             for handler in log.handlers:
                 if isinstance(handler, logging.FileHandler) and handler.stream:
                     handler.stream = handler._open()
