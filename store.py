@@ -548,9 +548,12 @@ class SQLiteStore:
                 target.close()
             os.replace(partial, destination)
         except (OSError, sqlite3.Error) as error:
-            if os.path.isfile(partial):
-                os.remove(partial)      # a copy cut short (a full disk) is of no use
             raise OSError(f"cannot write {destination}: {error}") from error
+        finally:
+            # a copy cut short (a full disk, Ctrl-C, SIGTERM) is of no use, and holds every
+            # user id and visitor salt under a name no one looks for
+            if os.path.isfile(partial):
+                os.remove(partial)
 
     def delete_before(self, table, day, after=None, limit=5000):
         """Delete old rows of one window of a dated table, in one transaction (see delete_window)."""

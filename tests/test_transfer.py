@@ -480,6 +480,27 @@ def test_backup_creates_the_directories_it_names(config, tmp_path):
     assert sqlite3.connect(copy).execute("SELECT count(*) FROM events").fetchone() == (4,)
 
 
+def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy_behind(config, tmp_path):
+    store = open_store(config)
+    store.migrate()
+    with store.atomic() as connection:      # enough pages that the copy takes a while
+        connection.execute("CREATE TABLE filler (data BLOB)")
+        connection.execute("INSERT INTO filler SELECT zeroblob(1024 * 1024) FROM "
+                           "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
+                           "SELECT i FROM n)")
+    store.close()
+    copy = tmp_path / "copy.db"
+    taking = subprocess.Popen([sys.executable, "processor.py", "backup", str(copy)], cwd=ROOT,
+                              env={**os.environ, "DATA_DIR": config.data_dir}, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.exists(f"{copy}.partial") or taking.poll() is not None, 30, "the copy to start")
+    taking.send_signal(signal.SIGTERM)
+    assert taking.wait(timeout=60) == 143
+    assert taking.stderr.read().splitlines()[-1].endswith("backup interrupted")
+    # a copy of every user id and visitor salt, under a name no one looks for
+    assert not os.path.exists(f"{copy}.partial")
+    assert not copy.exists()
+
+
 @pytest.mark.parametrize("obstacle", ["a file where its directory goes", "a directory where it is written"])
 def test_a_backup_that_cannot_be_written_fails_in_one_line_naming_the_file(config, tmp_path, obstacle):
     copy = tmp_path / "backups" / "copy.db"
