@@ -31,6 +31,7 @@ WEB_CONCURRENCY, gunicorn's own variable, still sets the number of workers.
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -206,6 +207,15 @@ def post_fork(server, worker):
     built later, when gunicorn loads it, once the worker has its own signal handlers.)"""
     import ingestion_api
     ingestion_api.checked_config = server.analytics_config
+
+
+def post_worker_init(worker):
+    """A resized terminal sends SIGWINCH to every process of gunicorn, workers too, and a
+    worker's handler for it only logs (at DEBUG) that it ignores it. Logged from a signal
+    handler, that line can interrupt one being written to the same stream, and fails there
+    ("reentrant call inside BufferedWriter") with a traceback in the log; the kernel drops
+    an ignored signal before any handler runs."""
+    signal.signal(signal.SIGWINCH, signal.SIG_IGN)
 
 
 def child_exit(server, worker):

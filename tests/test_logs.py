@@ -294,14 +294,17 @@ def test_gunicorn_s_log_files_get_the_apps_lines_too_and_are_reopened_on_sigusr1
         assert {line["logger"] for line in json_lines(access)} == {"gunicorn.access"}
 
 
-def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGWINCH], ids=lambda sig: sig.name)
+def test_a_signal_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir, sig):
     """logrotate may signal a worker while it writes a log line: the reopen happens inside
-    the signal handler, on the very stream being written. (Either format; JSON lines show
-    any line that is not whole.)"""
+    the signal handler, on the very stream being written. A terminal resized sends SIGWINCH
+    to every process of gunicorn, workers included, whose handler logs at DEBUG. (Either
+    format; JSON lines show any line that is not whole.)"""
     folder = data_dir.parent
     errors, access = folder / "api-error.log", folder / "api-access.log"
-    api = Api(data_dir, workers=1, LOG_FORMAT="json",
+    api = Api(data_dir, workers=1, LOG_FORMAT="json", LOG_LEVEL="DEBUG",
               GUNICORN_CMD_ARGS=f"--error-logfile {errors} --access-logfile {access}")
+    [worker] = api.worker_pids()
     statuses, sending = [], threading.Event()
     sending.set()
 
@@ -320,7 +323,7 @@ def test_sigusr1_in_the_middle_of_a_write_spoils_no_line_and_no_request(data_dir
     sender.start()
     try:
         for _ in range(1000):
-            os.kill(api.process.pid, signal.SIGUSR1)
+            os.kill(api.process.pid if sig == signal.SIGUSR1 else worker, sig)
             time.sleep(0.005)
     finally:
         sending.clear()
