@@ -158,6 +158,13 @@ def on_starting(server):
     if server.cfg.workers < 1:       # gunicorn takes 0, listens, and no request is ever answered
         raise SystemExit(f"configuration error: gunicorn needs at least 1 worker "
                          f"(WEB_CONCURRENCY or --workers), not {server.cfg.workers}")
+    if server.cfg.preload_app:
+        # the app was built already, in this process, before the metrics directory was set
+        # (so no worker writes its counts there) and once for all (so a SIGHUP's new workers
+        # keep the API keys read at start)
+        raise SystemExit("configuration error: gunicorn's --preload (preload_app) builds the app "
+                         "before this file's settings apply: /metrics would count nothing and SIGHUP "
+                         "would not read the API keys again; run without it")
     try:
         config = load_config()
         check_storage(config)

@@ -444,6 +444,15 @@ def test_gunicorn_with_no_workers_stops_at_once_instead_of_listening_and_never_a
     assert "Listening at" not in result.stderr
 
 
+def test_gunicorn_with_preload_stops_at_once_instead_of_serving_without_metrics_or_key_reloads(data_dir):
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--preload", "ingestion_api:app"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env=environment(data_dir, PORT=free_port()))
+    assert result.returncode != 0
+    assert "configuration error: gunicorn's --preload (preload_app) builds the app before" in result.stderr
+    assert "Listening at" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_keys_file_is_read_again_on_sighup_and_a_bad_edit_keeps_the_last_good_keys(data_dir, children):
     keys = data_dir.parent / "keys"
     keys.write_text("old-key\nnew-key\n")
