@@ -245,12 +245,14 @@ def test_a_batch_whose_api_worker_is_killed_mid_write_is_stored_whole_or_not_at_
         "no worker was killed mid-write: the test proved nothing"
 
 
-def test_sigterm_finishes_the_batch_commits_and_exits_0(data_dir, children):
+# SIGHUP: the terminal the processor runs in was closed.
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_or_a_hangup_finishes_the_batch_commits_and_exits_0(data_dir, children, stop_signal):
     queued = fill_queue(data_dir, "graceful", 100_000)
     processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=500)
     children.append(processor)
     wait_for(lambda: stored_count(data_dir) > 0, 30, "processor did not start storing")
-    processor.send_signal(signal.SIGTERM)
+    processor.send_signal(stop_signal)
     assert exit_code(processor, 30) == 0
 
     stored = stored_count(data_dir)
@@ -258,7 +260,7 @@ def test_sigterm_finishes_the_batch_commits_and_exits_0(data_dir, children):
     assert stored % 500 == 0, "the last batch was not finished"
     assert parse_checkpoint(committed_checkpoint(data_dir))[2] == stored, \
         "the committed checkpoint does not match the stored rows"
-    assert "SIGTERM" in (data_dir / "processor.log").read_text()
+    assert f"{stop_signal.name}: finishing the current batch" in (data_dir / "processor.log").read_text()
 
     run_processor_once(data_dir)
     assert stored_count(data_dir) == len(queued)

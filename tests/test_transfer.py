@@ -587,7 +587,7 @@ def test_ctrl_c_or_sigterm_stops_an_import_in_one_line_and_running_it_again_resu
 
 
 @pytest.mark.parametrize("command, says", [
-    ([], "without a COMMAND, until SIGTERM or SIGINT"),
+    ([], "without a COMMAND, until SIGTERM, SIGINT or SIGHUP"),
     (["import"], "run again, it goes on where it stopped; exit status 3 if lines were rejected"),
     (["export"], "Write a site's events to standard output, in time order"),
     (["rebuild-rollups"], "Recompute every rollup from the events table"),
