@@ -17,7 +17,7 @@ MAX_LENGTHS = {"site_id": 256, "event_type": 256, "user_id": 256, "path": 2048}
 OLDEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=timezone.utc)
 FUTURE_TOLERANCE = timedelta(days=1)
 # ISO 8601 forms that datetime.fromisoformat does not read on Python 3.11 (3.14 reads 24:00 itself):
-# 24:00 for the end of a day, a leap second (hh:59:60) and an ordinal date (2025-151)
+# 24:00 for the end of a day, a leap second (hh:59:60), an ordinal date (2025-151) and a lowercase z
 END_OF_DAY = re.compile(r"(?<=[Tt ])24(?=(?::?00(?::?00(?:[.,]0+)?)?)?(?:Z|[+-]|$))", re.ASCII)
 LEAP_SECOND = re.compile(r"([Tt ]\d\d:?\d\d:?)60(?:[.,]\d+)?(?=Z|[+-]|$)", re.ASCII)
 ORDINAL_DATE = re.compile(r"^(\d{4})-?(\d{3})(?=[Tt ]|$)", re.ASCII)
@@ -116,7 +116,8 @@ def _read_iso(value):
 
 
 def _read_rewritten(value):
-    text = ORDINAL_DATE.sub(_calendar_date, value, count=1)
+    text = value[:-1] + "Z" if value.endswith("z") else value      # RFC 3339 allows a lowercase z
+    text = ORDINAL_DATE.sub(_calendar_date, text, count=1)
     text, leap_second = LEAP_SECOND.subn(r"\g<1>59.999", text, count=1)
     text, end_of_day = END_OF_DAY.subn("00", text, count=1)
     if text == value:

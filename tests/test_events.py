@@ -151,6 +151,10 @@ def test_a_timestamp_from_2000_to_a_day_ahead_is_stored_in_the_one_fixed_width_f
     ("2025-151T10:00:00Z", "2025-05-31T10:00:00.000Z"),               # an ordinal date
     ("2025151T100000Z", "2025-05-31T10:00:00.000Z"),
     ("2024-366", "2024-12-31T00:00:00.000Z"),
+    ("2025-05-31T10:00:00z", "2025-05-31T10:00:00.000Z"),             # a lowercase z, as RFC 3339 allows
+    ("2025-05-31t10:00:00.000z", "2025-05-31T10:00:00.000Z"),
+    ("2025-05-31T10.5z", "2025-05-31T10:30:00.000Z"),
+    ("2016-12-31T23:59:60z", "2016-12-31T23:59:59.999Z"),
 ])
 def test_iso_8601_forms_for_midnight_leap_seconds_and_days_of_the_year_are_read(timestamp, stored_as):
     assert both_ways(timestamp) == (stored_as, stored_as)
