@@ -111,7 +111,9 @@ class FileQueue:
         self._lock_map = None
         self._state = None
         self._state_inode = None
-        self._last_sync = 0.0
+        self._last_sync = -math.inf     # the first append is synced at once
+        self._unsynced = False          # FSYNC=batch: appended since the last sync
+        self._sync_timer = None
         self._pid = None
         self._boot = _boot_id()
 
@@ -203,6 +205,7 @@ class FileQueue:
         # gunicorn forks workers after the app is built: descriptors are per process.
         if self._pid != os.getpid():
             self._fd = self._lock_fd = self._lock_map = self._state = None
+            self._unsynced, self._sync_timer = False, None     # the timer stayed in the parent
             self._pid = os.getpid()
         if self._fd is None:
             try:
@@ -252,6 +255,8 @@ class FileQueue:
             current = None
         if current is not None and current.st_ino == self._inode:
             return current.st_size
+        if self._unsynced:          # the sealed segment keeps lines no later sync would reach
+            self._sync()
         os.close(self._fd)
         self._open_active()
         return os.fstat(self._fd).st_size
@@ -352,10 +357,32 @@ class FileQueue:
         if self.fsync == "always":
             os.fdatasync(self._fd)
         elif self.fsync == "batch":
-            now = time.monotonic()
-            if now - self._last_sync >= self.fsync_interval:
-                os.fdatasync(self._fd)
-                self._last_sync = now
+            wait = self._last_sync + self.fsync_interval - time.monotonic()
+            if wait <= 0:
+                self._sync()
+                return
+            # a later append may sync these lines; if none comes, a timer does, so that a
+            # power cut loses at most the interval, not the last events before a lull
+            self._unsynced = True
+            if self._sync_timer is None:
+                self._sync_timer = threading.Timer(wait, self._sync_later)
+                self._sync_timer.daemon = True
+                self._sync_timer.start()
+
+    def _sync(self):
+        os.fdatasync(self._fd)
+        self._last_sync = time.monotonic()
+        self._unsynced = False
+
+    def _sync_later(self):
+        with self._thread_lock:
+            self._sync_timer = None
+            if not self._unsynced or self._fd is None:
+                return
+            try:
+                self._sync()
+            except OSError as error:
+                log.warning("cannot sync the queue to disk: %s", error.strerror or error)
 
     # -- consumer side -----------------------------------------------------
 

@@ -140,6 +140,40 @@ def test_a_queue_file_that_cannot_be_opened_leaves_no_descriptor_open_at_each_tr
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.fixture
+def synced_inodes(monkeypatch):
+    """The inode of every file fdatasync is called on, in order."""
+    inodes, fdatasync = [], os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (inodes.append(os.fstat(fd).st_ino), fdatasync(fd)))
+    return inodes
+
+
+def eventually(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_with_fsync_batch_the_last_append_before_a_lull_is_synced_too(queue_path, synced_inodes):
+    """FSYNC=batch: a power cut loses at most FSYNC_INTERVAL of acknowledged events, however
+    long the API then waits for the next one."""
+    queue = FileQueue(queue_path, fsync="batch", fsync_interval=0.05)
+    queue.append([line(1)])         # synced at once: none was for an interval
+    queue.append([line(2)])         # within the interval: left for later
+    assert eventually(lambda: len(synced_inodes) == 2)
+
+
+def test_with_fsync_batch_a_sealed_segment_is_synced_before_the_writer_moves_on(queue_path, synced_inodes):
+    queue = FileQueue(queue_path, fsync="batch", fsync_interval=3600)
+    queue.append([line(1)])
+    queue.append([line(2)])
+    sealed = os.stat(queue_path).st_ino
+    os.rename(queue_path, queue_path + ".1")     # as the consumer seals a full segment
+    queue.append([line(3)])
+    assert synced_inodes.count(sealed) == 2
+
+
 def test_size_counts_acknowledged_but_unconsumed_events(queue_path):
     queue = FileQueue(queue_path)
     queue.append([line(i) for i in range(5)])
