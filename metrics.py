@@ -1,8 +1,9 @@
 """Prometheus metrics through prometheus-client, served at GET /metrics.
 
     analytics_events_accepted_total{endpoint}          events queued
-    analytics_requests_rejected_total{endpoint,reason}  ingest requests refused: invalid,
-                                                        too_large, rate_limited, unavailable, error
+    analytics_requests_rejected_total{endpoint,reason}  ingest requests refused: invalid (any
+                                                        other 4xx), too_large, rate_limited,
+                                                        unavailable, error (a server error)
     analytics_events_dropped_total{reason}              events answered but not kept: bot,
                                                         unknown-site (not in SITES)
     analytics_request_duration_seconds{endpoint}        latency of every endpoint (histogram)
@@ -124,8 +125,10 @@ def _is_alive(pid):
 
 
 def _reason(status):
-    return {400: "invalid", 413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(
-        status, "error")
+    # error is kept for the server's own failures, which an alert may page on: a request refused
+    # as sent (a 415 for a compressed body) is the client's
+    reason = {413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(status)
+    return reason or ("invalid" if status < 500 else "error")
 
 
 class ApiMetrics:

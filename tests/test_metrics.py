@@ -1,4 +1,5 @@
 """GET /metrics: what ingestion, the queue and the processor count, after real requests."""
+import gzip
 import os
 import subprocess
 import sys
@@ -53,6 +54,14 @@ def test_accepted_rejected_and_dropped_events_are_counted(client, config):
     assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="invalid") == 1
     assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="too_large") == 1
     assert value(metrics, "analytics_events_dropped_total", reason="bot") == 1
+
+
+def test_a_compressed_body_is_counted_as_invalid_since_error_is_for_server_errors(client):
+    response = client.post("/event", data=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 415
+    metrics = scrape(client)
+    assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="invalid") == 1
+    assert value(metrics, "analytics_requests_rejected_total", endpoint="/event", reason="error") == 0
 
 
 def test_latency_is_a_histogram_per_endpoint(client):
