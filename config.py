@@ -165,7 +165,10 @@ def _word_list(text):
 
 
 def _api_keys(text):
-    return _ascii_keys(_word_list(text))
+    keys = _word_list(text)
+    if not keys:        # set, so keys were meant: reports must not be public by mistake
+        raise ValueError("it lists no keys; expected keys separated by commas or spaces")
+    return _ascii_keys(keys)
 
 
 def _ascii_keys(keys):

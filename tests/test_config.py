@@ -19,7 +19,7 @@ from redis_queue import RedisQueue
     ("RETENTION_DAYS", "1000000"), ("ROLLUP_RETENTION_DAYS", "99999999999"),
     ("REPORT_MAX_DAYS", "3652059"), ("REPORT_MAX_DAYS", "0"),
     ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "10/second; 0/minute"),
-    ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"),
+    ("API_KEYS", "good-key \u043a\u043b\u044e\u0447"), ("API_KEYS", " , "),
     ("SITES", " , "), ("SITES", "site1 " + "x" * 257),
     # a wildcard in a name, a path, a page's null origin: no browser sends such an Origin as meant
     ("CORS_ORIGINS", "https://*.example.com"), ("CORS_ORIGINS", "https://dash.example/reports"),
