@@ -62,7 +62,8 @@ def write_json_error(sock, status_int, reason, mesg):
     util.write_error when they answer, so replacing it here, in the master, reaches them all."""
     body = json.dumps({"error": mesg or reason}).encode()       # ASCII: non-ASCII is escaped
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            f"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 

@@ -574,6 +574,7 @@ def test_a_request_gunicorn_cannot_parse_is_answered_in_json_like_the_app(
     status_line, *headers = head.decode("latin-1").split("\r\n")
     assert status_line.startswith(f"HTTP/1.1 {status} "), head
     assert "Content-Type: application/json" in headers
+    assert "X-Content-Type-Options: nosniff" in headers      # as every answer of the app
     assert f"Content-Length: {len(body)}" in headers
     assert orjson.loads(body)["error"].startswith(error)
 
