@@ -198,7 +198,7 @@ def on_reload(server):
         server.analytics_config = load_config()
     except ConfigurationError as error:
         logging.getLogger("ingestion_api").error(
-            "configuration error: %s; the workers keep the settings read before", error)
+            "configuration error: %s The workers keep the settings read before.", error)
         return
     warn_of_a_keys_file_others_may_read()
 
