@@ -31,6 +31,7 @@ from shared_queue import PRIVATE
 
 log = logging.getLogger("store")
 REBUILD_CHUNK = 100_000
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 UNENRICHED = len(ROW_COLUMNS) - len(NOTHING)      # the original columns and event_id come first
 UNENRICHED_COLUMNS = tuple(range(UNENRICHED))
 ALL_COLUMNS = tuple(range(len(ROW_COLUMNS)))
@@ -341,6 +342,10 @@ class SQLiteStore:
             # deleted rows are overwritten, not left in free space: a visitor salt must be gone
             # when deleted (most builds, Debian's among them, do this by default; not all)
             connection.execute("PRAGMA secure_delete=ON")
+            # SQLite reuses the log from its start once checkpointed but keeps the file's size: a
+            # rebuild-rollups, or a backup holding checkpoints back, would keep its gigabytes for
+            # as long as the processor or an API worker has the database open
+            connection.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         connection.execute("PRAGMA busy_timeout=5000")
         return connection
 

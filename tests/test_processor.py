@@ -18,7 +18,7 @@ from processes import (REPO, duplicated_user_ids, environment, exit_code, hold_w
                        queue_counters, start_processor, stored_count, wait_for)
 from processor import Processor
 from shared_queue import open_queue, parse_checkpoint
-from store import MIGRATIONS, open_store
+from store import MIGRATIONS, WAL_SIZE_LIMIT, open_store
 from test_queue import in_a_child_that_may_not_write_past
 
 
@@ -166,6 +166,22 @@ def test_with_fsync_always_the_processor_commits_with_synchronous_full(config, f
     store = open_store(config.with_overrides(fsync=fsync))
     assert store.connection.execute("PRAGMA synchronous").fetchone()[0] == synchronous
     store.close()
+
+
+def test_the_write_ahead_log_shrinks_back_after_another_programs_large_transaction(config, queue, processor):
+    """rebuild-rollups writes the whole rollups in one transaction (and a backup holds checkpoints
+    back while the processor writes): SQLite reuses analytics.db-wal from its start once that is
+    checkpointed, but keeps the file as large as it grew, for as long as any program has it open."""
+    command = open_store(config)
+    with command.atomic() as connection:
+        connection.execute("CREATE TABLE scratch (data BLOB)")
+        connection.executemany("INSERT INTO scratch VALUES (zeroblob(?))", [(1 << 20,)] * 80)
+    command.close()
+    wal = Path(config.database_path + "-wal")
+    assert wal.stat().st_size > 80 << 20
+    queue.append([event(1)])
+    processor.step()
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
 
 def test_migrating_twice_changes_nothing(config):
