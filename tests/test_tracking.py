@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import tracemalloc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -250,6 +251,21 @@ def test_bots_are_dropped_visibly(client, config, user_agent):
     assert response.status_code == 202
     assert response.headers["X-Analytics-Dropped"] == "bot"
     assert client.get("/health").get_json()["queue_size"] == 0
+
+
+def test_an_api_process_keeps_at_most_512_characters_of_each_user_agent_it_has_seen(client):
+    """Anyone may send a new User-Agent of 8 KB (gunicorn's limit for a header) with every event:
+    what a process keeps per User-Agent (the bot check's cache, ua-parser's own) would then grow
+    to tens of MB in each API worker."""
+    send(client, PAGEVIEW, user_agent=CHROME + " first")      # ua-parser's rules load once
+    tracemalloc.start()
+    try:
+        for i in range(100):
+            assert send(client, PAGEVIEW, user_agent=f"{CHROME} {i:03d} " + "x" * 8000).status_code == 202
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 100 * 8000
 
 
 @pytest.fixture
