@@ -257,7 +257,9 @@ class FileQueue:
             return current.st_size
         if self._unsynced:          # the sealed segment keeps lines no later sync would reach
             self._sync()
-        os.close(self._fd)
+        # forgotten before the open: if that fails, its number may be another thread's by then
+        sealed, self._fd = self._fd, None
+        os.close(sealed)
         self._open_active()
         return os.fstat(self._fd).st_size
 

@@ -845,3 +845,32 @@ def test_a_queue_file_deleted_or_emptied_while_the_consumer_runs_is_read_from_it
     queue.append([line(8)])
     assert read_all(consumer) == [line(i)[:-1] for i in range(5, 9)]
     assert queue.size() == 0
+
+
+def test_a_queue_whose_file_cannot_be_opened_again_closes_no_descriptor_it_gave_up(tmp_path):
+    # Between closing the old segment and opening the new one, another thread (a report's database
+    # connection, say) may be given the same descriptor number; an audit hook, which runs just
+    # before the queue's open, plays that thread. The child process keeps the hook to itself.
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, shutil, sys
+        from shared_queue import FileQueue, QueueUnavailable
+        directory = sys.argv[1]
+        os.mkdir(directory)
+        queue = FileQueue(os.path.join(directory, "event_queue.jsonl"))
+        queue.append([b'{"n": 1}\\n'])
+        others = []
+
+        def another_thread_opens_a_file(event, args):
+            if event == "open" and not others and str(args[0]).endswith("event_queue.jsonl"):
+                others.append(os.open(os.devnull, os.O_RDONLY))
+        sys.addaudithook(another_thread_opens_a_file)
+        shutil.rmtree(directory)          # the queue cannot be opened again
+        try:
+            queue.append([b'{"n": 2}\\n'])
+        except QueueUnavailable as error:
+            print("refused:", error)
+        os.fstat(others[0])               # closed by the queue: EBADF
+        print("the other descriptor is open")
+        """), str(tmp_path / "queue")], cwd=REPOSITORY, capture_output=True, text=True, timeout=60)
+    assert "refused: cannot write to the queue" in child.stdout, child.stderr
+    assert "the other descriptor is open" in child.stdout, child.stderr
