@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 from config import ConfigurationError
 from logs import EverySoOften
@@ -106,6 +107,21 @@ def _reserve_blocks_of_value_files():
         values.MmapedDict = ReservedMmapedDict
 
 
+def _flush_while_alive(metrics_ref):
+    while True:
+        time.sleep(FLUSH_EVERY)
+        if _call_if_alive(metrics_ref, "flush") is _GONE:
+            return
+
+
+_GONE = object()
+
+
+def _call_if_alive(metrics_ref, method):
+    metrics = metrics_ref()
+    return _GONE if metrics is None else getattr(metrics, method)()
+
+
 def _pid_of(file_name):
     """The pid in prometheus-client's file names (counter_1234.db), or None."""
     pid = file_name.removesuffix(".db").rpartition("_")[2]
@@ -162,8 +178,11 @@ class ApiMetrics:
         self._pending = _Pending()
         self._failures = EverySoOften(log)
         self._flusher = None
-        os.register_at_fork(after_in_child=self._forget_flusher)
-        atexit.register(self.flush)
+        # through a weak reference, as the flusher thread holds it: an app let go of (tests make
+        # many) is not kept, with its queue's files, by hooks that cannot be taken back
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(this, "_forget_flusher"))
+        atexit.register(_call_if_alive, this, "flush")
 
     def events_accepted(self, endpoint, count):
         with self._lock:
@@ -221,13 +240,9 @@ class ApiMetrics:
 
     def _start_flusher(self):
         if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_forever, name="metrics", daemon=True)
+            self._flusher = threading.Thread(target=_flush_while_alive, args=(weakref.ref(self),),
+                                             name="metrics", daemon=True)
             self._flusher.start()
-
-    def _flush_forever(self):
-        while True:
-            time.sleep(FLUSH_EVERY)
-            self.flush()
 
     def _forget_flusher(self):
         # a forked worker has no thread of its parent's, and its own counts start empty

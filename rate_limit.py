@@ -231,6 +231,7 @@ class SharedFileStorage(Storage):
     """
 
     STORAGE_SCHEME = ["sharedfile"]
+    _fd = _pid = None       # until opened; __del__ may come first
 
     def __init__(self, uri, wrap_exceptions=False, **options):
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
@@ -309,6 +310,10 @@ class SharedFileStorage(Storage):
 
     def _locked(self):
         return _FileLock(self)
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)      # a plain int: nothing else closes it when the app is let go of
 
     def _open(self):
         # gunicorn forks workers after the app is built: descriptors are per process.

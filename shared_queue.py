@@ -98,6 +98,8 @@ class FileQueue:
       P.consumer   held by the one processor that consumes the queue
     """
 
+    _fd = _lock_fd = _lock_map = _state = None     # until opened; __del__ may come first
+
     def __init__(self, path, fsync="never", fsync_interval=0.2,
                  segment_bytes=64 * 1024 * 1024):
         self.path = os.path.abspath(path)
@@ -200,6 +202,9 @@ class FileQueue:
     def close(self):
         with self._thread_lock:
             self._close_files()
+
+    def __del__(self):
+        self._close_files()     # a queue let go of without close(): its descriptors are plain ints
 
     def _ensure_open(self):
         # gunicorn forks workers after the app is built: descriptors are per process.
@@ -403,13 +408,15 @@ class FileQueueConsumer:
     whether the queue on disk is the one the checkpoint was taken in.
     """
 
+    _guard = None       # until opened; __del__ may come first
+
     def __init__(self, queue, checkpoint):
         self.queue = queue
         self._guard = os.open(queue.path + ".consumer", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._guard)
+            self.close()
             raise QueueBusy(f"another processor is already consuming {queue.path}; "
                             f"only one processor may consume a file queue") from None
         try:
@@ -421,7 +428,7 @@ class FileQueueConsumer:
             self._held = _fingerprint(self._segment_path(self.segment), self.offset)
             self._sync_counters()
         except BaseException:
-            os.close(self._guard)       # or the processor's next try finds the queue taken
+            self.close()                # or the processor's next try finds the queue taken
             raise
 
     def read(self, max_items):
@@ -465,7 +472,12 @@ class FileQueueConsumer:
         self._rotate_if_full()
 
     def close(self):
-        os.close(self._guard)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            os.close(guard)
+
+    def __del__(self):
+        self.close()            # a consumer let go of without close() lets another one start
 
     def _read_whole_writes(self, path, offset, lines_before):
         """A chunk of a segment from offset, never lines of a write that may still be cut back.

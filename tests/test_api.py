@@ -1,9 +1,14 @@
 """The HTTP contract of POST /event, POST /events, GET /stats and GET /health."""
+import gc
 import json
 import os
 import shutil
+import threading
 
 import pytest
+
+from ingestion_api import create_app
+from processes import wait_for
 
 ALL_BACKENDS = True
 
@@ -428,3 +433,19 @@ def test_a_queue_that_does_not_answer_in_time_says_the_event_may_be_stored(confi
         response = client.post("/event", json={"site_id": "s", "event_type": "page_view"})
     assert response.status_code == 503
     assert response.get_json() == {"error": "Queue did not answer in time; the event may have been stored"}
+
+
+def test_an_app_let_go_of_keeps_no_file_open_and_no_thread_running(config):
+    # One app per process in production; the tests and anything that embeds the app make many.
+    def open_files():
+        return len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    files, threads = open_files(), threading.active_count()
+    for _ in range(20):
+        client = create_app(config).test_client()     # queue, rate-limit counters, metrics thread
+        assert client.post("/event", json=EVENT).status_code == 200
+        assert client.get("/stats?site_id=site1").status_code == 200
+        del client
+    gc.collect()
+    wait_for(lambda: threading.active_count() <= threads, 10, "the metrics threads to end")
+    assert open_files() <= files
