@@ -152,6 +152,16 @@ MIGRATIONS = [
     CREATE INDEX daily_values_ranked ON daily_values (site_id, property, day, views DESC, events DESC,
                                                       value);
     """,
+    # version five as first released counted a day's new users in the processor and made no
+    # trigger: its databases get it now, and the days stored into them since are counted again
+    """
+    CREATE TRIGGER IF NOT EXISTS daily_users_counted AFTER INSERT ON daily_users BEGIN
+        INSERT INTO daily_totals VALUES (new.site_id, new.day, 1)
+        ON CONFLICT (site_id, day) DO UPDATE SET users = users + 1;
+    END;
+    DELETE FROM daily_totals;
+    INSERT INTO daily_totals SELECT site_id, day, count(*) FROM daily_users GROUP BY 1, 2;
+    """,
 ]
 # upgrading from before this version folds the stored events afresh: there were no rollups
 # before version 2, and version 2's counted paths and event types only, not sources

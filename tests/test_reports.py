@@ -13,6 +13,8 @@ from store import MIGRATIONS, SQLiteStore, open_store
 
 FIRST_DAY = date(2025, 3, 1)
 DAYS = 6
+RANKED_INDEX = next(number for number, migration in enumerate(MIGRATIONS)
+                    if "CREATE INDEX daily_values_ranked" in migration)
 
 
 def generated_events(count, seed=7):
@@ -130,8 +132,8 @@ def test_an_upgrade_keeps_the_all_time_totals_of_events_retention_deleted(databa
     sqlite3.connect(database).backup(copy)
     before = RollupReports(copy).stats("big", Period())
     copy.execute("DELETE FROM events WHERE timestamp < ?", (str(FIRST_DAY + timedelta(days=3)),))
-    copy.execute("DROP INDEX daily_values_ranked")      # the last migration undone
-    copy.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    copy.execute("DROP INDEX daily_values_ranked")      # back to the version before that index
+    copy.execute(f"PRAGMA user_version = {RANKED_INDEX}")
     copy.close()
     SQLiteStore(path).migrate()
     assert RollupReports(sqlite3.connect(path)).stats("big", Period()) == before
@@ -199,3 +201,41 @@ def test_migration_from_version_two_counts_the_stored_events_by_source(tmp_path)
                         == RawReports(store.connection).breakdown(site, prop, period, 50))
             assert (RollupReports(store.connection).stats(site, period)
                     == RawReports(store.connection).stats(site, period))
+
+
+def drained(config, events):
+    from processor import Processor
+    open_queue(config).append([encode_event(validate_event(event)) for event in events])
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+    processor.store.close()
+
+
+def renamed_users(events, prefix):
+    return ({**event, "user_id": event["user_id"] and prefix + event["user_id"]} for event in events)
+
+
+@pytest.mark.parametrize("upgraded", [False, True], ids=["version-five-as-released", "already-upgraded"])
+def test_a_version_five_database_without_its_trigger_counts_each_days_new_users(tmp_path, upgraded):
+    """Version five as first released counted a day's new users in the processor, with no
+    trigger: once upgraded, its database must count them as a new one does, and the days that
+    version six stored into it without the trigger must be counted again."""
+    from config import load_config
+    config = load_config(environ={}, data_dir=str(tmp_path), processor_batch_size=97)
+    drained(config, generated_events(400, seed=1))
+    connection = sqlite3.connect(config.database_path, isolation_level=None)
+    connection.execute("DROP TRIGGER daily_users_counted")
+    if upgraded:    # version six took such a database for current: its days' new users went uncounted
+        drained(config, renamed_users(generated_events(400, seed=2), "later-"))
+        connection.execute(f"PRAGMA user_version = {RANKED_INDEX + 1}")
+    else:
+        connection.execute("DROP INDEX daily_values_ranked")
+        connection.execute(f"PRAGMA user_version = {RANKED_INDEX}")
+    connection.close()
+    drained(config, renamed_users(generated_events(400, seed=3), "new-"))
+    connection = sqlite3.connect(config.database_path)
+    for site in SITES:
+        for day in range(DAYS):
+            period = Period(FIRST_DAY + timedelta(days=day), FIRST_DAY + timedelta(days=day))
+            assert RollupReports(connection).stats(site, period) == RawReports(connection).stats(site, period)
