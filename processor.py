@@ -104,10 +104,17 @@ class Processor:
         """Repeat step() until stopped (or, with once, until the queue is empty)."""
         backoff = 0.1
         progress = _Progress()
+        held = None         # with once: the newest entry other processors took and have not stored
         try:
             while not self.stopping.is_set():
                 try:
                     consumed = self.step()
+                    if consumed == 0 and once:
+                        waiting, held = held, self._consumer.held_by_others(held)
+                        if held is not None and waiting is None:
+                            log.info("waiting for the events other processors have taken and not stored "
+                                     "(a dead one's are taken over after QUEUE_CLAIM_IDLE, %gs)",
+                                     self.config.claim_idle)
                     backoff = 0.1
                 except Exception as error:
                     if isinstance(error, (StoreUnavailable, QueueUnavailable)):    # an outage: one line
@@ -120,7 +127,7 @@ class Processor:
                 progress.report(self)
                 self.retention.step()       # one small window, when due
                 if consumed == 0:
-                    if once:
+                    if once and held is None:
                         self.retention.finish_pass(self.stopping)
                         break
                     self.stopping.wait(self.config.poll_interval)

@@ -250,6 +250,23 @@ class RedisConsumer:
         return Batch(items=[fields[FIELD] for _, fields in entries if fields],
                      checkpoint=None, receipts=[entry_id for entry_id, _ in entries])
 
+    def held_by_others(self, up_to=None):
+        """The id of the newest entry other processors have read and not acknowledged, or
+        None; with up_to, whether any up to that one is still unacknowledged (up_to or None).
+
+        --once waits for these: a live processor stores them within a batch, and the entries
+        of a dead one are claimed here once idle for QUEUE_CLAIM_IDLE. It waits for those of
+        its first look only, or the batches of a busy processor beside it would keep it forever.
+        """
+        client, stream = self.queue.client, self.queue.stream
+        try:
+            if up_to is None:
+                pending = client.xpending(stream, GROUP)
+                return pending["max"] if pending["pending"] else None
+            return up_to if client.xpending_range(stream, GROUP, "-", up_to, 1) else None
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+
     def acknowledge(self, batch):
         if not batch.receipts:
             return

@@ -471,6 +471,9 @@ class FileQueueConsumer:
         self._remove_sealed_before(segment)
         self._rotate_if_full()
 
+    def held_by_others(self, up_to=None):
+        return None             # a file queue has one consumer: this one
+
     def close(self):
         guard, self._guard = self._guard, None
         if guard is not None:

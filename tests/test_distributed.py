@@ -34,7 +34,7 @@ from processes import (
     stored_user_ids, wait_for)
 from redis_queue import GROUP, RedisQueue
 from reports import Period
-from shared_queue import QueueUnavailable
+from shared_queue import QueueUnavailable, open_queue
 from store import open_store
 
 CLAIM_IDLE = 1          # seconds before a live processor takes over a dead one's entries
@@ -639,3 +639,24 @@ def test_a_batch_stored_but_not_acknowledged_when_redis_went_down_writes_its_dea
         assert [orjson.loads(line)["line"] for line in file] == ["not json"]
     assert processor.dead == 1
     assert stored_user_ids(data_dir) == {"u1"}
+
+
+def test_once_waits_for_what_a_processor_that_died_left_unacknowledged_and_stores_it(data_dir, redis_stream):
+    """--once drains the queue: a dead processor's entries included, taken over after QUEUE_CLAIM_IDLE."""
+    config = load_config(environ={}, data_dir=str(data_dir), queue_url=redis_stream, claim_idle=1.0)
+    queue = RedisQueue(redis_stream)
+    def events(prefix, count):
+        return [encode_event(validate_event({"site_id": "once", "event_type": "page_view",
+                                             "user_id": f"{prefix}-{n}"})) for n in range(count)]
+    queue.append(events("held", 300))
+    queue.client.xgroup_create(queue.stream, GROUP, id="0", mkstream=True)
+    queue.client.xreadgroup(GROUP, "a-processor-killed-mid-batch", {queue.stream: ">"}, count=300)
+    queue.append(events("new", 200))
+
+    processor = Processor(open_queue(config), open_store(config), config)
+    processor.start()
+    processor.run(once=True)
+
+    assert queue.size() == 0
+    assert_exactly_once(SQLiteEvents(data_dir), {f"held-{n}" for n in range(300)}
+                        | {f"new-{n}" for n in range(200)}, set())
