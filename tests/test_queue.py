@@ -18,8 +18,10 @@ import pytest
 
 from events import encode_event, validate_event
 from ingestion_api import create_app
+from processor import Processor
 import shared_queue
 from shared_queue import FileQueue, QueueBusy, QueueUnavailable, open_for_mapping, open_queue
+from store import open_store
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -779,9 +781,6 @@ def test_where_blocks_cannot_be_reserved_they_are_written_keeping_what_the_file_
 @pytest.mark.parametrize("backend", ["redis+sqlite"])
 def test_a_redis_that_lost_its_data_is_consumed_again(config):
     """Redis restarted without its data (or the key deleted) under a running processor."""
-    from events import encode_event, validate_event
-    from processor import Processor
-    from store import open_store
     queue = open_queue(config)
     processor = Processor(queue, open_store(config), config)
     processor.start()                                # its consumer group made
@@ -816,8 +815,13 @@ def test_a_batch_whose_processor_died_is_stored_whatever_the_others_trimmed_mean
     dead.start()
     dead.join(60)
     queue.append(numbered_events(range(3, 5)))
-    drain(claim_idle=3600)      # stores the two new events, then trims the stream it drained
-    drain(claim_idle=0)         # takes over the dead processor's batch
+    settings = config.with_overrides(claim_idle=3600)
+    processor = Processor(open_queue(settings), open_store(settings), settings)
+    processor.start()
+    assert processor.step() == 2        # the two new events
+    assert processor.step() == 0        # nothing it may take: it trims the stream it drained
+    processor.close()
+    drain(claim_idle=0)                 # takes over the dead processor's batch
     stored = sqlite3.connect(config.database_path).execute("SELECT user_id FROM events").fetchall()
     assert sorted(user for (user,) in stored) == [f"u{n}" for n in range(5)]
 
