@@ -199,9 +199,11 @@ def log_file_handler(config):
 
 
 def install_signal_handlers(processor):
-    """First SIGTERM, SIGINT or SIGHUP: finish the batch and exit 0. Second: exit at once.
+    """First SIGTERM, SIGINT or SIGHUP: finish the batch and stop. Second: exit at once.
 
-    SIGHUP is a closed terminal: stopping cleanly beats dying mid-batch with 129.
+    Returns the exit status once stopped: 0, or 129 after a SIGHUP. That is a closed terminal,
+    or a kill -HUP meant as a reload: a service manager's Restart=on-failure starts it again,
+    as it did when SIGHUP killed it mid-batch.
 
     A thread of their own takes the signals (sigwait) instead of a handler. A handler runs
     between two bytecodes of whatever the processor was doing, perhaps writing a log line: a
@@ -212,8 +214,11 @@ def install_signal_handlers(processor):
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
 
+    taken = []
+
     def take_signals():
         first = signal.Signals(signal.sigwait(signals))
+        taken.append(first)
         log.info("%s: finishing the current batch, then stopping", first.name)
         processor.stopping.set()
         second = signal.Signals(signal.sigwait(signals))
@@ -221,6 +226,7 @@ def install_signal_handlers(processor):
         os._exit(1)
 
     threading.Thread(target=take_signals, name="signals", daemon=True).start()
+    return lambda: 128 + signal.SIGHUP if signal.SIGHUP in taken else 0
 
 
 def build_parser():
@@ -351,7 +357,7 @@ def main(argv=None):
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     processor = Processor(open_queue(config), open_store(config), config, on_batch=on_batch)
-    install_signal_handlers(processor)
+    exit_status = install_signal_handlers(processor)
     try:
         if not start_when_reachable(processor):
             return 0
@@ -362,7 +368,7 @@ def main(argv=None):
         log.error("cannot start: %s", error)
         return 2
     processor.run(once=args.once)
-    return 0
+    return exit_status()
 
 
 def interrupt(signum, frame):
