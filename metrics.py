@@ -11,6 +11,7 @@
     analytics_processor_lag_seconds                     age of the oldest event not yet stored
     analytics_processor_batch_size                      events per stored batch (histogram)
     analytics_processor_batch_duration_seconds          time to store a batch (histogram)
+    analytics_processor_dead_letters_total              queued lines that were no valid event
 
 gunicorn runs each worker as a process of its own, so counters are kept in
 prometheus-client's multiprocess mode: every process writes its values to
@@ -357,27 +358,31 @@ class ProcessorMetrics:
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
-        self._histograms = None
+        self._metrics = None
         self._failures = EverySoOften(log)
 
-    def batch_stored(self, size, seconds):
+    def batch_stored(self, size, seconds, dead_letters):
         try:
-            sizes, durations = self._histograms or self._make_histograms()
+            sizes, durations, letters = self._metrics or self._make_metrics()
         except OSError as error:
             self._failures.warning("batch metrics not written: %s", error)
             return
         sizes.observe(size)
         durations.observe(seconds)
+        letters.inc(dead_letters)
 
-    def _make_histograms(self):
-        from prometheus_client import Histogram
+    def _make_metrics(self):
+        from prometheus_client import Counter, Histogram
 
         sizes = Histogram("analytics_processor_batch_size", "Queued lines per stored batch",
                           buckets=BATCH_SIZES, registry=None)
         durations = Histogram("analytics_processor_batch_duration_seconds",
                               "Time to read, store and acknowledge a batch",
                               buckets=BATCH_SECONDS, registry=None)
-        self.registry.register(sizes)
-        self.registry.register(durations)
-        self._histograms = sizes, durations
-        return self._histograms
+        # made with the others, so that it reads 0 and an alert on its increase has a start
+        letters = Counter("analytics_processor_dead_letters", "Queued lines that were no valid event, "
+                          "written to the dead-letter file", registry=None)
+        self._metrics = sizes, durations, letters
+        for metric in self._metrics:
+            self.registry.register(metric)
+        return self._metrics

@@ -49,7 +49,7 @@ class Processor:
         self.store = store
         self.config = config
         self.stopping = threading.Event()
-        self.on_batch = on_batch        # on_batch(lines, seconds) after each stored batch (metrics)
+        self.on_batch = on_batch        # on_batch(lines, seconds, dead_letters) after each stored batch (metrics)
         self.stored = 0
         self.dead = 0
         # lines of a batch not yet stored and acknowledged that are already in the dead-letter
@@ -88,7 +88,7 @@ class Processor:
         seconds = time.monotonic() - started
         log.debug("batch stored rows=%d rejected=%d seconds=%.3f", len(rows), len(rejected), seconds)
         if self.on_batch:
-            self.on_batch(len(batch.items), seconds)
+            self.on_batch(len(batch.items), seconds, len(rejected))
         return len(batch.items)
 
     @staticmethod
@@ -377,7 +377,7 @@ def interrupt(signum, frame):
 
 
 def batch_metrics(config):
-    """Batch sizes and durations for /metrics (see metrics.py), or None with METRICS=off."""
+    """Batch sizes, durations and dead letters for /metrics (see metrics.py), or None with METRICS=off."""
     if not config.metrics:
         return None
     from metrics import PROCESSOR, ProcessorMetrics, use_metrics_directory

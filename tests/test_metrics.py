@@ -140,6 +140,16 @@ def test_processor_reports_each_batch_size_and_duration(client, config):
     assert batches.registry.get_sample_value("analytics_processor_batch_duration_seconds_count") == 3
 
 
+def test_processor_counts_the_lines_it_sends_to_the_dead_letter_file(config):
+    queue = open_queue(config)
+    queue.append([encode_event(validate_event(EVENT)), b"not json\n", b"[1]\n"])
+    batches = ProcessorMetrics()
+    processor = Processor(queue, open_store(config), config, on_batch=batches.batch_stored)
+    processor.start()
+    processor.run(once=True)
+    assert batches.registry.get_sample_value("analytics_processor_dead_letters_total") == 2
+
+
 def test_metrics_off_means_no_endpoint(config):
     from ingestion_api import create_app
     client = create_app(config.with_overrides(metrics=False)).test_client()
@@ -262,7 +272,7 @@ def test_batch_metrics_that_cannot_be_written_are_skipped_and_said_so(tmp_path):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = full
         from metrics import ProcessorMetrics
         fill_the_disk()
-        ProcessorMetrics().batch_stored(10, 0.5)
+        ProcessorMetrics().batch_stored(10, 0.5, 0)
         print("alive")
     """)
     assert (child.returncode, child.stdout) == (0, "alive\n"), child.stderr

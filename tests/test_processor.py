@@ -341,7 +341,7 @@ def test_the_progress_rate_after_an_idle_spell_counts_only_the_time_spent_workin
     caplog.set_level("INFO", logger="processor")
     batches = []
 
-    def takes_a_while(lines, seconds):          # 10 events per 50 ms at most: 200/s
+    def takes_a_while(lines, seconds, dead_letters):      # 10 events per 50 ms at most: 200/s
         batches.append(time.monotonic())
         time.sleep(0.05)
     processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=10),
