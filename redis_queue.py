@@ -179,8 +179,11 @@ class RedisConsumer:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._claim_from = "0-0"
         self._acknowledged = 0
-        self._create_group()
-        self._warn_if_evicting()
+        try:
+            self._create_group()
+            self._warn_if_evicting()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def _warn_if_evicting(self):
         try:

@@ -793,6 +793,16 @@ def test_a_redis_that_lost_its_data_is_consumed_again(config):
     store.close()
 
 
+def test_a_processor_that_cannot_reach_redis_at_start_says_it_is_redis(config):
+    """Its line at start, "cannot start yet: ...", read "Error 111 connecting to 127.0.0.1:1."
+    without naming Redis or the queue."""
+    unreachable = config.with_overrides(queue_url="redis://127.0.0.1:1/0?stream=nowhere")
+    processor = Processor(open_queue(unreachable), open_store(config), config)
+    with pytest.raises(QueueUnavailable, match="^cannot reach Redis: "):
+        processor.start()
+    processor.close()
+
+
 def numbered_events(numbers):
     return [encode_event(validate_event({"site_id": "s", "event_type": "page_view", "user_id": f"u{n}"}))
             for n in numbers]
