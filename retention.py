@@ -19,6 +19,8 @@ import logging
 import time
 from datetime import datetime, timedelta, timezone
 
+from store import StoreUnavailable
+
 log = logging.getLogger("retention")
 
 ROLLUP_TABLES = ("hourly_totals", "daily_users", "daily_totals", "daily_values", "daily_value_users")
@@ -32,6 +34,14 @@ def utc_today():
 
 def first_day_kept(today, days):
     return (today - timedelta(days=days)).isoformat()
+
+
+def _failed(error, message, *args):
+    """An outage (the database down, busy or full) is one line; anything else, with its traceback."""
+    if isinstance(error, StoreUnavailable):
+        log.warning(message + ": %s", *args, error)
+    else:
+        log.exception(message, *args)
 
 
 class Retention:
@@ -72,8 +82,8 @@ class Retention:
         if today != self.salts_day:
             try:
                 self.store.forget_salts(first_day_kept(today, 1))
-            except Exception:
-                log.exception("deleting old visitor salts failed; retrying in %.1fs", self.backoff)
+            except Exception as error:
+                _failed(error, "deleting old visitor salts failed; retrying in %.1fs", self.backoff)
                 return self._retry_later(now)
             self.salts_day = today
         if not self.remaining:
@@ -87,8 +97,8 @@ class Retention:
         try:
             deleted, self.after = self.store.delete_before(
                 table, day, self.after, self.config.retention_batch_size)
-        except Exception:
-            log.exception("retention batch failed table=%s; retrying in %.1fs", table, self.backoff)
+        except Exception as error:
+            _failed(error, "retention batch failed table=%s; retrying in %.1fs", table, self.backoff)
             return self._retry_later(now)
         self.backoff = self.config.retention_interval
         self.deleted += deleted

@@ -289,7 +289,7 @@ def test_a_failed_retention_batch_is_logged_and_retried_later_not_skipped(config
     def failing_delete(*args):
         raise StoreUnavailable("database went away")
     store.delete_before = failing_delete
-    with caplog.at_level(logging.ERROR, logger="retention"):
+    with caplog.at_level(logging.WARNING, logger="retention"):
         assert retention.step() == 0
     assert "retention batch failed table=events" in caplog.text
     store.delete_before = real_delete
@@ -297,6 +297,22 @@ def test_a_failed_retention_batch_is_logged_and_retried_later_not_skipped(config
     assert retention.step() == 0                   # backing off
     now[0] = 1.0
     assert retention.step() == 4 * 20
+
+
+@pytest.mark.embedded      # the store's calls are replaced: one backend is enough
+@pytest.mark.parametrize("failing", ["forget_salts", "delete_before"])
+def test_a_database_outage_is_logged_in_one_line_without_a_traceback(config, store, caplog, failing):
+    retention = Retention(store, config.with_overrides(retention_days=1, retention_interval=1.0),
+                          today=lambda: TODAY, clock=lambda: 0.0)
+
+    def outage(*args):
+        raise StoreUnavailable("PostgreSQL: connection failed: Connection refused")
+    setattr(store, failing, outage)
+    with caplog.at_level(logging.WARNING, logger="retention"):
+        assert retention.step() == 0
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert record.getMessage().endswith("; retrying in 1.0s: PostgreSQL: connection failed: Connection refused")
 
 
 def test_a_batch_that_keeps_failing_is_retried_ever_less_often_up_to_five_minutes(config, store):
