@@ -12,6 +12,7 @@
     analytics_processor_batch_size                      events per stored batch (histogram)
     analytics_processor_batch_duration_seconds          time to store a batch (histogram)
     analytics_processor_dead_letters_total              queued lines that were no valid event
+    analytics_processor_failures_total{stage}           failed tries of a batch or a retention window
 
 gunicorn runs each worker as a process of its own, so counters are kept in
 prometheus-client's multiprocess mode: every process writes its values to
@@ -346,7 +347,7 @@ class QueueCollector:
 
 
 class ProcessorMetrics:
-    """The processor's batches; called after each stored batch.
+    """The processor's batches and failures; called after each stored batch and each failed try.
 
     Their values are made at the first batch, not at start, and a batch whose
     values cannot be made (a disk too full for their file) is left out of them
@@ -363,13 +364,22 @@ class ProcessorMetrics:
 
     def batch_stored(self, size, seconds, dead_letters):
         try:
-            sizes, durations, letters = self._metrics or self._make_metrics()
+            sizes, durations, letters, _ = self._metrics or self._make_metrics()
         except OSError as error:
             self._failures.warning("batch metrics not written: %s", error)
             return
         sizes.observe(size)
         durations.observe(seconds)
         letters.inc(dead_letters)
+
+    def failed(self, stage):
+        """A try of a batch or of a retention window failed (stage: batch, retention)."""
+        try:
+            *_, failures = self._metrics or self._make_metrics()
+        except OSError as error:
+            self._failures.warning("batch metrics not written: %s", error)
+            return
+        failures.labels(stage).inc()
 
     def _make_metrics(self):
         from prometheus_client import Counter, Histogram
@@ -379,10 +389,15 @@ class ProcessorMetrics:
         durations = Histogram("analytics_processor_batch_duration_seconds",
                               "Time to read, store and acknowledge a batch",
                               buckets=BATCH_SECONDS, registry=None)
-        # made with the others, so that it reads 0 and an alert on its increase has a start
+        # the counters are made with the histograms, so that they read 0 and an alert on their
+        # increase has a start
         letters = Counter("analytics_processor_dead_letters", "Queued lines that were no valid event, "
                           "written to the dead-letter file", registry=None)
-        self._metrics = sizes, durations, letters
+        failures = Counter("analytics_processor_failures", "Failed tries of a batch or a retention window",
+                           ["stage"], registry=None)
+        for stage in ("batch", "retention"):
+            failures.labels(stage)
+        self._metrics = sizes, durations, letters, failures
         for metric in self._metrics:
             self.registry.register(metric)
         return self._metrics

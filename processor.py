@@ -43,20 +43,21 @@ LOG_BACKUPS = 5             # processor.log.1 ... processor.log.5
 
 
 class Processor:
-    def __init__(self, queue, store, config, enrichment=True, on_batch=None):
+    def __init__(self, queue, store, config, enrichment=True, on_batch=None, on_failure=None):
         self.queue = queue
         self.enrichment = enrichment    # off only to measure what enrichment costs
         self.store = store
         self.config = config
         self.stopping = threading.Event()
         self.on_batch = on_batch        # on_batch(lines, seconds, dead_letters) after each stored batch (metrics)
+        self.on_failure = on_failure or (lambda stage: None)   # on_failure("batch") after each failed try
         self.stored = 0
         self.dead = 0
         # lines of a batch not yet stored and acknowledged that are already in the dead-letter
         # file: a retry of the batch (after an outage) reads them again
         self._dead_lettered = set()
         self._consumer = None
-        self.retention = Retention(store, config)
+        self.retention = Retention(store, config, on_failure=lambda: self.on_failure("retention"))
 
     def start(self):
         """Migrate the store and claim the queue; raises QueueBusy if taken."""
@@ -121,6 +122,7 @@ class Processor:
                         log.warning("batch failed; retrying in %.1fs: %s", backoff, " ".join(str(error).split()))
                     else:
                         log.exception("batch failed; retrying in %.1fs", backoff)
+                    self.on_failure("batch")
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue
@@ -352,11 +354,12 @@ def main(argv=None):
             log.warning("%s interrupted%s", args.command, resume)
             return 128 + (stop.args[0] if stop.args else signal.SIGINT)
     try:
-        on_batch = batch_metrics(config)
+        metrics = processor_metrics(config)
     except ConfigurationError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    processor = Processor(open_queue(config), open_store(config), config, on_batch=on_batch)
+    processor = Processor(open_queue(config), open_store(config), config,
+                          on_batch=metrics and metrics.batch_stored, on_failure=metrics and metrics.failed)
     exit_status = install_signal_handlers(processor)
     try:
         if not start_when_reachable(processor):
@@ -376,13 +379,13 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def batch_metrics(config):
-    """Batch sizes, durations and dead letters for /metrics (see metrics.py), or None with METRICS=off."""
+def processor_metrics(config):
+    """The processor's counts for /metrics (see metrics.py), or None with METRICS=off."""
     if not config.metrics:
         return None
     from metrics import PROCESSOR, ProcessorMetrics, use_metrics_directory
     use_metrics_directory(config, PROCESSOR)
-    return ProcessorMetrics().batch_stored
+    return ProcessorMetrics()
 
 
 def start_when_reachable(processor):

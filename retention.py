@@ -45,9 +45,10 @@ def _failed(error, message, *args):
 
 
 class Retention:
-    def __init__(self, store, config, today=utc_today, clock=time.monotonic):
+    def __init__(self, store, config, today=utc_today, clock=time.monotonic, on_failure=lambda: None):
         self.store = store
         self.config = config
+        self.on_failure = on_failure        # after each failed window (metrics)
         self.today = today          # both given by tests, to run a pass without waiting
         self.clock = clock
         self.next_time = 0.0
@@ -109,6 +110,7 @@ class Retention:
         return deleted
 
     def _retry_later(self, now):
+        self.on_failure()
         self.next_time = now + self.backoff
         self.backoff = min(self.backoff * 2, MAX_BACKOFF)
         return 0

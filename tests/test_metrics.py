@@ -16,7 +16,7 @@ from metrics import (FLUSH_EVERY, LATENCY_BUCKETS, PROCESSOR, ApiMetrics, Proces
 from processes import Api, log_tail, run_processor_once, start_processor, stored_count, wait_for
 from processor import Processor
 from shared_queue import FileQueue, open_queue
-from store import open_store
+from store import StoreUnavailable, open_store
 from test_queue import run_on_a_full_disk
 
 EVENT = {"site_id": "s", "event_type": "page_view", "path": "/a"}
@@ -148,6 +148,31 @@ def test_processor_counts_the_lines_it_sends_to_the_dead_letter_file(config):
     processor.start()
     processor.run(once=True)
     assert batches.registry.get_sample_value("analytics_processor_dead_letters_total") == 2
+
+
+def test_processor_counts_its_failed_batches_and_retention_windows(config):
+    """What lasts (a user without DELETE, a bug) is otherwise in the log alone."""
+    queue = open_queue(config)
+    queue.append([encode_event(validate_event(EVENT))])
+    counts = ProcessorMetrics()
+    settings = config.with_overrides(retention_days=1, retention_interval=0.001)
+    processor = Processor(queue, open_store(settings), settings, on_batch=counts.batch_stored,
+                          on_failure=counts.failed)
+    processor.start()
+    store, failures = processor.store, []
+
+    def fails_first(real):
+        def call(*args):
+            if real.__name__ not in failures:
+                failures.append(real.__name__)
+                raise StoreUnavailable("PostgreSQL: connection failed")
+            return real(*args)
+        return call
+    store.write, store.delete_before = fails_first(store.write), fails_first(store.delete_before)
+    processor.run(once=True)
+    assert failures == ["write", "delete_before"]
+    for stage in ("batch", "retention"):
+        assert counts.registry.get_sample_value("analytics_processor_failures_total", {"stage": stage}) == 1
 
 
 def test_metrics_off_means_no_endpoint(config):
