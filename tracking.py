@@ -25,6 +25,9 @@ MAX_URL = 2000
 MAX_PROPS = 30
 MAX_PROP_VALUE = MAX_URL      # a URL: the trackers' Outbound Link and File Download props
 MAX_USER_AGENT = 512
+# d names a page's site and the rollups it is also counted in; each gets the whole event, props
+# and all, so a 60 KB body naming hundreds of sites was tens of MB of queue and database
+MAX_SITES = 10
 HEADLESS_FAMILIES = {"HeadlessChrome", "PhantomJS"}
 
 
@@ -94,6 +97,8 @@ def _sites(domain):
         site = domain_site(part)
         if site and site not in sites:      # one page view is one view of each site
             sites.append(site)
+            if len(sites) > MAX_SITES:
+                raise InvalidPayload("domain", f"must name at most {MAX_SITES} sites")
     if not sites:
         raise InvalidPayload("domain", "is required")
     return sites

@@ -100,6 +100,16 @@ def test_a_site_named_twice_in_d_gets_the_event_once(client, drain, config):
     assert [row[0] for row in rows(config)] == ["shop.test", "blog.test"]
 
 
+def test_d_names_at_most_ten_sites_so_a_small_request_is_never_stored_hundreds_of_times(client):
+    # each site gets the whole event, props and all: a 60 KB body naming 334 sites was 20 MB of queue
+    ten = ",".join(f"site{number}.test" for number in range(10))
+    assert send(client, '{"n":"pageview","u":"https://a.test/","d":"%s"}' % ten).status_code == 202
+    response = send(client, '{"n":"pageview","u":"https://a.test/","d":"%s,site10.test"}' % ten)
+    assert response.status_code == 400
+    assert response.get_json() == {"errors": {"domain": ["must name at most 10 sites"]}}
+    assert client.get("/health").get_json()["queue_size"] == 10
+
+
 def test_engagement_is_kept_but_never_a_view_or_an_event(client, drain, config):
     send(client, PAGEVIEW)
     send(client, ENGAGEMENT)
