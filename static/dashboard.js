@@ -99,12 +99,13 @@ function followFragment() {
 // -- drawing ------------------------------------------------------------------
 
 // Anyone may send events, so a value may hold characters that draw nothing or reorder the text after
-// them: "/\u202Egnp.exe" draws as /exe.png, "/log\u200Bin" as /login. Each is shown as its code
-// point. Zero-width (non-)joiners (U+200C, U+200D) stay: Persian, Indic scripts and emoji need them.
-const HIDDEN = /[\0-\x1f\x7f-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
+// them: "/\u202Egnp.exe" draws as /exe.png, "/log\u200Bin" or "/log\u2028in" as /login. Each is shown
+// as its code point, and so are Hangul fillers, drawn as a blank. Zero-width (non-)joiners (U+200C,
+// U+200D), variation selectors and tags stay: Persian, Indic scripts and emoji need them.
+const HIDDEN = /[\0-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u206f\u3164\uffa0\ufeff\ufff9-\ufffc\u{1d173}-\u{1d17a}\u{e0001}]/gu;
 
 function visible(value) {
-  return value.replace(HIDDEN, (c) => `\u27e8U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27e9`);
+  return value.replace(HIDDEN, (c) => `\u27e8U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27e9`);
 }
 
 function cell(tag, text, className) {

@@ -567,8 +567,15 @@ MARKUP = ["<script>document.title = 'pwned'</script>", "<img src=x onerror=\"doc
 # characters that draw nothing or reorder the text after them, and how the page shows them
 HIDDEN = {"/\u202egnp.exe": "/\u27e8U+202E\u27e9gnp.exe",           # drawn as /exe.png
           "/log\u200bin": "/log\u27e8U+200B\u27e9in",                 # drawn as /login
-          "/a\n/b": "/a\u27e8U+000A\u27e9/b"}
-HIDDEN_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+          "/a\n/b": "/a\u27e8U+000A\u27e9/b",
+          "/log\u2028in": "/log\u27e8U+2028\u27e9in"}                # a line separator draws nothing in a line
+HIDDEN_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f"
+                              "\u2028\u2029\u202a-\u202e\u2060-\u206f\u3164\uffa0\ufeff\ufff9-\ufffc"
+                              "\U0001d173-\U0001d17a\U000e0001]")
+# more that Chromium draws as nothing (or, Hangul fillers, as a blank), and what emoji and scripts need
+INVISIBLE = "\u034f\u115f\u1160\u17b4\u2029\u206a\u3164\uffa0\ufff9\ufffc\U0001d173\U000e0001"
+NEEDED = ["\u0646\u0645\u200c\u06cc", "\U0001f469\u200d\U0001f4bb", "\u2764\ufe0f",
+          "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"]
 
 
 def hostile_lines(site, referrer):
@@ -601,6 +608,8 @@ def test_values_anyone_may_send_are_shown_as_the_text_they_are(open_dashboard, t
             "hostile.example", "\u27e8U+202E\u27e9moc.knab"]
         texts = dashboard.page.eval_on_selector_all("td, option", "cells => cells.map(c => c.textContent)")
         assert not [text for text in texts if HIDDEN_CHARACTER.search(text)]
+        assert dashboard.page.evaluate("values => values.map(visible)", list(INVISIBLE) + NEEDED) == [
+            f"\u27e8U+{ord(character):04X}\u27e9" for character in INVISIBLE] + NEEDED
         # nothing of it became an element, ran or restyled the page
         assert dashboard.page.evaluate("document.querySelectorAll('img, svg:not(#chart svg), style, h1 + h1, "
                                        "main h1, a, iframe, object').length") == 0
