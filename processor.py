@@ -278,14 +278,16 @@ def export_period(args):
 
 def run_command(args, config):
     store = open_store(config)
+    if args.command == "backup":
+        # the database as it is: the new version's backup taken before an upgrade, while the old
+        # version runs, must not migrate it under that version's processor
+        return back_up(store, args.file)
     store.migrate(create=args.command == "import")
     if args.command == "import":
         stored, rejected = import_file(store, args.file, show_progress=sys.stderr.isatty(),
                                        sites=config.sites)
         log.info("import finished file=%s stored=%d rejected=%d", args.file, stored, rejected)
         return 0 if rejected == 0 else 3
-    if args.command == "backup":
-        return back_up(store, args.file)
     if args.command == "export":
         sys.stdout.reconfigure(encoding="utf-8")    # JSON lines are UTF-8, whatever the locale
         count = export_events(store, sys.stdout, args.site, export_period(args), args.format)

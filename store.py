@@ -453,9 +453,8 @@ class SQLiteStore:
         that reads one (export, backup), run from the wrong directory, would
         read an empty one and succeed.
         """
-        if not create and not os.path.exists(self.path):
-            raise StoreUnavailable(f"SQLite {self.path}: no database there; set DATA_DIR (or DATABASE_URL) "
-                                   "to where the processor keeps it", lasting=True)
+        if not create:
+            self._require_database()
         version = self.schema_version()
         if version > len(MIGRATIONS):
             raise NewerSchema(self.path, version, len(MIGRATIONS))
@@ -475,6 +474,11 @@ class SQLiteStore:
 
     def schema_version(self):
         return self.connection.execute("PRAGMA user_version").fetchone()[0]
+
+    def _require_database(self):
+        if not os.path.exists(self.path):
+            raise StoreUnavailable(f"SQLite {self.path}: no database there; set DATA_DIR (or DATABASE_URL) "
+                                   "to where the processor keeps it", lasting=True)
 
     def write(self, rows, queue, checkpoint):
         """Insert rows (of ROW_COLUMNS) and record the queue position they came from, atomically."""
@@ -551,6 +555,7 @@ class SQLiteStore:
         destination are made; anything else that stops the copy being
         written is an OSError naming the destination.
         """
+        self._require_database()
         partial = f"{destination}.partial"
         source = self.connection        # a database that cannot be opened is StoreUnavailable
         try:

@@ -20,7 +20,7 @@ import transfer
 from postgres_store import PostgresStore
 from processes import free_port, wait_for
 from reports import Period
-from store import open_store
+from store import MIGRATIONS, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -469,6 +469,20 @@ def test_backup_is_a_consistent_copy_taken_while_the_processor_stores(config, tm
         assert copy.execute("SELECT coalesce(sum(views), 0) FROM site_totals").fetchone()[0] == events
     refused = run_processor(config, "backup", str(backups[0]))
     assert refused.returncode == 2 and "exists" in refused.stderr
+
+
+def test_a_backup_copies_the_database_as_it_is_without_upgrading_it(config, tmp_path):
+    """The backup taken before an upgrade, with the new version's command while the old version
+    still runs: migrating the database would stop the old processor, and the copy would be no
+    copy of the version to go back to."""
+    events_file(tmp_path / "in.jsonl", 4)
+    run_processor(config, "import", str(tmp_path / "in.jsonl"))
+    previous = len(MIGRATIONS) - 1
+    sqlite3.connect(config.database_path, isolation_level=None).execute(f"PRAGMA user_version = {previous}")
+    result = run_processor(config, "backup", str(tmp_path / "before-upgrade.db"))
+    assert result.returncode == 0, result.stderr
+    for database in (config.database_path, tmp_path / "before-upgrade.db"):
+        assert sqlite3.connect(database).execute("PRAGMA user_version").fetchone() == (previous,)
 
 
 def test_backup_creates_the_directories_it_names(config, tmp_path):
