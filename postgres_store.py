@@ -376,14 +376,16 @@ class PostgresStore:
                                    "SELECT * FROM events WITH NO DATA")
             low, high = connection.execute(
                 "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
+            # ids have gaps (rolled back batches, conflicts, retention): progress counts rows
+            total, done = connection.execute("SELECT count(*) FROM events").fetchone()[0], 0
             for start in range(low, high, REBUILD_CHUNK):
                 end = min(start + REBUILD_CHUNK, high)
                 connection.raw.execute("TRUNCATE new_events")
-                connection.execute("INSERT INTO new_events SELECT * FROM events "
-                                   "WHERE id > :low AND id <= :high", {"low": start, "high": end})
+                done += connection.execute("INSERT INTO new_events SELECT * FROM events WHERE id > :low "
+                                           "AND id <= :high", {"low": start, "high": end}).rowcount
                 rollups.fold(connection, self._dialect(), {})
                 if progress:
-                    progress(end - low, high - low)
+                    progress(done, total)
 
     def delete_before(self, table, day, after=None, limit=5000):
         """As SQLiteStore.delete_before; concurrent processors deleting the same rows only wait."""

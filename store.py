@@ -42,11 +42,14 @@ def _refold(connection, progress):
     rollups.clear(connection)
     low, high = connection.execute(
         "SELECT coalesce(min(id) - 1, 0), coalesce(max(id), 0) FROM events").fetchone()
+    # ids have gaps (events retention deleted): progress counts rows
+    total, done = connection.execute("SELECT count(*) FROM events").fetchone()[0], 0
     for start in range(low, high, REBUILD_CHUNK):
-        end = min(start + REBUILD_CHUNK, high)
-        rollups.add_totals(connection, rollups.BatchTotals(_stored_rows(connection, start, end)))
+        rows = _stored_rows(connection, start, min(start + REBUILD_CHUNK, high))
+        rollups.add_totals(connection, rollups.BatchTotals(rows))
+        done += len(rows)
         if progress:
-            progress(end - low, high - low)
+            progress(done, total)
 
 
 def _stored_rows(connection, after_id, last_id):
