@@ -338,8 +338,8 @@ def main(argv=None):
         return 2
     warn_of_misspelled_settings()
     if args.command:
-        signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, interrupt)
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, interrupt)
         try:
             return run_command(args, config)
         except BrokenPipeError:
@@ -377,7 +377,8 @@ def main(argv=None):
 
 
 def interrupt(signum, frame):
-    """A command stops on SIGTERM (a service manager, kill) as it does on Ctrl-C."""
+    """A command stops on SIGTERM (a service manager, kill) and SIGHUP (its terminal or ssh session
+    closed) as it does on Ctrl-C: a backup cut short removes its partial copy, an import says it resumes."""
     raise KeyboardInterrupt(signum)
 
 

@@ -573,7 +573,7 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as error:
             raise OSError(f"cannot write {destination}: {error}") from error
         finally:
-            # a copy cut short (a full disk, Ctrl-C, SIGTERM) is of no use, and holds every
+            # a copy cut short (a full disk, Ctrl-C, SIGTERM, SIGHUP) is of no use, and holds every
             # user id and visitor salt under a name no one looks for
             if os.path.isfile(partial):
                 os.remove(partial)

@@ -512,7 +512,9 @@ def test_backup_creates_the_directories_it_names(config, tmp_path):
     assert sqlite3.connect(copy).execute("SELECT count(*) FROM events").fetchone() == (4,)
 
 
-def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy_behind(config, tmp_path):
+@pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGHUP, its terminal closed"])
+def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy_behind(config, tmp_path, stop, status):
     store = open_store(config)
     store.migrate()
     with store.atomic() as connection:      # enough pages that the copy takes a while
@@ -525,8 +527,8 @@ def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy_behind(config, tmp_p
     taking = subprocess.Popen([sys.executable, "processor.py", "backup", str(copy)], cwd=ROOT,
                               env={**os.environ, "DATA_DIR": config.data_dir}, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: os.path.exists(f"{copy}.partial") or taking.poll() is not None, 30, "the copy to start")
-    taking.send_signal(signal.SIGTERM)
-    assert taking.wait(timeout=60) == 143
+    taking.send_signal(stop)
+    assert taking.wait(timeout=60) == status
     assert taking.stderr.read().splitlines()[-1].endswith("backup interrupted")
     # a copy of every user id and visitor salt, under a name no one looks for
     assert not os.path.exists(f"{copy}.partial")
