@@ -384,9 +384,12 @@ def load_config(environ=None, **overrides):
             # API_KEYS and API_KEYS_FILE add up
             values[attribute] = values.get(attribute, ()) + value if attribute == "api_keys" else value
         except ValueError as error:
+            # the default of a key setting is no keys at all: public reports
+            unset = ("unset it to make reports public" if attribute == "api_keys"
+                     else "unset it to use the default")
             raise ConfigurationError(
                 f"{_shown(name, text)} is not valid: {error}. "
-                f"Unset it to use the default or see the settings table in README.md."
+                f"Fix it or {unset}; see the settings table in README.md."
             ) from None
     values.update(overrides)
     return Config(**values)

@@ -31,6 +31,14 @@ def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
         load_config(environ={name: value})
 
 
+@pytest.mark.parametrize("name, value", [("API_KEYS", " , "), ("API_KEYS_FILE", "/nonexistent/keys")])
+def test_the_advice_for_a_bad_key_setting_says_that_without_it_reports_are_public(name, value):
+    with pytest.raises(ConfigurationError) as refused:
+        load_config(environ={name: value})
+    assert "unset it to make reports public" in str(refused.value)
+    assert "to use the default" not in str(refused.value)
+
+
 def test_cors_origins_are_written_as_browsers_send_them():
     config = load_config(environ={"CORS_ORIGINS": "https://Dash.Example/, http://[::1]:8080 *"})
     assert config.cors_origins == ("https://dash.example", "http://[::1]:8080", "*")
