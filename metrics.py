@@ -32,6 +32,7 @@ import os
 import threading
 import time
 import weakref
+from functools import partial
 
 from config import ConfigurationError
 from logs import EverySoOften
@@ -109,19 +110,23 @@ def _reserve_blocks_of_value_files():
         values.MmapedDict = ReservedMmapedDict
 
 
-def _flush_while_alive(metrics_ref):
+def _flush_while_alive(flush):
     while True:
         time.sleep(FLUSH_EVERY)
-        if _call_if_alive(metrics_ref, "flush") is _GONE:
+        if not _call_if_alive(flush):
             return
 
 
-_GONE = object()
+def _call_if_alive(method_ref):
+    """Call the method a weakref.WeakMethod refers to; False once its object is gone.
 
-
-def _call_if_alive(metrics_ref, method):
-    metrics = metrics_ref()
-    return _GONE if metrics is None else getattr(metrics, method)()
+    The method is held only for the call: a thread that kept it while sleeping would keep its
+    object alive."""
+    method = method_ref()
+    if method is None:
+        return False
+    method()
+    return True
 
 
 def _pid_of(file_name):
@@ -182,9 +187,8 @@ class ApiMetrics:
         self._flusher = None
         # through a weak reference, as the flusher thread holds it: an app let go of (tests make
         # many) is not kept, with its queue's files, by hooks that cannot be taken back
-        this = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _call_if_alive(this, "_forget_flusher"))
-        atexit.register(_call_if_alive, this, "flush")
+        os.register_at_fork(after_in_child=partial(_call_if_alive, weakref.WeakMethod(self._forget_flusher)))
+        atexit.register(_call_if_alive, weakref.WeakMethod(self.flush))
 
     def events_accepted(self, endpoint, count):
         with self._lock:
@@ -242,8 +246,9 @@ class ApiMetrics:
 
     def _start_flusher(self):
         if self._flusher is None:
-            self._flusher = threading.Thread(target=_flush_while_alive, args=(weakref.ref(self),),
-                                             name="metrics", daemon=True)
+            flush = weakref.WeakMethod(self.flush)
+            self._flusher = threading.Thread(target=_flush_while_alive, args=(flush,), name="metrics",
+                                             daemon=True)
             self._flusher.start()
 
     def _forget_flusher(self):
