@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -179,11 +180,9 @@ class RedisConsumer:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._claim_from = "0-0"
         self._acknowledged = 0
-        try:
+        with _reaching_redis():
             self._create_group()
             self._warn_if_evicting()
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def _warn_if_evicting(self):
         try:
@@ -219,9 +218,8 @@ class RedisConsumer:
         the start of the stream, and reading goes on.
         """
         try:
-            return self._read(max_items)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
+            with _reaching_redis():
+                return self._read(max_items)
         except redis.ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
@@ -262,24 +260,20 @@ class RedisConsumer:
         its first look only, or the batches of a busy processor beside it would keep it forever.
         """
         client, stream = self.queue.client, self.queue.stream
-        try:
+        with _reaching_redis():
             if up_to is None:
                 pending = client.xpending(stream, GROUP)
                 return pending["max"] if pending["pending"] else None
             return up_to if client.xpending_range(stream, GROUP, "-", up_to, 1) else None
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def acknowledge(self, batch):
         if not batch.receipts:
             return
-        try:
+        with _reaching_redis():
             self.queue.client.xack(self.queue.stream, GROUP, *batch.receipts)
             self._acknowledged += len(batch.receipts)
             if self._acknowledged >= TRIM_EVERY:
                 self.trim()
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
     def trim(self):
         """Drop entries every group has acknowledged: those before the oldest pending one
@@ -298,6 +292,15 @@ class RedisConsumer:
 
     def close(self):
         self.queue.close()
+
+
+@contextmanager
+def _reaching_redis():
+    """A Redis that cannot be reached now is an outage the processor waits out (QueueUnavailable)."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise QueueUnavailable(f"cannot reach Redis: {error}") from error
 
 
 def _entry_order(entry_id):
