@@ -368,23 +368,27 @@ class ProcessorMetrics:
         self._failures = EverySoOften(log)
 
     def batch_stored(self, size, seconds, dead_letters):
-        try:
-            sizes, durations, letters, _ = self._metrics or self._make_metrics()
-        except OSError as error:
-            self._failures.warning("batch metrics not written: %s", error)
-            return
-        sizes.observe(size)
-        durations.observe(seconds)
-        letters.inc(dead_letters)
+        metrics = self._made()
+        if metrics:
+            sizes, durations, letters, _ = metrics
+            sizes.observe(size)
+            durations.observe(seconds)
+            letters.inc(dead_letters)
 
     def failed(self, stage):
         """A try of a batch or of a retention window failed (stage: batch, retention)."""
+        metrics = self._made()
+        if metrics:
+            *_, failures = metrics
+            failures.labels(stage).inc()
+
+    def _made(self):
+        """The metrics, made at the first call; None (said every so often) while they cannot be."""
         try:
-            *_, failures = self._metrics or self._make_metrics()
+            return self._metrics or self._make_metrics()
         except OSError as error:
             self._failures.warning("batch metrics not written: %s", error)
-            return
-        failures.labels(stage).inc()
+            return None
 
     def _make_metrics(self):
         from prometheus_client import Counter, Histogram
