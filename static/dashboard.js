@@ -15,6 +15,8 @@ const BREAKDOWNS = [
   {property: "event_type", name: "Event", empty: "(none)", skip: "page_view", count: "events", label: "Events"},
 ];
 const TOP = 10;
+// a custom-event property is asked for as props.<name>; the API takes these names only
+const PROP_NAME = /^[A-Za-z0-9_ .:-]{1,64}$/;
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en-US");
 let generation = 0;     // answers to an older selection are dropped
@@ -74,6 +76,7 @@ function readFragment() {
   if (["today", "7d", "30d", "custom"].includes(state.get("period"))) $("period").value = state.get("period");
   if (state.get("from")) $("from").value = state.get("from");
   if (state.get("to")) $("to").value = state.get("to");
+  $("prop").value = state.get("prop") || "";
   return state.get("site");
 }
 
@@ -81,6 +84,7 @@ function readFragment() {
 function writeFragment(push) {
   const state = {site: $("site").value, period: $("period").value};
   if (state.period === "custom") Object.assign(state, period());
+  if ($("prop").value) state.prop = $("prop").value;
   const hash = "#" + new URLSearchParams(state);
   if (hash === location.hash) return;
   if (push) history.pushState(null, "", hash);
@@ -124,7 +128,7 @@ function valueCell(value) {
   return element;
 }
 
-function fillTable(table, heading, rows) {
+function fillTable(table, heading, rows, emptyText = "Nothing in this period") {
   const head = document.createElement("tr");
   heading.forEach((text) => head.append(cell("th", text)));
   table.replaceChildren(head);
@@ -135,7 +139,7 @@ function fillTable(table, heading, rows) {
   }
   if (!rows.length) {
     const line = document.createElement("tr");
-    const empty = cell("td", "Nothing in this period", "empty");
+    const empty = cell("td", emptyText, "empty");
     empty.colSpan = heading.length;
     line.append(empty);
     table.append(line);
@@ -205,14 +209,29 @@ function show(report) {
             report.series.points.map((point) => [point.date, point.views, point.unique_users]));
   fillTable($("paths"), ["Path", "Views"], report.stats.top_paths.map((row) => [row.path, row.views]));
   BREAKDOWNS.forEach((breakdown, i) => {
-    const count = breakdown.count || "views";
     const rows = report.breakdowns[i].results.filter((row) => row.value !== breakdown.skip).slice(0, TOP);
     fillTable($(breakdown.property), [breakdown.name, breakdown.label || "Views", "Users"],
-              rows.map((row) => [row.value === null ? breakdown.empty : row.value, row[count], row.unique_users]));
+              valueRows(rows, breakdown.empty, breakdown.count || "views"));
   });
+  showProps(report.prop, report.props);
   lastReport = report;
   $("report").removeAttribute("aria-busy");
   document.body.dataset.state = "shown";     // for tests and scripts: every number is in place
+}
+
+function valueRows(results, empty, count) {
+  return results.map((row) => [row.value === null ? empty : row.value, row[count], row.unique_users]);
+}
+
+// props: the breakdown of props.<prop>, or null when prop is no name the API takes
+function showProps(prop, props) {
+  if (props) {
+    fillTable($("props"), [prop, "Events", "Users"], valueRows(props.results, "(empty)", "events"));
+  } else {
+    fillTable($("props"), ["Value", "Events", "Users"], [],
+              prop ? "A property name is 1 to 64 letters, digits, spaces or _ . : -"
+                   : "Name a property sent with events (props) to see its values");
+  }
 }
 
 // -- loading ------------------------------------------------------------------
@@ -244,15 +263,17 @@ async function loadReport(push) {
   document.body.dataset.state = "loading";
   const hourly = from === to;
   const base = {site_id: site, from, to};
+  const prop = $("prop").value;
   try {
-    const [stats, series, ...breakdowns] = await Promise.all([
+    const [stats, series, props, ...breakdowns] = await Promise.all([
       api("stats", {...base, limit: TOP}),
       api("stats/timeseries", {...base, interval: hourly ? "hour" : "day"}),
+      PROP_NAME.test(prop) ? api("stats/breakdown", {...base, property: "props." + prop, limit: TOP}) : null,
       ...BREAKDOWNS.map((b) => api("stats/breakdown", {...base, property: b.property, limit: TOP + (b.skip ? 1 : 0)})),
     ]);
     if (current !== generation) return;
     say("");
-    show({stats, series, breakdowns, hourly});
+    show({stats, series, breakdowns, hourly, prop, props});
   } catch (error) {
     if (current === generation) failed(error);
   }
@@ -319,6 +340,8 @@ function init() {
     loadReport();
   });
   $("controls").addEventListener("submit", (event) => event.preventDefault());
+  $("prop").addEventListener("change", () => loadReport(true));
+  $("prop-form").addEventListener("submit", (event) => event.preventDefault());
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const storage = $("remember").checked ? localStorage : sessionStorage;

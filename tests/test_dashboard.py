@@ -462,6 +462,76 @@ def test_the_page_follows_the_url_on_back_forward_and_an_edited_fragment(open_da
     dashboard.assert_no_console_errors()
 
 
+def custom_event_lines(site, events):
+    """Queue lines of events sent today, as the tracker sends them: (name, visitor, props) each."""
+    now = datetime.now(timezone.utc)
+    for name, visitor, props in events:
+        event = validate_event({"site_id": site, "event_type": name, "path": "/"}, now)
+        event.update(visitor_id=visitor, ua=USER_AGENTS[0], props=props)
+        yield encode_event(event)
+
+
+def test_custom_events_are_counted_and_a_property_named_shows_its_values(open_dashboard, tmp_path):
+    config = load_config(environ={}, data_dir=str(tmp_path))
+    store_lines(config, list(custom_event_lines("props.example", [
+        ("page_view", "v1", None),
+        ("Signup", "v1", {"plan": "pro"}), ("Signup", "v2", {"plan": "pro"}), ("Signup", "v2", {"plan": "pro"}),
+        ("Signup", "v3", {"plan": "free", "seats": "5"}), ("Signup", "v4", None),
+        ("Download", "v1", {"file": "/a.pdf"}), ("Download", "v1", {"file": "/a.pdf", "plan": ""})])))
+    server = Server(tmp_path)
+    try:
+        dashboard = open_dashboard(server)
+        dashboard.open("#site=props.example&period=today")
+        dashboard.wait_until_shown()
+        assert dashboard.table("event_type") == [["Signup", "5", "4"], ["Download", "2", "1"]]
+        assert dashboard.text("#props td.empty").startswith("Name a property")
+
+        def name_property(name):
+            dashboard.page.fill("#prop", name)
+            dashboard.page.press("#prop", "Enter")
+            dashboard.page.wait_for_function("name => new URLSearchParams(location.hash.slice(1)).get('prop') "
+                                             "=== name", arg=name)
+            dashboard.wait_until_shown()
+
+        # the prop of every event that has it, by events and unique users; sent empty, it is a value
+        name_property("plan")
+        assert dashboard.page.eval_on_selector_all("#props th", "cells => cells.map(c => c.textContent)") == [
+            "plan", "Events", "Users"]
+        assert dashboard.table("props") == [["pro", "3", "2"], ["(empty)", "1", "1"], ["free", "1", "1"]]
+        name_property("file")
+        assert dashboard.table("props") == [["/a.pdf", "2", "1"]]
+        assert urlsplit(dashboard.page.url).fragment == "site=props.example&period=today&prop=file"
+
+        # the property named is a step in the history, and a bookmark shows it
+        dashboard.page.go_back()
+        dashboard.page.wait_for_function("document.getElementById('prop').value === 'plan'")
+        dashboard.wait_until_shown()
+        assert dashboard.table("props") == [["pro", "3", "2"], ["(empty)", "1", "1"], ["free", "1", "1"]]
+        dashboard.page.go_back()
+        dashboard.page.wait_for_function("document.getElementById('prop').value === ''")
+        dashboard.wait_until_shown()
+        assert dashboard.table("props") == []
+        other = open_dashboard(server)
+        other.open("#site=props.example&period=today&prop=seats")
+        other.wait_until_shown()
+        assert other.page.input_value("#prop") == "seats"
+        assert other.table("props") == [["5", "1", "1"]]
+
+        # a name the API would refuse is not asked for: the rest of the report stays
+        asked = len(dashboard.requests)
+        dashboard.page.fill("#prop", "plan/../x")
+        dashboard.page.press("#prop", "Enter")
+        dashboard.page.wait_for_function("location.hash.includes('prop=plan%2F')")
+        dashboard.wait_until_shown()
+        assert dashboard.text("#props td.empty").startswith("A property name is 1 to 64 letters")
+        assert not [request for request in dashboard.requests[asked:] if "property=props." in request.url]
+        assert dashboard.table("event_type") == [["Signup", "5", "4"], ["Download", "2", "1"]]
+        dashboard.assert_no_console_errors()
+        other.assert_no_console_errors()
+    finally:
+        server.stop()
+
+
 def test_reads_as_a_column_on_a_phone(open_dashboard, server):
     dashboard = open_dashboard(server, viewport={"width": 375, "height": 740})
     dashboard.open()
@@ -583,7 +653,7 @@ def hostile_lines(site, referrer):
     for value in MARKUP + list(HIDDEN):
         for event_type, path in (("page_view", value), (value, "/")):
             event = validate_event({"site_id": site, "event_type": event_type, "path": path}, now)
-            event.update(ua=USER_AGENTS[0], referrer=referrer)
+            event.update(ua=USER_AGENTS[0], referrer=referrer, props={"sent": value})
             yield encode_event(event)
 
 
@@ -597,12 +667,13 @@ def test_values_anyone_may_send_are_shown_as_the_text_they_are(open_dashboard, t
         dashboard = open_dashboard(server)
         dialogs = []
         dashboard.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-        dashboard.open("#site=hostile.example&period=today")
+        dashboard.open("#site=hostile.example&period=today&prop=sent")
         dashboard.wait_until_shown()
 
         shown = {**{value: value for value in MARKUP}, **HIDDEN}
         assert sorted(path for path, _ in dashboard.table("paths")) == sorted(shown.values())
         assert sorted(name for name, _, _ in dashboard.table("event_type")) == sorted(shown.values())
+        assert sorted(value for value, _, _ in dashboard.table("props")) == sorted(shown.values())
         assert [source for source, _, _ in dashboard.table("source")] == ["evil\u27e8U+202E\u27e9moc.elgoog"]
         assert dashboard.page.eval_on_selector_all("#site option", "options => options.map(o => o.text)") == [
             "hostile.example", "\u27e8U+202E\u27e9moc.knab"]
@@ -651,7 +722,7 @@ def test_a_value_as_long_as_events_may_hold_takes_three_lines_and_its_tooltip_ho
 # -- read by a screen reader ------------------------------------------------------
 
 TABLE_NAMES = {"paths": "Top paths", "source": "Sources", "browser": "Browsers", "os": "Operating systems",
-               "device": "Devices", "event_type": "Custom events"}
+               "device": "Devices", "event_type": "Custom events", "props": "Event properties"}
 
 
 def test_every_table_is_named_by_its_heading_and_every_column_has_a_header(open_dashboard, server):
