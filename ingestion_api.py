@@ -5,6 +5,7 @@
     GET  /stats               views, users and top paths of a site
     GET  /stats/timeseries    views and users per day or hour
     GET  /stats/breakdown     views, events and users per value of a property
+    GET  /stats/props         the names of the custom-event props a site sent
     GET  /stats/sites         the sites that have data, with their all-time totals
     GET  /health              liveness and queue backlog
     POST /api/event           the Plausible Events API, for browser trackers
@@ -292,6 +293,13 @@ def register_reports(app, config, store):
         results = reports().breakdown(site_id, prop, period, limit)
         return json_response({"site_id": site_id, "property": prop,
                               **params.period_fields(period), "results": results})
+
+    @app.get("/stats/props")
+    def get_prop_keys():
+        params = QueryParams(request.args, config)
+        site_id, period, limit = params.site_id(), params.period(), params.limit()
+        keys = reports().prop_keys(site_id, period, limit)
+        return json_response({"site_id": site_id, **params.period_fields(period), "props": keys})
 
 
 # the page keeps an API key in storage: no script, style, frame, base URL or form target from

@@ -32,6 +32,7 @@ logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 SHARDS = 16
 # compared in byte order, as the rollup columns are, whatever the database's collation
 JSON_VALUE = "((props::jsonb ->> '{key}') COLLATE \"C\")"
+JSON_PAIRS = "LATERAL (SELECT key COLLATE \"C\" AS key FROM jsonb_object_keys(props::jsonb) AS key) AS prop"
 # after the pool waited its 5 s for a connection in vain, callers fail at once for this
 # long: a sync API worker waiting 5 s per report or browser event during an outage is a
 # worker not taking POST /event, which needs no database
@@ -352,7 +353,7 @@ class PostgresStore:
             connection.execute("DELETE FROM salts WHERE day < :day", {"day": before})
 
     def reports(self, connection, raw=False, first_day=None):
-        return RawReports(connection, JSON_VALUE, first_day) if raw else RollupReports(
+        return RawReports(connection, JSON_VALUE, JSON_PAIRS, first_day) if raw else RollupReports(
             connection, sharded=True, value_key="value_key({})", first_day=first_day)   # see MIGRATIONS
 
     def stream(self, sql, params):

@@ -32,6 +32,8 @@ class Period:
                 "last_ts": f"{self.end.isoformat()}T23:59:59.999Z"}
 
 
+PROPS = "props."         # the prefix of a custom-event prop's property name
+
 # counters may be kept in several rows (per processor shard); a sum of integers stays one
 VIEWS, EVENTS, USERS = (f"CAST(sum({column}) AS BIGINT)" for column in ("views", "events", "users"))
 
@@ -117,6 +119,10 @@ class _Reports:
         return [{"value": _value(value), "views": views, "events": events,
                  "unique_users": users.get(value, 0)} for value, views, events in top]
 
+    def prop_keys(self, site_id, period, limit=10):
+        """The names of the custom-event props counted in the period, in byte order."""
+        return [name[len(PROPS):] for (name,) in self.prop_names(site_id, self._kept(period), limit)]
+
 
 class RollupReports(_Reports):
     def __init__(self, connection, sharded=False, value_key="{}", first_day=None):
@@ -189,6 +195,23 @@ class RollupReports(_Reports):
                           f"WHERE site_id = :site AND property = :property "
                           f"AND {self.value_key.format('value')} IN ({keys}) {days} GROUP BY value", params))
 
+    def prop_names(self, site_id, period, limit):
+        # A skip scan: one index seek from each prop's name to the next, whatever the number
+        # of its values; the names sort together, after "props." (byte order in both stores).
+        if period.all_time:
+            table, days, params = "total_values", "", {}
+        else:
+            table, days, params = "daily_values", "AND day BETWEEN :first_day AND :last_day", period.day_bounds()
+        after = (f"(SELECT property FROM {table} WHERE site_id = :site AND property > {{}} "
+                 "ORDER BY property LIMIT 1)")
+        is_prop = f"substr(property, 1, {len(PROPS)}) = '{PROPS}'"
+        return _rows(self.connection,
+                     f"WITH RECURSIVE name (property) AS (SELECT {after.format(':props')} "
+                     f"UNION ALL SELECT {after.format('name.property')} FROM name WHERE {is_prop}) "
+                     f"SELECT property FROM name WHERE {is_prop} AND EXISTS (SELECT 1 FROM {table} "
+                     f"WHERE site_id = :site AND property = name.property {days}) LIMIT :limit",
+                     {"site": site_id, "props": PROPS, "limit": limit, **params})
+
     def bucket_views(self, site_id, period, interval):
         width = 10 if interval == "day" else 13
         return _rows(self.connection,
@@ -218,9 +241,11 @@ class RollupReports(_Reports):
 class RawReports(_Reports):
     """The same reports by plain SQL over the events table."""
 
-    def __init__(self, connection, json_value="json_extract(props, '$.\"{key}\"')", first_day=None):
+    def __init__(self, connection, json_value="json_extract(props, '$.\"{key}\"')",
+                 json_pairs="json_each(props) AS prop", first_day=None):
         super().__init__(connection, first_day)
         self.json_value = json_value        # how this database reads one prop
+        self.json_pairs = json_pairs        # and every prop of an event, as prop.key, prop.value
 
     def _where(self, site_id, period):
         if period.all_time:
@@ -252,6 +277,11 @@ class RawReports(_Reports):
         rows = _rows(self.connection, f"SELECT {property_expression(prop, self.json_value)}, count(DISTINCT {USER}) "
                      f"FROM events WHERE {where} GROUP BY 1", params)
         return {value: users for value, users in rows if value in values}
+
+    def prop_names(self, site_id, period, limit):
+        where, params = self._where(site_id, period)
+        return _rows(self.connection, f"SELECT DISTINCT :props || prop.key FROM events, {self.json_pairs} "
+                     f"WHERE {where} ORDER BY 1 LIMIT :limit", {**params, "props": PROPS, "limit": limit})
 
     def bucket_views(self, site_id, period, interval):
         where, params = self._where(site_id, period)

@@ -17,6 +17,7 @@ const BREAKDOWNS = [
 const TOP = 10;
 // a custom-event property is asked for as props.<name>; the API takes these names only
 const PROP_NAME = /^[A-Za-z0-9_ .:-]{1,64}$/;
+const PROP_NAMES = 100;     // the names offered as the property is typed
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en-US");
 let generation = 0;     // answers to an older selection are dropped
@@ -213,7 +214,7 @@ function show(report) {
     fillTable($(breakdown.property), [breakdown.name, breakdown.label || "Views", "Users"],
               valueRows(rows, breakdown.empty, breakdown.count || "views"));
   });
-  showProps(report.prop, report.props);
+  showProps(report.prop, report.props, report.names);
   lastReport = report;
   $("report").removeAttribute("aria-busy");
   document.body.dataset.state = "shown";     // for tests and scripts: every number is in place
@@ -224,13 +225,15 @@ function valueRows(results, empty, count) {
 }
 
 // props: the breakdown of props.<prop>, or null when prop is no name the API takes
-function showProps(prop, props) {
+function showProps(prop, props, names) {
+  $("prop-names").replaceChildren(...names.map((name) => Object.assign(document.createElement("option"), {value: name})));
   if (props) {
     fillTable($("props"), [prop, "Events", "Users"], valueRows(props.results, "(empty)", "events"));
   } else {
     fillTable($("props"), ["Value", "Events", "Users"], [],
               prop ? "A property name is 1 to 64 letters, digits, spaces or _ . : -"
-                   : "Name a property sent with events (props) to see its values");
+                   : names.length ? `Name a property to see its values: ${names.slice(0, TOP).join(", ")}`
+                   : "No event in this period was sent with properties (props)");
   }
 }
 
@@ -265,15 +268,16 @@ async function loadReport(push) {
   const base = {site_id: site, from, to};
   const prop = $("prop").value;
   try {
-    const [stats, series, props, ...breakdowns] = await Promise.all([
+    const [stats, series, names, props, ...breakdowns] = await Promise.all([
       api("stats", {...base, limit: TOP}),
       api("stats/timeseries", {...base, interval: hourly ? "hour" : "day"}),
+      api("stats/props", {...base, limit: PROP_NAMES}),
       PROP_NAME.test(prop) ? api("stats/breakdown", {...base, property: "props." + prop, limit: TOP}) : null,
       ...BREAKDOWNS.map((b) => api("stats/breakdown", {...base, property: b.property, limit: TOP + (b.skip ? 1 : 0)})),
     ]);
     if (current !== generation) return;
     say("");
-    show({stats, series, breakdowns, hourly, prop, props});
+    show({stats, series, breakdowns, hourly, prop, props, names: names.props});
   } catch (error) {
     if (current === generation) failed(error);
   }

@@ -39,7 +39,8 @@ def generated_lines(count, seed=11):
             event.update(visitor_id=f"v{rng.randrange(10)}", ua=rng.choice([CHROME, IPHONE]),
                          referrer=rng.choice([None, "https://news.test/x", "https://big/y"]),
                          query=rng.choice([None, "utm_source=mail&utm_campaign=spring"]),
-                         props=rng.choice([None, {"plan": rng.choice(["pro", "free"])}]))
+                         props=rng.choice([None, {"plan": rng.choice(["pro", "free"])},
+                                           {"plan": "pro", "Seats": str(rng.randrange(3)), "b-2": ""}]))
         lines.append(encode_event(event))
     return lines
 
@@ -74,10 +75,16 @@ def test_every_report_from_rollups_equals_raw_events(loaded):
             for prop in ("path", "event_type", "source", "utm_campaign", "browser", "device",
                          "props.plan"):
                 assert rollup.breakdown(site, prop, period, 4) == raw.breakdown(site, prop, period, 4)
+            for limit in (1, 2, 10):
+                assert rollup.prop_keys(site, period, limit) == raw.prop_keys(site, period, limit)
             if not period.all_time:
                 for interval in ("day", "hour"):
                     assert rollup.timeseries(site, period, interval) == raw.timeseries(site, period, interval)
     assert rollup.stats("big", Period())["total_views"] > 0
+    # byte order, as the breakdowns': upper case before lower, whatever PostgreSQL's collation
+    assert rollup.prop_keys("big", Period()) == ["Seats", "b-2", "plan"]
+    assert rollup.prop_keys("absent", Period()) == []
+    assert rollup.prop_keys("big", Period(date(2024, 1, 1), date(2024, 1, 1))) == []
 
 
 def test_an_event_delivered_twice_is_stored_once(config):

@@ -484,7 +484,10 @@ def test_custom_events_are_counted_and_a_property_named_shows_its_values(open_da
         dashboard.open("#site=props.example&period=today")
         dashboard.wait_until_shown()
         assert dashboard.table("event_type") == [["Signup", "5", "4"], ["Download", "2", "1"]]
-        assert dashboard.text("#props td.empty").startswith("Name a property")
+        # the names sent are offered (byte order), in the panel and as the input's suggestions
+        assert dashboard.text("#props td.empty") == "Name a property to see its values: file, plan, seats"
+        assert dashboard.page.eval_on_selector_all("#prop-names option", "options => options.map(o => o.value)") == [
+            "file", "plan", "seats"]
 
         def name_property(name):
             dashboard.page.fill("#prop", name)
@@ -516,6 +519,10 @@ def test_custom_events_are_counted_and_a_property_named_shows_its_values(open_da
         other.wait_until_shown()
         assert other.page.input_value("#prop") == "seats"
         assert other.table("props") == [["5", "1", "1"]]
+        past = open_dashboard(server)
+        past.open("#site=props.example&period=custom&from=2020-01-01&to=2020-01-01")
+        past.wait_until_shown()
+        assert past.text("#props td.empty") == "No event in this period was sent with properties (props)"
 
         # a name the API would refuse is not asked for: the rest of the report stays
         asked = len(dashboard.requests)

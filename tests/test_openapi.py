@@ -124,6 +124,8 @@ EXCHANGES = [
     ("get", "/stats/breakdown?site_id=site1&property=props.plan&from=2025-01-01&to=2025-01-02", {}, 200),
     ("get", "/stats/breakdown?site_id=site1", {}, 400),
     ("get", "/stats/breakdown?site_id=site1&property=colour", {}, 400),
+    ("get", "/stats/props?site_id=site1&date=2025-01-15", {}, 200),
+    ("get", "/stats/props?site_id=site1&limit=x", {}, 400),
     ("get", "/stats/sites", {}, 200),
     ("get", "/", {}, 200),
     ("get", "/health", {}, 200),
@@ -162,7 +164,8 @@ def test_unchanged_script_is_a_described_304(client, openapi):
 
 
 @pytest.mark.parametrize("path", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                  "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
+                                  "/stats/breakdown?site_id=s&property=path", "/stats/props?site_id=s",
+                                  "/stats/sites"])
 def test_reports_without_a_key_are_a_described_401(keyed_client, openapi, path):
     response = keyed_client.get(path)
     assert response.status_code == 401
@@ -199,7 +202,8 @@ def test_answers_to_a_site_not_in_sites_are_described(config, openapi, method, u
 
 
 @pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                 "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
+                                 "/stats/breakdown?site_id=s&property=path", "/stats/props?site_id=s",
+                                 "/stats/sites"])
 def test_unreadable_database_answers_are_described_503s(client, config, openapi, url):
     shutil.rmtree(config.data_dir)
     response = client.get(url)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from events import encode_event, validate_event
 from ingestion_api import create_app
+from shared_queue import open_queue
 from store import StoreUnavailable, unavailable_or_bug
 
 ALL_BACKENDS = True
@@ -109,6 +111,25 @@ def test_breakdown_by_event_type_with_a_limit(loaded):
     assert body["results"] == [{"value": "page_view", "views": 3, "events": 3, "unique_users": 2}]
 
 
+def test_props_lists_the_names_of_the_custom_event_props_sent_in_the_range(client, config, drain):
+    # as /api/event queues a custom event: props come only from browser trackers
+    sent = [("s", "Signup", {"plan": "pro", "Seats": "2"}, "2025-05-01T10:00:00Z"),
+            ("s", "Download", {"file": "a.pdf"}, "2025-05-03T10:00:00Z"),
+            ("other", "Signup", {"colour": "red"}, "2025-05-03T10:00:00Z")]
+    open_queue(config).append([encode_event({**validate_event({"site_id": site, "event_type": name,
+                                                               "timestamp": moment}),
+                                             "visitor_id": "v1", "props": props})
+                               for site, name, props, moment in sent])
+    drain()
+    assert get(client, "/stats/props", site_id="s") == {
+        "site_id": "s", "from": None, "to": None, "props": ["Seats", "file", "plan"]}
+    assert get(client, "/stats/props", site_id="s", date="2025-05-03")["props"] == ["file"]
+    assert get(client, "/stats/props", site_id="s", limit=2)["props"] == ["Seats", "file"]
+    assert get(client, "/stats/props", site_id="absent")["props"] == []
+    values = get(client, "/stats/breakdown", site_id="s", property="props.Seats")["results"]
+    assert [row["value"] for row in values] == ["2"]
+
+
 def test_sites_lists_every_site_with_data_and_its_totals(client, drain):
     other = [{"site_id": "other", "event_type": "page_view", "path": "/", "user_id": "u9"},
              {"site_id": "only-events", "event_type": "signup"}]
@@ -146,6 +167,9 @@ def test_sites_is_empty_before_any_data(client):
     ("/stats/breakdown", {"site_id": "s"}, "property"),
     ("/stats/breakdown", {"site_id": "s", "property": "colour"}, "property"),
     ("/stats/breakdown", {"site_id": "s", "property": "path", "limit": "0"}, "limit"),
+    ("/stats/props", {}, "site_id"),
+    ("/stats/props", {"site_id": "s", "limit": "1001"}, "limit"),
+    ("/stats/props", {"site_id": "s", "from": "2025-05-01"}, "to"),
 ])
 def test_bad_parameters_are_400s_naming_the_parameter(client, url, params, named):
     body = get(client, url, status=400, **params)
@@ -169,7 +193,8 @@ def keyed(config):
 
 
 @pytest.mark.parametrize("url", ["/stats?site_id=s", "/stats/timeseries?site_id=s",
-                                 "/stats/breakdown?site_id=s&property=path", "/stats/sites"])
+                                 "/stats/breakdown?site_id=s&property=path", "/stats/props?site_id=s",
+                                 "/stats/sites"])
 def test_reports_need_a_key_when_keys_are_set(keyed, url):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
                     {"Authorization": "Basic first-key"}):
