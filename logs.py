@@ -32,9 +32,20 @@ RESERVED = frozenset({"time", "level", "logger", "pid", "message", "exception", 
 CONVERSION = re.compile(r"(?:\b(\w+)=)?%(?:\((\w+)\))?[-#0 +]*\d*(?:\.(\d+))?([diouxXeEfFgGcrsa%])")
 # key=value written out in the message itself, such as reason=bot
 LITERAL = re.compile(r"(?<![\w.])(\w+)=([^\s%'\"=]+)(?=\s|$)")
+# the processor's log quotes events (a dead letter's line, user id and all): a log file made here is
+# the owner's alone whatever the umask, as the dead letters are; one the operator made keeps its mode
+PRIVATE = 0o600
 
 
-class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
+class PrivateFile:
+    """For a file handler: the log file, and each one a rotation begins, is created PRIVATE."""
+
+    def _open(self):
+        return self._builtin_open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                                  opener=lambda path, flags: os.open(path, flags, PRIVATE))
+
+
+class SharedRotatingFileHandler(PrivateFile, logging.handlers.RotatingFileHandler):
     """RotatingFileHandler for a log that several processes write (processors sharing DATA_DIR).
 
     The standard handler rotates on its own count: when two processes share
@@ -68,7 +79,7 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
             self._lock_fd = None
 
 
-class WatchedFileHandler(logging.handlers.WatchedFileHandler):
+class WatchedFileHandler(PrivateFile, logging.handlers.WatchedFileHandler):
     """The standard handler, but reopening a log moved away (logrotate) that fails is an error
     of the line logged, not of the caller: the standard one reopens outside emit's handling."""
 

@@ -458,6 +458,33 @@ def test_with_rotation_off_a_log_moved_away_is_written_anew(data_dir):
     assert "processor stopped" not in (data_dir / "processor.log.old").read_text()
 
 
+@pytest.mark.parametrize("max_bytes", [4000, 0], ids=["rotated here", "never rotated here"])
+def test_the_processor_log_quotes_events_so_it_is_made_the_owner_s_alone_like_the_dead_letters(
+        data_dir, max_bytes):
+    queue = open_queue(load_config(environ={}, data_dir=str(data_dir)))
+    queue.append([b'{"user_id": "user-42"}\n'] * 300)        # dead letters, quoted in the log
+    queue.close()
+    umask = os.umask(0o022)      # the usual one, which leaves new files readable by every user
+    try:
+        run_processor_once(data_dir, PROCESSOR_LOG_MAX_BYTES=max_bytes, PROCESSOR_BATCH_SIZE=1)
+    finally:
+        os.umask(umask)
+    logs = sorted(data_dir.glob("processor.log*"))
+    assert "user-42" in logs[0].read_text()
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in logs} == {
+        path.name: "0o600" for path in logs}
+    assert oct((data_dir / "dead_letter.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_log_file_the_operator_made_keeps_the_mode_given_it(data_dir):
+    log_file = data_dir / "processor.log"
+    log_file.touch(mode=0o640)      # readable by the group that reads the logs
+    log_file.chmod(0o640)
+    run_processor_once(data_dir)
+    assert "processor stopped" in log_file.read_text()
+    assert oct(log_file.stat().st_mode & 0o777) == "0o640"
+
+
 WRITER = """
 import logging, os, sys, time
 from config import load_config
