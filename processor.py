@@ -40,6 +40,9 @@ log = logging.getLogger("processor")
 MAX_BACKOFF = 30.0
 PROGRESS_EVERY = 5.0
 LOG_BACKUPS = 5             # processor.log.1 ... processor.log.5
+# dead letters of a batch logged in full; the rest are counted in one line (all are in the file): a
+# batch of 10,000 bad lines logged 10,000 warnings, which drowned every other line and rotated them away
+DEAD_LETTERS_LOGGED = 5
 
 
 class Processor:
@@ -151,8 +154,11 @@ class Processor:
         append_whole(self.config.dead_letter_path, b"".join(
             orjson.dumps({"reason": reason, "line": text, "at": now}, option=orjson.OPT_APPEND_NEWLINE)
             for text, reason in letters))
-        for text, reason in letters:
+        for text, reason in letters[:DEAD_LETTERS_LOGGED]:
             log.warning("dead letter reason=%r line=%.200r", reason, text)
+        if len(letters) > DEAD_LETTERS_LOGGED:
+            log.warning("dead letters not logged here count=%d file=%s", len(letters) - DEAD_LETTERS_LOGGED,
+                        self.config.dead_letter_path)
         self._dead_lettered.update(line for line, _ in rejected)
         self.dead += len(rejected)
 

@@ -435,9 +435,9 @@ def test_a_long_header_gunicorn_refuses_is_logged_in_json_whole_and_without_its_
 
 def test_the_processor_log_rotates_at_its_size_and_keeps_five_old_files(data_dir):
     queue = open_queue(load_config(environ={}, data_dir=str(data_dir)))
-    queue.append([b"not json\n"] * 300)        # a dead-letter warning of ~100 bytes each
+    queue.append([b"not json\n"] * 300)        # a dead-letter warning of ~100 bytes a batch
     queue.close()
-    run_processor_once(data_dir, PROCESSOR_LOG_MAX_BYTES=4000)
+    run_processor_once(data_dir, PROCESSOR_LOG_MAX_BYTES=4000, PROCESSOR_BATCH_SIZE=1)
     logs = sorted(data_dir.glob("processor.log*"))
     assert [path.name for path in logs] == ["processor.log"] + [f"processor.log.{n}" for n in range(1, 6)]
     assert all(path.stat().st_size <= 4000 for path in logs)

@@ -95,6 +95,28 @@ def test_invalid_lines_go_to_the_dead_letter_file_and_processing_goes_on(config,
     assert processor.dead == 4
 
 
+def test_a_batch_of_many_dead_letters_logs_the_first_few_and_one_line_that_counts_the_rest(
+        config, queue, caplog):
+    counted = []
+    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=10_000),
+                          on_batch=lambda lines, seconds, dead_letters: counted.append(dead_letters))
+    processor.start()
+    queue.append([b"not json %d\n" % i for i in range(1000)])
+    try:
+        processor.run(once=True)
+    finally:
+        processor.close()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [warning.split(" line=")[1] for warning in warnings[:-1]] == [
+        f"'not json {i}'" for i in range(len(warnings) - 1)]
+    assert 1 <= len(warnings) - 1 <= 10
+    assert warnings[-1] == (f"dead letters not logged here count={1000 - (len(warnings) - 1)} "
+                            f"file={config.dead_letter_path}")
+    with open(config.dead_letter_path, "rb") as file:
+        assert [orjson.loads(line)["line"] for line in file] == [f"not json {i}" for i in range(1000)]
+    assert processor.dead == 1000 and counted == [1000]
+
+
 def test_a_database_another_program_keeps_writing_is_an_outage_to_wait_out(config, queue, processor):
     from store import StoreUnavailable
     queue.append([event(1)])
