@@ -96,6 +96,15 @@ def test_a_text_line_is_one_line_whatever_breaks_its_message_holds_and_a_traceba
     assert first.endswith("batch failed") and traceback[-2:] == ["ValueError: bad", "thing"]
 
 
+@pytest.mark.timeout(60)     # reading the runs of blanks again from each of their blanks took hours
+def test_long_runs_of_blanks_are_kept_and_those_around_a_line_break_become_one_space():
+    blanks = " " * 100_000
+    message = f"a{blanks}b{blanks}\r\n{blanks}\n\tc \t\nd{blanks}"
+    record = logging.LogRecord("processor", logging.WARNING, __file__, 1, message, (), None)
+    [line] = formatter("text").format(record).splitlines()
+    assert line.endswith(f"WARNING processor [{os.getpid()}] a{blanks}b c d{blanks}")
+
+
 def test_access_lines_carry_the_request_but_not_the_client_address():
     atoms = {"h": "203.0.113.9", "m": "GET", "U": "/stats", "q": "site_id=a", "s": "200", "B": 76,
              "H": "HTTP/1.1", "f": "-", "a": 'curl \\"7\\"', "D": 2500}
