@@ -22,7 +22,7 @@ from datetime import date, datetime, timezone
 
 import orjson
 
-from tqdm import tqdm
+from tqdm.contrib.logging import tqdm_logging_redirect
 
 import logs
 from config import ConfigurationError, load_config, warn_of_misspelled_settings
@@ -299,8 +299,8 @@ def run_command(args, config):
         count = export_events(store, sys.stdout, args.site, export_period(args), args.format)
         log.info("export finished site=%s events=%d", args.site, count)
         return 0
-    with tqdm(total=None, unit="events", unit_scale=True, desc="rebuild",
-              disable=not sys.stderr.isatty()) as bar:
+    with tqdm_logging_redirect(total=None, unit="events", unit_scale=True, desc="rebuild",
+                               disable=not sys.stderr.isatty()) as bar:     # log lines above the bar
         def progress(done, total):
             bar.total = total
             bar.update(done - bar.n)

@@ -16,7 +16,7 @@ import time
 import zlib
 
 import orjson
-from tqdm import tqdm
+from tqdm.contrib.logging import tqdm_logging_redirect
 
 from enrich import NOTHING
 from events import EVENT_COLUMNS, InvalidEvent, parse_json, validate_event
@@ -53,8 +53,10 @@ def import_file(store, path, show_progress=True, sites=frozenset()):
         _refuse_unreadable(file, path)
         _claim(file, path)
         position = _resume_point(file, store.checkpoint(source), path)
-        with tqdm(total=os.path.getsize(path), initial=position.offset, unit="B", unit_scale=True,
-                  disable=not show_progress, desc="import") as bar:
+        # log lines go through tqdm.write, which prints them above the bar: printed beside it, each
+        # was glued to the end of the bar, whose stale copy then stayed on the screen
+        with tqdm_logging_redirect(total=os.path.getsize(path), initial=position.offset, unit="B",
+                                   unit_scale=True, disable=not show_progress, desc="import") as bar:
             return _import_from(store, source, file, position, bar, sites)
 
 

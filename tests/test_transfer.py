@@ -3,6 +3,7 @@ import bz2
 import csv
 import gzip
 import io
+import logging
 import lzma
 import os
 import signal
@@ -216,6 +217,36 @@ def test_an_import_without_a_terminal_logs_its_progress(config, tmp_path, monkey
     assert [line.split(" of ")[1] for line in progress] == [
         f"{size} stored={stored} rejected=0" for stored in (10, 20, 30)]
     assert progress[-1] == f"import progress bytes={size} of {size} stored=30 rejected=0"
+
+
+def as_a_terminal_shows(output):
+    """The lines a terminal shows for output: a carriage return goes back to the line's start."""
+    lines = []
+    for line in output.split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def test_an_import_s_log_lines_print_above_its_progress_bar_not_on_it(config, tmp_path, monkeypatch):
+    events_file(tmp_path / "in.jsonl", 30, bad_every=10)
+    monkeypatch.setattr(transfer, "IMPORT_BATCH", 10)
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    console = logging.StreamHandler()       # on the terminal, as the processor's is
+    logging.root.addHandler(console)
+    store = open_store(config)
+    store.migrate()
+    try:
+        assert transfer.import_file(store, str(tmp_path / "in.jsonl"), show_progress=True) == (27, 3)
+    finally:
+        logging.root.removeHandler(console)
+    shown = as_a_terminal_shows(terminal.getvalue())
+    assert [line for line in shown if "rejected:" in line] == [
+        f"import line {number} rejected: Invalid field type: site_id must be a string" for number in (1, 11, 21)]
+    assert "100%" in shown[-2] and shown[-1] == ""      # the bar, finished, stays below them
 
 
 @pytest.mark.parametrize("new_count", [20, 80], ids=["shorter", "longer"])
