@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
@@ -384,12 +385,25 @@ def load_config(environ=None, **overrides):
             # API_KEYS and API_KEYS_FILE add up
             values[attribute] = values.get(attribute, ()) + value if attribute == "api_keys" else value
         except ValueError as error:
-            # the default of a key setting is no keys at all: public reports
-            unset = ("unset it to make reports public" if attribute == "api_keys"
-                     else "unset it to use the default")
-            raise ConfigurationError(
-                f"{_shown(name, text)} is not valid: {error}. "
-                f"Fix it or {unset}; see the settings table in README.md."
-            ) from None
+            raise _not_valid(name, text, error) from None
     values.update(overrides)
     return Config(**values)
+
+
+def _not_valid(name, text, reason):
+    # the default of a key setting is no keys at all: public reports
+    unset = ("unset it to make reports public" if ENVIRONMENT[name][0] == "api_keys"
+             else "unset it to use the default")
+    return ConfigurationError(f"{_shown(name, text)} is not valid: {reason}. "
+                              f"Fix it or {unset}; see the settings table in README.md.")
+
+
+def check_host(host):
+    """Stop at start, in one line, on a HOST that names no address: the servers said only 'Name or
+    service not known', gunicorn after five tries. Only the API listens, and so only it looks the
+    name up (the processor must not stop when DNS is down), once given the host as its server takes it."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):        # UnicodeError: a label over 63 characters
+        raise _not_valid("HOST", host, "no address has that name; expected an address of this machine "
+                                       "such as 127.0.0.1, 0.0.0.0 or ::1, or a name of one") from None

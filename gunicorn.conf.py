@@ -151,7 +151,8 @@ def on_starting(server):
     database is already in WAL and each worker's own migrate() is a no-op.
     """
     from config import (
-        ConfigurationError, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
+        ConfigurationError, check_host, load_config, warn_of_a_keys_file_others_may_read,
+        warn_of_misspelled_settings)
     from logs import log_to_stderr
     from rate_limit import check_storage
     from store import StoreUnavailable, migrate_store
@@ -169,6 +170,8 @@ def on_starting(server):
     try:
         config = load_config()
         check_storage(config)
+        if bind in server.cfg.bind:       # not when -b (or GUNICORN_CMD_ARGS) chose the address
+            check_host(host)
     except ConfigurationError as error:
         raise SystemExit(f"configuration error: {error}") from None
     server.analytics_config = config       # what post_fork builds each worker's app from

@@ -34,7 +34,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from config import (
-    ConfigurationError, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
+    ConfigurationError, check_host, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
 from events import InvalidEvent
 from ingest import (
     ANY_ORIGIN, INGEST_PATHS, NOSNIFF, ApiError, FastPath, IncompleteBody, Ingest, body_too_large,
@@ -371,6 +371,7 @@ def __getattr__(name):
 if __name__ == "__main__":
     try:
         settings = load_config()
+        check_host(settings.host)
         log_to_stderr(settings)
         warn_of_misspelled_settings()
         warn_of_a_keys_file_others_may_read()

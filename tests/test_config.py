@@ -113,6 +113,33 @@ def test_gunicorn_names_a_port_it_cannot_listen_on_as_the_setting(tmp_path, port
     assert f"configuration error: PORT='{port}' is not valid" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("command", [["ingestion_api.py"], ["-m", "gunicorn", "ingestion_api:app"]],
+                         ids=["python", "gunicorn"])
+@pytest.mark.parametrize("host", ["300.1.1.1", "no-such-host.invalid"])
+def test_a_host_that_names_no_address_stops_the_api_at_start_naming_the_setting(tmp_path, command, host):
+    """The servers said only 'Name or service not known', gunicorn after five tries and five seconds."""
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env=environment(tmp_path, HOST=host, PORT=free_port()))
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1] == (
+        f"configuration error: HOST='{host}' is not valid: no address has that name; expected an address of "
+        f"this machine such as 127.0.0.1, 0.0.0.0 or ::1, or a name of one. Fix it or unset it to use the "
+        f"default; see the settings table in README.md.")
+
+
+def test_gunicorn_told_where_to_listen_by_b_does_not_look_host_up(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
+                                "ingestion_api:app"], cwd=REPO, env=environment(tmp_path, HOST="300.1.1.1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: is_healthy(f"http://127.0.0.1:{port}") or process.poll() is not None, 30,
+                 "gunicorn to answer")
+        assert process.poll() is None
+    finally:
+        stop(process)
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?strem=x", "redis://127.0.0.1:notaport/0",
                                  "redis://127.0.0.1:6379/0?stream=", "redis://127.0.0.1:6379/analytics",
                                  "rediss://127.0.0.1:6379/0/1"])
