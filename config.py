@@ -97,48 +97,45 @@ class Config:
 
 
 # environment variable -> (field, parser)
-def _positive_int(text):
-    value = int(text)
-    if not 0 < value <= MAX_INT:
-        raise ValueError(f"must be a positive whole number up to {MAX_INT}")
+def _number(text, kind, accept, requirement):
+    """text read as kind (int or float) if accept holds for it; else the requirement is the error
+    (Python's own, "invalid literal for int() with base 10", tells an operator less)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(requirement) from None
+    if not accept(value):       # nan and inf fail the bounds too
+        raise ValueError(requirement)
     return value
+
+
+def _positive_int(text):
+    return _number(text, int, lambda value: 0 < value <= MAX_INT,
+                   f"must be a positive whole number up to {MAX_INT}")
 
 
 def _port(text):
-    value = int(text)
-    if not 0 < value <= 65535:
-        raise ValueError("must be a port number from 1 to 65535")
-    return value
+    return _number(text, int, lambda value: 0 < value <= 65535, "must be a port number from 1 to 65535")
 
 
 def _seconds(text):
-    value = float(text)
-    if not 0 < value <= MAX_SECONDS:    # nan and inf fail too
-        raise ValueError(f"must be a positive number of seconds up to {MAX_SECONDS}")
-    return value
+    return _number(text, float, lambda value: 0 < value <= MAX_SECONDS,
+                   f"must be a positive number of seconds up to {MAX_SECONDS}")
 
 
 def _bytes_or_zero(text):
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be a number of bytes, or 0 to never rotate")
-    return value
+    return _number(text, int, lambda value: value >= 0, "must be a number of bytes, or 0 to never rotate")
 
 
 def _days(text):
-    value = int(text)
-    if not 0 <= value <= MAX_DAYS:
-        raise ValueError(f"must be a number of days up to {MAX_DAYS}, or 0 to keep everything")
-    return value
+    return _number(text, int, lambda value: 0 <= value <= MAX_DAYS,
+                   f"must be a number of days up to {MAX_DAYS}, or 0 to keep everything")
 
 
 def _report_days(text):
     # every day of a range is a point of a timeseries: 3,652,059 of them (years 1 to 9999) took
     # a gigabyte to answer
-    value = int(text)
-    if not 0 < value <= MAX_DAYS:
-        raise ValueError(f"must be a number of days from 1 to {MAX_DAYS}")
-    return value
+    return _number(text, int, lambda value: 0 < value <= MAX_DAYS, f"must be a number of days from 1 to {MAX_DAYS}")
 
 
 def _rate_limit(text):
@@ -274,10 +271,12 @@ def _path_or(text, schemes):
 
 
 def _one_of(choices):
+    """One of choices, in any case (gunicorn's --log-level is lower case, our LOG_LEVEL upper)."""
     def parse(text):
-        if text not in choices:
-            raise ValueError("must be one of " + ", ".join(choices))
-        return text
+        for choice in choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError("must be one of " + ", ".join(choices))
     return parse
 
 

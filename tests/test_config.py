@@ -31,6 +31,26 @@ def test_a_value_the_program_cannot_run_with_is_refused_by_name(name, value):
         load_config(environ={name: value})
 
 
+@pytest.mark.parametrize("name, value, expected", [
+    ("PORT", "abc", "must be a port number from 1 to 65535"),
+    ("MAX_BODY_BYTES", "64k", "must be a positive whole number up to"),
+    ("RETENTION_DAYS", "30d", "must be a number of days up to"),
+    ("PROCESSOR_LOG_MAX_BYTES", "10MiB", "must be a number of bytes, or 0 to never rotate"),
+    ("REPORT_MAX_DAYS", "1.5", "must be a number of days from 1 to"),
+    ("FSYNC_INTERVAL", "abc", "must be a positive number of seconds up to"),
+])
+def test_a_value_that_is_no_number_is_told_the_number_it_must_be(name, value, expected):
+    with pytest.raises(ConfigurationError) as refused:
+        load_config(environ={name: value})
+    assert f"{name}={value!r} is not valid: {expected}" in str(refused.value)
+    assert "invalid literal" not in str(refused.value) and "convert" not in str(refused.value)
+
+
+@pytest.mark.parametrize("text, level", [("debug", "DEBUG"), ("Warning", "WARNING"), ("ERROR", "ERROR")])
+def test_log_level_is_read_in_any_case_as_gunicorns_is(text, level):
+    assert load_config(environ={"LOG_LEVEL": text}).log_level == level
+
+
 @pytest.mark.parametrize("name, value", [("API_KEYS", " , "), ("API_KEYS_FILE", "/nonexistent/keys")])
 def test_the_advice_for_a_bad_key_setting_says_that_without_it_reports_are_public(name, value):
     with pytest.raises(ConfigurationError) as refused:
