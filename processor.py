@@ -246,7 +246,9 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, summary):
-        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        sub = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        sub.set_defaults(command_parser=sub)    # for errors in the words of its usage
+        return sub
     importer = command("import", "store the events of a JSON-lines file, validated like POST /event; "
                        "run again, it goes on where it stopped; exit status 3 if lines were rejected")
     importer.add_argument("file", help="one event per line, as POST /event takes it")
@@ -329,7 +331,7 @@ def main(argv=None):
     if args.once and args.command:
         parser.error(f"--once drains the queue without a COMMAND; {args.command} does not take it")
     if args.command == "export" and args.start and args.end and args.start > args.end:
-        parser.error(f"--to {args.end} is before --from {args.start}")
+        args.command_parser.error(f"--to {args.end} is before --from {args.start}")
     try:
         config = load_config()
     except ConfigurationError as error:

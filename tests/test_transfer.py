@@ -351,8 +351,8 @@ def test_export_refuses_a_bad_range_in_the_words_of_its_options_before_it_opens_
         config, bounds, error):
     result = run_processor(config, "export", "--site", "imp", *bounds)
     assert result.returncode == 2
-    assert result.stderr.startswith("usage: processor.py")
-    assert result.stderr.splitlines()[-1].endswith(error)
+    assert result.stderr.startswith("usage: processor.py export ")     # the usage of the command
+    assert result.stderr.splitlines()[-1] == f"processor.py export: error: {error}"
     assert not os.path.exists(config.database_path)
 
 
