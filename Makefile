@@ -15,7 +15,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 run: $(VENV)/installed
-	honcho start || test $$? -eq 130    # Ctrl-C: both stopped cleanly, as honcho reports
+	honcho start || test $$? -eq 130    # 130: stopped by a SIGINT (make, given Ctrl-C too, says Interrupt)
 
 test: $(VENV)/installed
 	.ci/services
