@@ -14,16 +14,21 @@ $(VENV)/installed: requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# the tests' and benchmarks' packages (a browser driver, DuckDB, ...) only where they run
+$(VENV)/dev-installed: requirements-dev.txt $(VENV)/installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
 run: $(VENV)/installed
 	honcho start || test $$? -eq 130    # 130: stopped by a SIGINT (make, given Ctrl-C too, says Interrupt)
 
-test: $(VENV)/installed
+test: $(VENV)/dev-installed
 	.ci/services
 	.ci/provision-browser
 	.ci/provision-pgbouncer
 	python -m pytest
 
-bench: $(VENV)/installed
+bench: $(VENV)/dev-installed
 	python bench/run.py
 	python bench/processor_bench.py
 	python bench/reports_bench.py

@@ -45,7 +45,7 @@ if _missing:
                 "run .ci/provision-browser (installs Debian's chromium and the npm trackers)",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="browser tests need playwright: pip install -r requirements.txt")
+                               reason="browser tests need playwright: pip install -r requirements-dev.txt")
 
 pytestmark = pytest.mark.timeout(60)
 

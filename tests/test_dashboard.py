@@ -136,7 +136,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"dashboard browser tests need Debian's chromium ({CHROMIUM}): run .ci/provision-browser")
     sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="dashboard browser tests need playwright: pip install -r requirements.txt")
+                                   reason="dashboard browser tests need playwright: pip install -r requirements-dev.txt")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                              headless=True, timeout=30_000)
