@@ -82,6 +82,7 @@ def create_app(config=None):
     rate_limit = ingest_rate_limit(config, ingest.client_address, store)
     register_ingestion(app, config, queue, ingest, rate_limit)
     register_tracking(app, ingest, rate_limit)
+    register_report_access(app, config)
     register_reports(app, config, store)
     register_openapi(app)
     register_dashboard(app)
@@ -225,7 +226,8 @@ def register_metrics(app, metrics):
         return Response(body, content_type=content_type)
 
 
-def register_reports(app, config, store):
+def register_report_access(app, config):
+    """API keys and CORS for /stats*."""
     if config.api_keys:
         keys = [key.encode() for key in config.api_keys]
     else:
@@ -251,6 +253,8 @@ def register_reports(app, config, store):
             return response
         return None
 
+
+def register_reports(app, config, store):
     def reports():
         if "db" not in g:
             g.db = store.reader()
