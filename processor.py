@@ -345,24 +345,32 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     warn_of_misspelled_settings()
-    if args.command:
-        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(stop, interrupt)
-        try:
-            return run_command(args, config)
-        except BrokenPipeError:
-            # the reader stopped early (export | head): end quietly, as Unix tools do; stdout
-            # goes nowhere so that flushing it at exit does not fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 128 + signal.SIGPIPE
-        except (OSError, ImportRefused, NotForThisStore, StoreUnavailable) as error:
-            log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
-            return 2
-        except KeyboardInterrupt as stop:
-            # the open transaction rolled back; an import keeps the position of its last batch
-            resume = "; run it again to resume where it stopped" if args.command == "import" else ""
-            log.warning("%s interrupted%s", args.command, resume)
-            return 128 + (stop.args[0] if stop.args else signal.SIGINT)
+    return run_command_safely(args, config) if args.command else run_processor(args, config)
+
+
+def run_command_safely(args, config):
+    """A COMMAND's exit status: its failures are one log line, a signal stops it as Ctrl-C does."""
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, interrupt)
+    try:
+        return run_command(args, config)
+    except BrokenPipeError:
+        # the reader stopped early (export | head): end quietly, as Unix tools do; stdout
+        # goes nowhere so that flushing it at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except (OSError, ImportRefused, NotForThisStore, StoreUnavailable) as error:
+        log.error("%s failed: %s", args.command, " ".join(str(error).split()))     # one line
+        return 2
+    except KeyboardInterrupt as stop:
+        # the open transaction rolled back; an import keeps the position of its last batch
+        resume = "; run it again to resume where it stopped" if args.command == "import" else ""
+        log.warning("%s interrupted%s", args.command, resume)
+        return 128 + (stop.args[0] if stop.args else signal.SIGINT)
+
+
+def run_processor(args, config):
+    """Move queued events into the store until stopped (or, --once, until the queue is empty)."""
     try:
         metrics = processor_metrics(config)
     except ConfigurationError as error:
