@@ -1,7 +1,7 @@
 # make run    set up .venv, then run the API and the processor together (Ctrl-C stops both)
 # make test   set up .venv, start PostgreSQL and Redis if they are down, install Chromium and
-#             the npm trackers for the browser tests and PgBouncer for its test, then run the
-#             whole test suite
+#             the npm trackers for the browser tests, PgBouncer and nginx for theirs, then run
+#             the whole test suite
 # make bench  set up .venv, then run the benchmarks and record bench/RESULTS.md, PROCESSOR.md, REPORTS.md
 #             and SCALE.md (this one needs PostgreSQL and Redis, started as for the tests)
 VENV := .venv
@@ -26,6 +26,7 @@ test: $(VENV)/dev-installed
 	.ci/services
 	.ci/provision-browser
 	.ci/provision-pgbouncer
+	.ci/provision-nginx
 	python -m pytest
 
 bench: $(VENV)/dev-installed
