@@ -7,6 +7,7 @@ import gzip
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -62,11 +63,26 @@ def test_openapi_json_serves_the_document(client, document, openapi):
     assert response.get_json() == document
 
 
+def schemas_with_examples(node, pointer=""):
+    """(JSON pointer, examples) of each schema in the document that has examples, however deep:
+    a schema's examples are a list, where a parameter's or a media type's are a mapping."""
+    if isinstance(node, dict):
+        if isinstance(node.get("examples"), list):
+            yield pointer, node["examples"]
+        children = node.items()
+    else:
+        children = enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from schemas_with_examples(child, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+
+
 def test_examples_in_the_document_fit_their_schemas(document):
-    for name, schema in document["components"]["schemas"].items():
+    schemas = list(schemas_with_examples(document))
+    assert schemas, "no examples to check"
+    for pointer, examples in schemas:
         # the whole document as root, so that its $refs resolve
-        validator = Draft202012Validator({**document, "$ref": f"#/components/schemas/{name}"})
-        for example in schema.get("examples", []):
+        validator = Draft202012Validator({**document, "$ref": "#" + quote(pointer)})
+        for example in examples:
             validator.validate(example)
 
 
