@@ -183,7 +183,7 @@ def test_migrations_create_the_original_events_table(config, processor):
 
 
 @pytest.mark.parametrize("fsync,synchronous", [("always", 2), ("batch", 1), ("never", 1)])
-def test_with_fsync_always_the_processor_commits_with_synchronous_full(config, fsync, synchronous):
+def test_the_processor_commits_with_synchronous_full_only_with_fsync_always(config, fsync, synchronous):
     """A power cut loses nothing committed only with FULL (README, FSYNC); NORMAL is 1."""
     store = open_store(config.with_overrides(fsync=fsync))
     assert store.connection.execute("PRAGMA synchronous").fetchone()[0] == synchronous
