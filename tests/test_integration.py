@@ -97,8 +97,8 @@ def test_health_queue_size_counts_exactly_the_events_not_yet_stored(data_dir, ch
     processor = start_processor(data_dir, PROCESSOR_BATCH_SIZE=1)
     children.append(processor)
     load = Load(api.url, "backlog", threads=8, max_events=1000, max_seconds=60, max_batch=3)
-    undercounts = []
-    for _ in range(2000):
+    undercounts, checks = [], 0
+    for checks in range(2000):
         if not load.running():
             break
         acknowledged_before = load.acked_so_far
@@ -109,6 +109,7 @@ def test_health_queue_size_counts_exactly_the_events_not_yet_stored(data_dir, ch
             undercounts.append((queue_size, acknowledged_before - stored_after))
     acknowledged, failed = load.finish()
     assert not failed
+    assert checks >= 10, f"/health was checked {checks} times while the load ran: too few to tell"
     wait_for(lambda: stored_count(data_dir) == len(acknowledged), 60, "processor fell behind")
     assert api.health()["queue_size"] == 0
     appended, consumed = queue_counters(data_dir)
