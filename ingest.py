@@ -255,6 +255,11 @@ class FastPath:
         self.rate_limit = rate_limit
         self.metrics = ingest.metrics
         config = ingest.config
+        # a body refused unread (413, 415, 429) is read and dropped, up to twice the largest the
+        # API takes: the client, or the proxy that sends it on (nginx), sends it all before
+        # reading the answer, and meets a closed connection (a reset, or a 502 from the proxy)
+        # if the server stops reading first; a larger one is cut off rather than read at length
+        self.drain_limit = 2 * max(config.max_body_bytes, config.max_batch_bytes)
         # path -> (handler, body limit, headers added to every answer)
         self.routes = {
             "/event": (lambda environ, body: ingest.event(body()), config.max_body_bytes, ANY_ORIGIN),
@@ -277,11 +282,15 @@ class FastPath:
         # int() refuses over 4,300 digits; a length of 20 digits is over any limit all the same
         length = int(length) if len(length) < 20 else sys.maxsize
 
+        unread = length
+
         def read_body():
+            nonlocal unread
             if length > limit:
                 raise body_too_large(limit)
             refuse_compressed(environ.get("HTTP_CONTENT_ENCODING", ""))
             body = environ["wsgi.input"].read(length)
+            unread = 0
             if len(body) < length:
                 raise IncompleteBody()
             return body
@@ -295,12 +304,26 @@ class FastPath:
         except Exception:
             log.exception("error on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
             answer = error_answer(InternalServerError())
+        if 0 < unread <= self.drain_limit:
+            discard(environ["wsgi.input"], unread)
         start_response(STATUS_LINES[answer.status],
                        [("Content-Type", answer.content_type),
                         ("Content-Length", str(len(answer.body))), *answer.headers, *NOSNIFF, *headers])
         self.metrics.answered(environ["PATH_INFO"], answer.status, time.perf_counter() - started,
                               ingest=True)
         return [answer.body]
+
+
+def discard(stream, length):
+    """Read and drop length bytes of a request body (fewer if the client stops sending)."""
+    try:
+        while length > 0:
+            chunk = stream.read(min(length, 65536))
+            if not chunk:
+                return
+            length -= len(chunk)
+    except OSError:         # the client went away: nothing is left to answer
+        return
 
 
 def _mimetype(environ):

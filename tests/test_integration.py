@@ -584,6 +584,29 @@ def test_a_request_gunicorn_cannot_parse_is_answered_in_json_like_the_app(
     assert orjson.loads(body)["error"].startswith(error)
 
 
+@pytest.mark.parametrize("path, size", [("/event", 300_000), ("/events", 1024 * 1024 + 1)])
+def test_a_body_over_the_limit_is_read_before_its_413_so_the_client_or_proxy_gets_the_answer(
+        data_dir, children, path, size):
+    # a proxy (nginx) that sends the body after the API has answered must not meet a closed
+    # connection: it would answer its own 502 in place of the 413
+    api = Api(data_dir, workers=1)
+    children.append(api)
+    body = b"[" + b" " * (size - 2) + b"]"
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as connection:
+        connection.sendall(head + body[:65536])
+        time.sleep(0.5)         # the API answers from the head; the rest of the body comes later,
+        for start in range(65536, size, 16384):         # as a proxy sends it: piece by piece
+            connection.sendall(body[start:start + 16384])
+            time.sleep(0.01)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"Request body too large" in answer
+
+
 def send_and_close(port, request):
     """Send request, close our sending side as a client that stops mid-upload does, read the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
