@@ -67,15 +67,17 @@ def untracked_files():
 
 class Unit:
     """A unit's ExecStart run as a plain process with its WorkingDirectory and environment:
-    Environment= over the settings of deploy/analytics.env, over which the test's own."""
+    the settings of deploy/analytics.env over Environment=, as systemd reads them (EnvironmentFile=
+    wins), and the test's own over both."""
 
     def __init__(self, name, data_dir, **overrides):
         unit = key_values(DEPLOY / name)
         here = {INSTALLED_AT: str(REPO)}
-        settings = env_file_settings()
-        settings.update(value.split("=", 1) for value in unit["Environment"])
+        settings = dict(value.split("=", 1) for value in unit["Environment"])
+        settings.update(env_file_settings())
         # the directory the unit may write to, which systemd makes for its user
-        assert settings["DATA_DIR"] == f"/var/lib/{unit['StateDirectory'][-1]}"
+        assert settings["DATA_DIR"] == f"/var/lib/{unit['StateDirectory'][-1]}", (
+            "a DATA_DIR in analytics.env wins over the unit's, which alone it may write")
         settings.update(overrides, DATA_DIR=str(data_dir))
         self.kill_signal = signal.Signals[unit["KillSignal"][-1]]
         self.reload = unit.get("ExecReload", [None])[-1]
