@@ -81,6 +81,10 @@ capture_output = True
 access_log_format = '- %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
+# LOG_FORMAT=json in any case, as config.py reads it (the app's own lines follow config.py)
+json_lines = (os.environ.get("LOG_FORMAT") or "").lower() == "json"
+
+
 class Logger(Statsd):
     """gunicorn's logger, with a reopen on SIGUSR1 (logrotate) that is safe in a signal handler,
     and with LOG_FORMAT=json one JSON object per line (logs.py) in gunicorn's own handlers
@@ -92,7 +96,7 @@ class Logger(Statsd):
 
     def setup(self, cfg):
         super().setup(cfg)
-        if os.environ.get("LOG_FORMAT") == "json":
+        if json_lines:
             from logs import AccessJsonFormatter, JsonFormatter
             for handler in self.error_log.handlers:
                 handler.setFormatter(JsonFormatter())
@@ -137,7 +141,7 @@ class Logger(Statsd):
 logger_class = Logger
 # A bad LOG_FORMAT or LOG_LEVEL is reported by on_starting, with every other
 # setting; until then an unknown level is INFO, so that the report gets out.
-if os.environ.get("LOG_FORMAT") == "json":
+if json_lines:
     loglevel = os.environ.get("LOG_LEVEL") or "info"
     accesslog = "-"         # on in JSON mode: stdout, unless --access-logfile names a file
 

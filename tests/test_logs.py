@@ -162,8 +162,9 @@ def test_the_processor_writes_json_lines_with_the_fields_of_each_line(data_dir):
         assert (stopped["stored"], stopped["dead_letters"]) == (4, 1)
 
 
-def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(data_dir):
-    api = Api(data_dir, workers=2, LOG_FORMAT="json")
+@pytest.mark.parametrize("log_format", ["json", "JSON"])      # read in any case, as config.py reads it
+def test_gunicorn_and_the_app_write_json_lines_and_an_access_line_per_request(data_dir, log_format):
+    api = Api(data_dir, workers=2, LOG_FORMAT=log_format)
     try:
         assert requests.post(api.url + "/event", json={"site_id": "s", "event_type": "page_view"},
                              timeout=10).status_code == 200
