@@ -115,7 +115,15 @@ def _positive_int(text):
 
 
 def _port(text):
-    return _number(text, int, lambda value: 0 < value <= 65535, "must be a port number from 1 to 65535")
+    # digits alone, as gunicorn.conf.py binds it: int() also reads " 6000" and "6_000", for which
+    # gunicorn listened on 5000 without a word
+    return _number(text, _digits, lambda value: 0 < value <= 65535, "must be a port number from 1 to 65535")
+
+
+def _digits(text):
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
 
 
 def _seconds(text):

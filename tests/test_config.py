@@ -46,6 +46,15 @@ def test_a_value_that_is_no_number_is_told_the_number_it_must_be(name, value, ex
     assert "invalid literal" not in str(refused.value) and "convert" not in str(refused.value)
 
 
+@pytest.mark.parametrize("port", ["6000 ", " 6000", "6_000", "+6000"])
+def test_a_port_with_more_than_digits_is_refused_as_gunicorn_would_not_listen_on_it(port):
+    """int() reads each as 6000, but gunicorn.conf.py binds a PORT of digits alone and put the
+    others aside for 5000, without a word: gunicorn listened on 5000, python ingestion_api.py on 6000."""
+    with pytest.raises(ConfigurationError) as refused:
+        load_config(environ={"PORT": port})
+    assert f"PORT={port!r} is not valid: must be a port number from 1 to 65535" in str(refused.value)
+
+
 @pytest.mark.parametrize("text, level", [("debug", "DEBUG"), ("Warning", "WARNING"), ("ERROR", "ERROR")])
 def test_log_level_is_read_in_any_case_as_gunicorns_is(text, level):
     assert load_config(environ={"LOG_LEVEL": text}).log_level == level
