@@ -25,7 +25,7 @@ FUZZING = schemathesis.Config.from_dict({
     # rules span parameters or the clock (date with from, from after to, a timestamp more
     # than a day ahead), which a schema cannot say; those 400s are documented and checked.
     "checks": {"positive_data_acceptance": {"enabled": False},
-               # a body over the size limit is refused before it is read: 413 is a rejection too
+               # a body over the size limit is refused before it is parsed: 413 is a rejection too
                "negative_data_rejection": {"expected-statuses": [
                    400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5xx"]}},
 })

@@ -266,12 +266,15 @@ def padded_event(site_id, size):
     return event + " " * (size - len(event))
 
 
-@pytest.mark.parametrize("size, client", [(64 * 1024 + 1, "127.0.0.5"), (1024 * 1024, "127.0.0.6")])
-def test_a_body_over_the_event_limit_but_not_nginx_gets_the_json_413_of_the_api(site, size, client):
-    response = site.request("POST", "/event", padded_event("large", size), client=client)
-    assert response.status == 413
-    assert json.loads(response.body) == {"error": "Request body too large: at most 65536 bytes"}
-    assert response.getheader("Access-Control-Allow-Origin") == "*"     # the API's own answer
+@pytest.mark.parametrize("size, clients", [(64 * 1024 + 1, "127.0.2"), (1024 * 1024, "127.0.3")])
+def test_a_body_over_the_event_limit_but_not_nginx_gets_the_json_413_of_the_api(site, size, clients):
+    # many times: an API that answered before it had the whole body made nginx's sending of the rest
+    # fail, and nginx answered 502 in its place, about one time in seven
+    for number in range(1, 41):        # each from an address of its own, under the rate limit
+        response = site.request("POST", "/event", padded_event("large", size), client=f"{clients}.{number}")
+        assert response.status == 413, response.body
+        assert json.loads(response.body) == {"error": "Request body too large: at most 65536 bytes"}
+        assert response.getheader("Access-Control-Allow-Origin") == "*"     # the API's own answer
 
 
 def test_nginx_takes_the_largest_batch_the_api_does_and_refuses_a_larger_one_in_json(site):
