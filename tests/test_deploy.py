@@ -284,6 +284,9 @@ def test_nginx_takes_the_largest_batch_the_api_does_and_refuses_a_larger_one_in_
     assert response.status == 413
     assert response.getheader("Content-Type") == "application/json"
     assert json.loads(response.body) == {"error": "Request body too large: at most 1048576 bytes"}
+    # as every answer of the API's ingest endpoints: a page of any site may read it, never as a script
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
 
 
 def test_a_client_sending_its_body_slowly_does_not_hold_the_only_worker(site):
