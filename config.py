@@ -7,6 +7,7 @@ import difflib
 import ipaddress
 import logging
 import os
+import sys
 import re
 import socket
 from dataclasses import dataclass, replace
@@ -395,6 +396,14 @@ def load_config(environ=None, **overrides):
             raise _not_valid(name, text, error) from None
     values.update(overrides)
     return Config(**values)
+
+
+def stop_at_start(message):
+    """Stop a program that cannot start with one line and exit status 2: a service manager told
+    RestartPreventExitStatus=2 (deploy/) does not start it again and again, as a bad setting or a
+    database newer than the program does not fix itself."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _not_valid(name, text, reason):

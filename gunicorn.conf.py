@@ -155,29 +155,29 @@ def on_starting(server):
     database is already in WAL and each worker's own migrate() is a no-op.
     """
     from config import (
-        ConfigurationError, check_host, load_config, warn_of_a_keys_file_others_may_read,
+        ConfigurationError, check_host, load_config, stop_at_start, warn_of_a_keys_file_others_may_read,
         warn_of_misspelled_settings)
     from logs import log_to_stderr
     from rate_limit import check_storage
     from store import StoreUnavailable, migrate_store
 
     if server.cfg.workers < 1:       # gunicorn takes 0, listens, and no request is ever answered
-        raise SystemExit(f"configuration error: gunicorn needs at least 1 worker "
-                         f"(WEB_CONCURRENCY or --workers), not {server.cfg.workers}")
+        stop_at_start(f"configuration error: gunicorn needs at least 1 worker "
+                      f"(WEB_CONCURRENCY or --workers), not {server.cfg.workers}")
     if server.cfg.preload_app:
         # the app was built already, in this process, before the metrics directory was set
         # (so no worker writes its counts there) and once for all (so a SIGHUP's new workers
         # keep the API keys read at start)
-        raise SystemExit("configuration error: gunicorn's --preload (preload_app) builds the app "
-                         "before this file's settings apply: /metrics would count nothing and SIGHUP "
-                         "would not read the API keys again; run without it")
+        stop_at_start("configuration error: gunicorn's --preload (preload_app) builds the app "
+                      "before this file's settings apply: /metrics would count nothing and SIGHUP "
+                      "would not read the API keys again; run without it")
     try:
         config = load_config()
         check_storage(config)
         if bind in server.cfg.bind:       # not when -b (or GUNICORN_CMD_ARGS) chose the address
             check_host(host)
     except ConfigurationError as error:
-        raise SystemExit(f"configuration error: {error}") from None
+        stop_at_start(f"configuration error: {error}")
     server.analytics_config = config       # what post_fork builds each worker's app from
     log_to_stderr(config)      # workers inherit it
     warn_of_misspelled_settings()
@@ -185,7 +185,7 @@ def on_starting(server):
     try:
         migrate_store(config)
     except StoreUnavailable as error:
-        raise SystemExit(f"cannot start: {error}") from None
+        stop_at_start(f"cannot start: {error}")
     except KeyboardInterrupt:                 # Ctrl-C while waiting for the database
         raise SystemExit(130) from None
     if config.metrics:
@@ -193,7 +193,7 @@ def on_starting(server):
         try:
             use_metrics_directory(config, API)     # workers inherit PROMETHEUS_MULTIPROC_DIR
         except ConfigurationError as error:
-            raise SystemExit(f"configuration error: {error}") from None
+            stop_at_start(f"configuration error: {error}")
 
 
 def on_reload(server):

@@ -34,7 +34,8 @@ from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from config import (
-    ConfigurationError, check_host, load_config, warn_of_a_keys_file_others_may_read, warn_of_misspelled_settings)
+    ConfigurationError, check_host, load_config, stop_at_start, warn_of_a_keys_file_others_may_read,
+    warn_of_misspelled_settings)
 from events import InvalidEvent
 from ingest import (
     ANY_ORIGIN, INGEST_PATHS, NOSNIFF, ApiError, FastPath, IncompleteBody, Ingest, body_too_large,
@@ -382,9 +383,9 @@ if __name__ == "__main__":
         migrate_store(settings)
         application = create_app(settings)
     except ConfigurationError as error:      # in the words gunicorn.conf.py uses
-        raise SystemExit(f"configuration error: {error}") from None
+        stop_at_start(f"configuration error: {error}")
     except StoreUnavailable as error:
-        raise SystemExit(f"cannot start: {error}") from None
+        stop_at_start(f"cannot start: {error}")
     except KeyboardInterrupt:                 # Ctrl-C while waiting for the database
         raise SystemExit(130) from None
     application.run(host=settings.host, port=settings.port, threaded=True)
