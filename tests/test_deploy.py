@@ -289,6 +289,27 @@ def test_nginx_takes_the_largest_batch_the_api_does_and_refuses_a_larger_one_in_
     assert response.getheader("X-Content-Type-Options") == "nosniff"
 
 
+def test_while_the_api_is_down_nginx_answers_a_json_503_to_retry(tmp_path):
+    if NGINX is None or OPENSSL is None:
+        pytest.skip("nginx or openssl is not installed: run bash .ci/provision-nginx to enable")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "nginx").mkdir()
+    api = Api(tmp_path / "data", workers=1)
+    site = Site(tmp_path / "nginx", api)
+    try:
+        api.stop()          # a restart under way, or a crash
+        response = site.request("POST", "/event", json.dumps({"site_id": "s", "event_type": "x"}))
+        assert response.status == 503, response.body
+        assert response.getheader("Content-Type") == "application/json"
+        assert json.loads(response.body) == {"error": "The API is not answering: try again shortly"}
+        assert response.getheader("Retry-After") == "5"
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+    finally:
+        stop(site.process, signal.SIGTERM)
+        api.stop()
+
+
 def test_a_client_sending_its_body_slowly_does_not_hold_the_only_worker(site):
     event = json.dumps({"site_id": "slow", "event_type": "page_view"}).encode()
     raw = socket.create_connection(("127.0.0.1", site.port), timeout=30, source_address=("127.0.0.4", 0))
