@@ -7,7 +7,7 @@ Dates are inclusive UTC days; a report over all time has start = end = None.
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
-from rollups import COUNTED, USER, property_expression
+from rollups import COUNTED, PROP_PREFIX, USER, property_expression
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,6 @@ class Period:
         return {"first_ts": f"{self.start.isoformat()}T00:00:00.000Z",
                 "last_ts": f"{self.end.isoformat()}T23:59:59.999Z"}
 
-
-PROPS = "props."         # the prefix of a custom-event prop's property name
 
 # counters may be kept in several rows (per processor shard); a sum of integers stays one
 VIEWS, EVENTS, USERS = (f"CAST(sum({column}) AS BIGINT)" for column in ("views", "events", "users"))
@@ -121,7 +119,7 @@ class _Reports:
 
     def prop_keys(self, site_id, period, limit=10):
         """The names of the custom-event props counted in the period, in byte order."""
-        return [name[len(PROPS):] for (name,) in self.prop_names(site_id, self._kept(period), limit)]
+        return [name[len(PROP_PREFIX):] for (name,) in self.prop_names(site_id, self._kept(period), limit)]
 
 
 class RollupReports(_Reports):
@@ -197,20 +195,20 @@ class RollupReports(_Reports):
 
     def prop_names(self, site_id, period, limit):
         # A skip scan: one index seek from each prop's name to the next, whatever the number
-        # of its values; the names sort together, after "props." (byte order in both stores).
+        # of its values; the names sort together, after the prefix (byte order in both stores).
         if period.all_time:
             table, days, params = "total_values", "", {}
         else:
             table, days, params = "daily_values", "AND day BETWEEN :first_day AND :last_day", period.day_bounds()
         after = (f"(SELECT property FROM {table} WHERE site_id = :site AND property > {{}} "
                  "ORDER BY property LIMIT 1)")
-        is_prop = f"substr(property, 1, {len(PROPS)}) = '{PROPS}'"
+        is_prop = f"substr(property, 1, {len(PROP_PREFIX)}) = '{PROP_PREFIX}'"
         return _rows(self.connection,
                      f"WITH RECURSIVE name (property) AS (SELECT {after.format(':props')} "
                      f"UNION ALL SELECT {after.format('name.property')} FROM name WHERE {is_prop}) "
                      f"SELECT property FROM name WHERE {is_prop} AND EXISTS (SELECT 1 FROM {table} "
                      f"WHERE site_id = :site AND property = name.property {days}) LIMIT :limit",
-                     {"site": site_id, "props": PROPS, "limit": limit, **params})
+                     {"site": site_id, "props": PROP_PREFIX, "limit": limit, **params})
 
     def bucket_views(self, site_id, period, interval):
         width = 10 if interval == "day" else 13
@@ -281,7 +279,7 @@ class RawReports(_Reports):
     def prop_names(self, site_id, period, limit):
         where, params = self._where(site_id, period)
         return _rows(self.connection, f"SELECT DISTINCT :props || prop.key FROM events, {self.json_pairs} "
-                     f"WHERE {where} ORDER BY 1 LIMIT :limit", {**params, "props": PROPS, "limit": limit})
+                     f"WHERE {where} ORDER BY 1 LIMIT :limit", {**params, "props": PROP_PREFIX, "limit": limit})
 
     def bucket_views(self, site_id, period, interval):
         where, params = self._where(site_id, period)

@@ -46,20 +46,22 @@ PROPERTIES = {
     "os": "os",
     "device": "device",
 }
+PROP_PREFIX = "props."          # a custom-event prop's property name is this and its key
 PROP_KEY = re.compile(r"[A-Za-z0-9_ .:-]{1,64}")
 USER = "coalesce(user_id, visitor_id)"
 COUNTED = "event_type != 'engagement'"
 
 
 def is_property(name):
-    return name in PROPERTIES or (name.startswith("props.") and bool(PROP_KEY.fullmatch(name[6:])))
+    return name in PROPERTIES or (name.startswith(PROP_PREFIX)
+                                  and bool(PROP_KEY.fullmatch(name[len(PROP_PREFIX):])))
 
 
 def property_expression(name, json_value="json_extract(props, '$.\"{key}\"')"):
     """The SQL value of a property over the events table; json_value reads one prop."""
     if name in PROPERTIES:
         return PROPERTIES[name]
-    return json_value.format(key=name[6:])      # PROP_KEY admits no quote
+    return json_value.format(key=name[len(PROP_PREFIX):])      # PROP_KEY admits no quote
 
 # The schema is made by the stores' migrations (store.py, postgres_store.py).
 TABLES = ("site_totals", "site_users", "hourly_totals", "daily_users", "daily_totals",
@@ -149,7 +151,7 @@ def fold_statements(dialect):
     ]
     for name, value in PROPERTIES.items():
         statements += _value_statements(f"'{name}'", value, f"{new} AND {value} IS NOT NULL", dialect)
-    statements += _value_statements("'props.' || prop.key", "prop.value",
+    statements += _value_statements(f"'{PROP_PREFIX}' || prop.key", "prop.value",
                                     f"{dialect.props_join} AND {COUNTED}", dialect)
     return statements
 
@@ -234,7 +236,7 @@ class BatchTotals:
         self.value_users.update(_known(zip(sites, names, values, days, users), users))
 
     def _add_props(self, rows):
-        pairs = [(row, "props." + key, value) for row in rows
+        pairs = [(row, PROP_PREFIX + key, value) for row in rows
                  for key, value in orjson.loads(row[PROPS]).items()]
         if pairs:
             names = [name for _, name, _ in pairs]
