@@ -6,8 +6,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -356,33 +356,42 @@ def test_a_database_whose_disk_fills_up_is_an_outage_logged_in_one_line_and_ever
                      r"database or disk is full\n", log)
 
 
+class IdleThenBusy(threading.Event):
+    """The stop flag of a processor whose clock is now[0]: each wait for the queue passes its time at
+    once; after a minute of them the events come, and once they are stored the processor stops."""
+
+    def __init__(self, now, processor, events):
+        super().__init__()
+        self.now, self.processor, self.events = now, processor, events
+
+    def wait(self, timeout=None):
+        self.now[0] += timeout
+        if self.processor.stored == len(self.events):
+            self.set()
+        elif self.now[0] >= 60 and self.processor.queue.size() == 0 and self.processor.stored == 0:
+            self.processor.queue.append(self.events)
+        return self.is_set()
+
+
 def test_the_progress_rate_after_an_idle_spell_counts_only_the_time_spent_working(
         config, queue, caplog, monkeypatch):
     import processor as processor_module
-    monkeypatch.setattr(processor_module, "PROGRESS_EVERY", 0.5)
+    now = [0.0]
+    monkeypatch.setattr(processor_module, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock
     caplog.set_level("INFO", logger="processor")
-    batches = []
 
-    def takes_a_while(lines, seconds, dead_letters):      # 10 events per 50 ms at most: 200/s
-        batches.append(time.monotonic())
-        time.sleep(0.05)
-    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=10),
-                          on_batch=takes_a_while)
-    worker = threading.Thread(target=lambda: (processor.start(), processor.run()))   # SQLite: one thread
-    worker.start()
-    try:
-        time.sleep(2)       # the processor idles, polling an empty queue
-        started = time.monotonic()
-        queue.append([event(i) for i in range(200)])
-        wait_for(lambda: processor.stored == 200, 30, "the events were not stored")
-    finally:
-        processor.stopping.set()
-        worker.join()
-    rate = 200 / (batches[-1] - started)
-    reported = [float(re.search(r"rate=(\d+)/s", record.getMessage())[1])
+    def takes_a_second(lines, seconds, dead_letters):       # 100 events a second of work
+        now[0] += 1.0
+    processor = Processor(queue, open_store(config), config.with_overrides(processor_batch_size=100),
+                          on_batch=takes_a_second)
+    processor.stopping = IdleThenBusy(now, processor, [event(i) for i in range(1000)])
+    processor.start()
+    processor.run()
+    assert processor.stored == 1000
+    reported = [int(re.search(r"rate=(\d+)/s", record.getMessage())[1])
                 for record in caplog.records if record.getMessage().startswith("progress ")]
-    assert reported, "no progress line"
-    assert min(reported) > rate / 2, (reported, rate)
+    # a line every 5 s of work; the first may also count the last poll (50 ms) that found nothing
+    assert len(reported) == 2 and all(99 <= rate <= 100 for rate in reported), reported
 
 
 class WaitsAtOnce(threading.Event):
