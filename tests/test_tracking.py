@@ -35,6 +35,16 @@ LEGACY_CUSTOM = ('{"n":"Signup","u":"%s/pricing?utm_source=newsletter&utm_medium
                  '"r":"%s/pricing","w":1280,"h":0,"p":"{\\"plan\\":\\"pro\\"}"}' % (PAGE, PAGE))
 
 
+@pytest.fixture(autouse=True)
+def received_at(monkeypatch):
+    """The moment the API receives every event of a test: a browser is one visitor within a UTC day,
+    so 00:00 UTC passing between two sends would make it two."""
+    import ingest
+    moment = datetime.now(timezone.utc)
+    monkeypatch.setattr(ingest, "utc_now", lambda: moment)
+    return moment
+
+
 def send(client, body, user_agent=CHROME, ip="203.0.113.7", headers=None):
     return client.post("/api/event", data=body, content_type="text/plain",
                        headers={"User-Agent": user_agent, **(headers or {})},
@@ -202,7 +212,7 @@ def test_forwarded_headers_count_only_from_trusted_proxies(config, drain):
     assert len(visitors) == 3
 
 
-def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain):
+def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain, received_at):
     client = trusting(config)
     # gunicorn bound to [::] sees an IPv4 peer as an IPv4-mapped IPv6 address
     for real in ("198.51.100.1", "198.51.100.2"):
@@ -211,11 +221,11 @@ def test_a_trusted_proxy_is_recognised_on_a_dual_stack_socket(config, drain):
     drain()
     visitors = Visitors(open_store(config))
     assert [row[3] for row in rows(config)] == [
-        visitors.visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+        visitors.visitor_id("example.test", ip, CHROME, received_at)
         for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.1")]
 
 
-def test_a_proxy_on_a_unix_socket_is_trusted_when_named_unix(config, drain, caplog):
+def test_a_proxy_on_a_unix_socket_is_trusted_when_named_unix(config, drain, caplog, received_at):
     # gunicorn -b unix:... gives the peer no address: REMOTE_ADDR is ""
     for proxies in ("10.0.0.0/8", "unix"):
         client = trusting(config, proxies)
@@ -224,7 +234,7 @@ def test_a_proxy_on_a_unix_socket_is_trusted_when_named_unix(config, drain, capl
     drain()
     visitors = Visitors(open_store(config))
     assert [row[3] for row in rows(config)] == [
-        visitors.visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+        visitors.visitor_id("example.test", ip, CHROME, received_at)
         for ip in ("", "", "198.51.100.1", "198.51.100.2")]
     # without unix, every visitor is one: the operator is told how to name the proxy
     assert caplog.text.count("add unix to TRUSTED_PROXIES") == 1
@@ -235,7 +245,7 @@ def test_a_proxy_on_a_unix_socket_is_trusted_when_named_unix(config, drain, capl
     ("Forwarded", {"X-Forwarded-For": "6.6.6.6"}),
 ])
 def test_a_client_cannot_forge_its_address_in_the_header_its_proxy_does_not_write(
-        config, drain, caplog, proxy_writes, client_sends):
+        config, drain, caplog, received_at, proxy_writes, client_sends):
     client = trusting(config)
     # the proxy passes the client's own header on untouched and writes the other one
     for real in ("198.51.100.1", "198.51.100.2"):
@@ -244,7 +254,7 @@ def test_a_client_cannot_forge_its_address_in_the_header_its_proxy_does_not_writ
     drain()
 
     def visitor(ip):
-        return Visitors(open_store(config)).visitor_id("example.test", ip, CHROME, datetime.now(timezone.utc))
+        return Visitors(open_store(config)).visitor_id("example.test", ip, CHROME, received_at)
     # which of the two the proxy wrote cannot be told: neither is believed
     assert [row[3] for row in rows(config)] == [visitor("10.1.2.3")] * 2
     # and the operator is told how to set the proxy right, once, not per request
