@@ -364,6 +364,7 @@ def test_the_longest_values_the_apis_accept_are_stored_and_reported_exactly(clie
     """Every key of a rollup row holding them would be kilobytes long: a batch must still be stored."""
     site, user, key = wide(256), wide(256, 0x21000), "k" * 64
     path = "/" + wide(2047, 0x22000)
+    first_day = datetime.now(timezone.utc).date()
     assert client.post("/event", json={"site_id": site, "event_type": "page_view", "path": path,
                                        "user_id": user}).status_code == 200
     assert client.post("/event", json={"site_id": site, "event_type": wide(256, 0x23000),
@@ -382,11 +383,12 @@ def test_the_longest_values_the_apis_accept_are_stored_and_reported_exactly(clie
     assert rollup.stats("s", Period())["total_views"] == 1
     assert rollup.breakdown(site, "props." + key, Period()) == [
         {"value": wide(256, 0x29000), "views": 0, "events": 1, "unique_users": 1}]
-    today = Period(datetime.now(timezone.utc).date(), datetime.now(timezone.utc).date())
+    received = Period(first_day, datetime.now(timezone.utc).date())   # the day or two they came on
+    assert rollup.stats(site, received) == rollup.stats(site, Period())
     for prop in list(PROPERTIES) + ["props." + key]:
-        for period in (Period(), today):
+        for period in (Period(), received):
             assert rollup.breakdown(site, prop, period) == raw.breakdown(site, prop, period)
-    assert rollup.timeseries(site, today, "hour") == raw.timeseries(site, today, "hour")
+    assert rollup.timeseries(site, received, "hour") == raw.timeseries(site, received, "hour")
     connection.close()
     store.close()
 
