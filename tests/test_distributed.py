@@ -221,10 +221,12 @@ def test_two_processors_killed_10_times_under_load_store_every_event_exactly_onc
 class RedisServer:
     """A redis-server of the test's own that writes every change to its AOF before answering."""
 
+    PORT_WAIT = 10      # seconds a restart waits for its port, held by another process meanwhile
+
     def __init__(self, directory, *options):
         self.directory = directory
         self.options = options
-        self.port = free_port()
+        self.port = None        # a free one at the first start; the same after, as clients hold the URL
         self.process = None
 
     @property
@@ -232,20 +234,46 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self):
-        with open(self.directory / "redis.log", "ab") as log:
+        """On a free port the first time (another one if that is taken before Redis binds it, as Api
+        does); on the same port after that, waiting a while for another process to let it go."""
+        if self.port is None:
+            for _ in range(3):
+                self.port = free_port()
+                if self._started():
+                    return
+            raise AssertionError("redis did not start: three free ports were taken before it bound them")
+        deadline = time.monotonic() + self.PORT_WAIT
+        while not self._started():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"redis did not restart: another process has held its port {self.port}, "
+                                     f"which its clients' URLs name, for {self.PORT_WAIT}s")
+            time.sleep(0.2)
+
+    def _started(self):
+        """Start redis-server: True once it answers, False if its port is taken; fails otherwise."""
+        log_path = self.directory / "redis.log"
+        with open(log_path, "ab") as log:
+            written = log.tell()
             self.process = subprocess.Popen(
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
                  "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
                  "--save", "", *self.options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         wait_for(lambda: self.answers() or self.process.poll() is not None, 15, "redis did not start")
-        assert self.process.poll() is None, (self.directory / "redis.log").read_text()[-2000:]
+        if self.process.poll() is None:
+            return True
+        with open(log_path, "rb") as log:
+            log.seek(written)
+            said = log.read().decode(errors="replace")
+        assert "Address already in use" in said, f"redis did not start:\n{said[-2000:]}"
+        return False
 
     def answers(self):
+        """Whether this server answers on its port: not another one that holds the port."""
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1,
                              retry=Retry(NoBackoff(), 0))
         try:
-            return client.ping()
+            return client.info("server")["process_id"] == self.process.pid
         except redis.RedisError:
             return False
         finally:
