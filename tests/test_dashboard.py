@@ -52,21 +52,23 @@ BREAKDOWNS = [("source", "Direct / none", "views"), ("browser", "(unknown)", "vi
               ("event_type", "(none)", "events")]
 
 pytestmark = pytest.mark.timeout(120)
+# The moment every test here takes as now: its traffic is dated from it and every page's clock is fixed
+# to it. A page reads the day when it shows a period, a test when it checks it: 00:00 UTC may pass between.
+NOW = datetime.now(timezone.utc)
 
 
 def today():
-    return datetime.now(timezone.utc).date()
+    return NOW.date()
 
 
 def generated_lines(site, count, rng):
     """Browser-like queue lines of one site over the last 25 days, more of them lately."""
-    now = datetime.now(timezone.utc)
     for _ in range(count):
         day = today() - timedelta(days=min(rng.randrange(25), rng.randrange(25)))
         event = validate_event({
             "site_id": site, "event_type": rng.choice(["page_view"] * 8 + ["Signup", "Download"]),
             "path": rng.choice(PATHS),
-            "timestamp": f"{day.isoformat()}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z"}, now)
+            "timestamp": f"{day.isoformat()}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z"}, NOW)
         event.update(visitor_id=f"visitor-{rng.randrange(count // 3)}", ua=rng.choice(USER_AGENTS),
                      referrer=rng.choice(REFERRERS),
                      query=rng.choice([None, None, None, "utm_source=newsletter"]),
@@ -212,6 +214,7 @@ def open_dashboard(browser):
         context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900},
                                       timezone_id=timezone_id, color_scheme=color_scheme)
         context.set_default_timeout(15_000)
+        context.clock.set_fixed_time(NOW)
         contexts.append(context)
         return Dashboard(context.new_page(), server)
 
@@ -305,7 +308,7 @@ def test_dashboard_shows_exactly_what_the_reports_say(open_dashboard, server):
 
 def test_periods_are_utc_days_in_a_browser_whose_date_is_another(open_dashboard, server):
     # UTC+14 is a day ahead from 10:00 UTC on, UTC-12 a day behind until 12:00 UTC
-    zone = "Pacific/Kiritimati" if datetime.now(timezone.utc).hour >= 10 else "Etc/GMT+12"
+    zone = "Pacific/Kiritimati" if NOW.hour >= 10 else "Etc/GMT+12"
     dashboard = open_dashboard(server, timezone_id=zone)
     dashboard.open()
     dashboard.wait_until_shown()
@@ -464,9 +467,8 @@ def test_the_page_follows_the_url_on_back_forward_and_an_edited_fragment(open_da
 
 def custom_event_lines(site, events):
     """Queue lines of events sent today, as the tracker sends them: (name, visitor, props) each."""
-    now = datetime.now(timezone.utc)
     for name, visitor, props in events:
-        event = validate_event({"site_id": site, "event_type": name, "path": "/"}, now)
+        event = validate_event({"site_id": site, "event_type": name, "path": "/"}, NOW)
         event.update(visitor_id=visitor, ua=USER_AGENTS[0], props=props)
         yield encode_event(event)
 
@@ -656,10 +658,9 @@ NEEDED = ["\u0646\u0645\u200c\u06cc", "\U0001f469\u200d\U0001f4bb", "\u2764\ufe0
 
 
 def hostile_lines(site, referrer):
-    now = datetime.now(timezone.utc)
     for value in MARKUP + list(HIDDEN):
         for event_type, path in (("page_view", value), (value, "/")):
-            event = validate_event({"site_id": site, "event_type": event_type, "path": path}, now)
+            event = validate_event({"site_id": site, "event_type": event_type, "path": path}, NOW)
             event.update(ua=USER_AGENTS[0], referrer=referrer, props={"sent": value})
             yield encode_event(event)
 
@@ -704,7 +705,7 @@ def test_a_value_as_long_as_events_may_hold_takes_three_lines_and_its_tooltip_ho
     down by a screenful (the 2,048 were a 2,400 pixel high row)."""
     config = load_config(environ={}, data_dir=str(tmp_path))
     path, name = "/" + "W" * 2047, "E" * 256
-    store_lines(config, [encode_event(validate_event(event, datetime.now(timezone.utc))) for event in (
+    store_lines(config, [encode_event(validate_event(event, NOW)) for event in (
         {"site_id": "long.example", "event_type": "page_view", "path": path},
         {"site_id": "long.example", "event_type": name, "path": "/"})])
     server = Server(tmp_path)
