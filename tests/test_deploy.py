@@ -49,7 +49,8 @@ def env_file_settings():
 
 def test_the_units_pass_systemd_analyze_verify(tmp_path):
     if SYSTEMD_ANALYZE is None:
-        pytest.skip("systemd-analyze is not installed: apt-get install systemd to enable")
+        pytest.skip("systemd-analyze is not installed: run bash .ci/provision-nginx "
+                    "(apt-get install systemd) to enable")
     for name in UNITS:
         (tmp_path / name).write_text(rendered((DEPLOY / name).read_text(), {INSTALLED_AT: str(REPO)}))
     result = subprocess.run([SYSTEMD_ANALYZE, "verify", *(str(tmp_path / name) for name in UNITS)],
