@@ -7,9 +7,9 @@ import difflib
 import ipaddress
 import logging
 import os
-import sys
 import re
 import socket
+import sys
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 

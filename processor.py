@@ -25,7 +25,7 @@ import orjson
 from tqdm.contrib.logging import tqdm_logging_redirect
 
 import logs
-from config import ConfigurationError, load_config, warn_of_misspelled_settings
+from config import ConfigurationError, load_config, stop_at_start, warn_of_misspelled_settings
 from enrich import NOTHING, enrich
 from events import InvalidEvent, parse_line
 from query_params import parse_day
@@ -335,15 +335,12 @@ def main(argv=None):
     try:
         config = load_config()
     except ConfigurationError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        stop_at_start(f"configuration error: {error}")
     try:
         setup_logging(config)
     except OSError as error:
         # the file named is the log or the lock file beside it, whichever failed
-        print(f"cannot open the log file (PROCESSOR_LOG_FILE): {error.filename}: {error.strerror}",
-              file=sys.stderr)
-        return 2
+        stop_at_start(f"cannot open the log file (PROCESSOR_LOG_FILE): {error.filename}: {error.strerror}")
     warn_of_misspelled_settings()
     return run_command_safely(args, config) if args.command else run_processor(args, config)
 
@@ -374,8 +371,7 @@ def run_processor(args, config):
     try:
         metrics = processor_metrics(config)
     except ConfigurationError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        stop_at_start(f"configuration error: {error}")
     processor = Processor(open_queue(config), open_store(config), config,
                           on_batch=metrics and metrics.batch_stored, on_failure=metrics and metrics.failed)
     exit_status = install_signal_handlers(processor)
